@@ -1,0 +1,81 @@
+"""Command line: ``python -m proxy`` serves; ``python -m proxy COMMAND`` runs a tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("proxy")
+
+# Subcommands register here: name -> (help, function(argv) -> exit code).
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+def command(name: str, help: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
+    def register(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        COMMANDS[name] = (help, fn)
+        return fn
+
+    return register
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="Run the cost-tracking proxy.",
+        epilog="Tools: " + ", ".join(f"{n} ({h})" for n, (h, _) in sorted(COMMANDS.items())),
+    )
+    parser.add_argument("--config", default="config.yml", help="config file (default: ./config.yml)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9002, help="port (default: 9002)")
+    parser.add_argument("--log-file", default=None, help="JSONL log (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from aiohttp import web
+
+    from .server import DEFAULT_LOG, create_app
+
+    log_path = args.log_file or os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG
+    app = create_app(config, log_path)
+    base = f"http://{args.host}:{args.port}"
+    log.info("llm-cost-proxy on %s, logging to %s%s", base, log_path, "" if config.cost_tracking else " (cost tracking off)")
+    for name, p in config.providers.items():
+        suffix = "/v1" if p.type == "openai" else ""
+        log.info("  %-12s %s/%s%s -> %s (%s, %d priced models)", name, base, name, suffix, p.base_url, p.type, len(p.models))
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=config.shutdown_timeout,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][1](argv[1:])
+    return serve(argv)

@@ -1,0 +1,123 @@
+"""Anthropic Messages API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..usage import CallInfo, Usage
+from .base import Adapter, Endpoint, StreamTap, as_int, dig, error_message, merge_usage
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def messages_usage(raw: dict[str, Any]) -> Usage:
+    """Anthropic reports uncached input, cache writes and cache reads as disjoint counts."""
+    uncached = as_int(raw.get("input_tokens"))
+    write = as_int(raw.get("cache_creation_input_tokens"))
+    read = as_int(raw.get("cache_read_input_tokens"))
+    ttl = raw.get("cache_creation") or {}
+    write_1h = as_int(ttl.get("ephemeral_1h_input_tokens"))
+    return Usage(
+        input_tokens=uncached + write + read,
+        output_tokens=as_int(raw.get("output_tokens")),
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=min(write_1h, write),
+        reasoning_tokens=as_int(dig(raw, "output_tokens_details", "thinking_tokens")),
+        web_search_requests=as_int(dig(raw, "server_tool_use", "web_search_requests")),
+    )
+
+
+def _fill(info: CallInfo, raw: dict[str, Any]) -> None:
+    info.raw_usage = raw
+    info.usage = messages_usage(raw)
+    info.service_tier = raw.get("service_tier") or info.service_tier
+    info.speed = raw.get("speed") or info.speed
+
+
+class AnthropicAdapter(Adapter):
+    family = "anthropic"
+    key_headers = ("x-api-key", "authorization")
+
+    def endpoint(self, path: str, method: str) -> Endpoint:
+        if method == "POST" and path.rstrip("/").endswith("v1/messages"):
+            return Endpoint("messages")
+        return Endpoint(None)
+
+    def auth_header(self, api_key: str) -> tuple[str, str]:
+        return "x-api-key", api_key
+
+    def request_user(self, body: Any) -> str | None:
+        user = dig(body, "metadata", "user_id")
+        return user if isinstance(user, str) and user else None
+
+    def parse_reply(self, endpoint: Endpoint, payload: Any) -> CallInfo:
+        info = CallInfo()
+        if not isinstance(payload, dict):
+            return info
+        if payload.get("type") == "error":
+            info.error = error_message(payload.get("error"))
+            return info
+        info.request_id = payload.get("id")
+        info.response_model = payload.get("model")
+        info.finish_reason = payload.get("stop_reason")
+        raw = payload.get("usage")
+        if isinstance(raw, dict):
+            _fill(info, raw)
+        return info
+
+    def stream_tap(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamTap:
+        return _MessagesTap()
+
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+class _MessagesTap(StreamTap):
+    __slots__ = ("info", "_raw")
+
+    def __init__(self) -> None:
+        self.info = CallInfo()
+        self._raw: dict[str, Any] | None = None
+
+    def on_event(self, event: str | None, data: str) -> bool:
+        if event in ("content_block_delta", "ping", "content_block_start", "content_block_stop"):
+            return True
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        kind = payload.get("type")
+        if kind == "message_start":
+            message = payload.get("message") or {}
+            self.info.request_id = message.get("id")
+            self.info.response_model = message.get("model")
+            # message_start carries the input side and a placeholder output count
+            # that the first message_delta replaces.
+            self._raw = merge_usage(None, message.get("usage"))
+        elif kind == "message_delta":
+            # Each message_delta repeats cumulative totals: overwrite, never add.
+            self._raw = merge_usage(self._raw, payload.get("usage"))
+            reason = dig(payload, "delta", "stop_reason")
+            if reason:
+                self.info.finish_reason = reason
+        elif kind == "error":
+            self.info.error = error_message(payload.get("error"))
+        return True
+
+    def result(self) -> CallInfo:
+        if self._raw is not None:
+            _fill(self.info, self._raw)
+        return self.info

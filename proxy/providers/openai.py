@@ -1,0 +1,234 @@
+"""OpenAI and every OpenAI-compatible server: Chat, Completions, Embeddings, Responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..usage import CallInfo, Usage
+from .base import (
+    Adapter,
+    Endpoint,
+    PreparedBody,
+    StreamTap,
+    as_int,
+    dig,
+    error_message,
+    merge_usage,
+)
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    502: "upstream_unreachable",
+    504: "upstream_timeout",
+}
+
+_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSES_LIFECYCLE = frozenset(
+    _RESPONSES_TERMINAL + ("response.created", "response.in_progress", "response.queued", "error")
+)
+
+
+def chat_usage(raw: dict[str, Any]) -> Usage:
+    """Chat and legacy Completions ``usage`` (also Embeddings, which has only prompt tokens)."""
+    prompt = as_int(raw.get("prompt_tokens"))
+    completion = as_int(raw.get("completion_tokens"))
+    total = as_int(raw.get("total_tokens"))
+    # Compatible servers (Gemini's) have left thinking out of completion_tokens while
+    # counting it in total_tokens: the gap is output billed at the output rate.
+    output = max(completion, total - prompt) if total else completion
+    details = raw.get("prompt_tokens_details") or {}
+    cached = as_int(details.get("cached_tokens")) or as_int(raw.get("cached_tokens"))
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=output,
+        cache_read_tokens=cached,
+        cache_write_tokens=as_int(details.get("cache_write_tokens")),
+        reasoning_tokens=as_int(dig(raw, "completion_tokens_details", "reasoning_tokens")),
+    )
+
+
+def responses_usage(raw: dict[str, Any]) -> Usage:
+    details = raw.get("input_tokens_details") or {}
+    return Usage(
+        input_tokens=as_int(raw.get("input_tokens")),
+        output_tokens=as_int(raw.get("output_tokens")),
+        cache_read_tokens=as_int(details.get("cached_tokens")),
+        cache_write_tokens=as_int(details.get("cache_write_tokens")),
+        reasoning_tokens=as_int(dig(raw, "output_tokens_details", "reasoning_tokens")),
+    )
+
+
+def _read_response_object(resp: dict[str, Any], info: CallInfo) -> None:
+    """Fill ``info`` from a Responses API ``response`` object."""
+    info.request_id = resp.get("id") or info.request_id
+    info.response_model = resp.get("model") or info.response_model
+    info.service_tier = resp.get("service_tier") or info.service_tier
+    status = resp.get("status")
+    reason = dig(resp, "incomplete_details", "reason")
+    info.finish_reason = reason or status or info.finish_reason
+    if resp.get("error"):
+        info.error = error_message(resp["error"])
+    raw = resp.get("usage")
+    if isinstance(raw, dict):
+        info.raw_usage = raw
+        info.usage = responses_usage(raw)
+        output = resp.get("output")
+        if isinstance(output, list):
+            searches = sum(
+                1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
+            )
+            info.usage.web_search_requests = searches
+
+
+class OpenAIAdapter(Adapter):
+    family = "openai"
+    key_headers = ("authorization",)
+
+    def endpoint(self, path: str, method: str) -> Endpoint:
+        if method != "POST":
+            return Endpoint(None)
+        p = path.rstrip("/")
+        if p.endswith("chat/completions"):
+            return Endpoint("chat")
+        if p.endswith("completions"):
+            return Endpoint("completions")
+        if p.endswith("embeddings"):
+            return Endpoint("embeddings")
+        if p.endswith("responses"):
+            return Endpoint("responses")
+        return Endpoint(None)
+
+    def auth_header(self, api_key: str) -> tuple[str, str]:
+        return "Authorization", f"Bearer {api_key}"
+
+    def request_user(self, body: Any) -> str | None:
+        if isinstance(body, dict) and isinstance(body.get("user"), str):
+            return body["user"] or None
+        return None
+
+    def prepare(self, endpoint: Endpoint, body: Any, stream: bool) -> PreparedBody | None:
+        # Without stream_options.include_usage a streamed Chat/Completions reply carries
+        # no usage at all; ask for it, and hide the extra chunk from clients that did not.
+        if not stream or endpoint.kind not in ("chat", "completions") or not isinstance(body, dict):
+            return None
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return None
+        if options is not None and not isinstance(options, dict):
+            return None  # malformed: let the provider answer it
+        new_body = dict(body)
+        new_body["stream_options"] = {**(options or {}), "include_usage": True}
+        return PreparedBody(new_body, hide_usage_chunk=True)
+
+    def parse_reply(self, endpoint: Endpoint, payload: Any) -> CallInfo:
+        info = CallInfo()
+        if not isinstance(payload, dict):
+            return info
+        if endpoint.kind == "responses":
+            _read_response_object(payload, info)
+            return info
+        info.request_id = payload.get("id")
+        info.response_model = payload.get("model")
+        info.service_tier = payload.get("service_tier")
+        choices = payload.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            info.finish_reason = choices[0].get("finish_reason")
+        if payload.get("error"):
+            info.error = error_message(payload["error"])
+        raw = payload.get("usage")
+        if isinstance(raw, dict):
+            info.raw_usage = raw
+            info.usage = chat_usage(raw)
+        return info
+
+    def stream_tap(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamTap:
+        if endpoint.kind == "responses":
+            return _ResponsesTap()
+        return _ChatTap(hide_usage_chunk)
+
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": message,
+                "type": _ERROR_TYPES.get(status, "api_error"),
+                "param": None,
+                "code": _ERROR_TYPES.get(status),
+            }
+        }
+
+
+class _ChatTap(StreamTap):
+    __slots__ = ("info", "_raw", "_hide")
+
+    def __init__(self, hide_usage_chunk: bool) -> None:
+        self.info = CallInfo()
+        self._raw: dict[str, Any] | None = None
+        self._hide = hide_usage_chunk
+
+    def on_event(self, event: str | None, data: str) -> bool:
+        if not data or data.startswith("[DONE]"):
+            return True
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        info = self.info
+        if info.request_id is None:
+            info.request_id = chunk.get("id")
+        info.response_model = chunk.get("model") or info.response_model
+        info.service_tier = chunk.get("service_tier") or info.service_tier
+        if chunk.get("error"):
+            info.error = error_message(chunk["error"])
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    info.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._raw = merge_usage(self._raw, usage)
+            if self._hide and not choices:
+                return False
+        return True
+
+    def result(self) -> CallInfo:
+        if self._raw is not None:
+            self.info.raw_usage = self._raw
+            self.info.usage = chat_usage(self._raw)
+        return self.info
+
+
+class _ResponsesTap(StreamTap):
+    __slots__ = ("info",)
+
+    def __init__(self) -> None:
+        self.info = CallInfo()
+
+    def on_event(self, event: str | None, data: str) -> bool:
+        # Only lifecycle events matter; skip parsing the many delta events.
+        if event is not None and event not in _RESPONSES_LIFECYCLE:
+            return True
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        kind = payload.get("type") or event
+        if kind == "error":
+            self.info.error = error_message(payload)
+        resp = payload.get("response")
+        if isinstance(resp, dict):
+            _read_response_object(resp, self.info)
+        return True
+
+    def result(self) -> CallInfo:
+        return self.info

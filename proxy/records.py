@@ -1,0 +1,143 @@
+"""The JSONL record: one line per call. Pure functions only.
+
+Schema (``schema_version`` 1) is documented in the README; fields are only ever
+added, so readers of older lines keep working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Iterable
+
+import orjson
+
+from .pricing import Cost, ModelPrice
+from .usage import CallInfo, Usage
+
+SCHEMA_VERSION = 1
+
+# Credentials a provider might echo back in an error message ("Incorrect API key
+# provided: sk-abc***wxyz"): masked or not, none of it goes into a record.
+_SECRET_PATTERNS = re.compile(
+    r"(?:sk|pk|rk|sess)-[A-Za-z0-9_\-*]{6,}|sk-ant-[A-Za-z0-9_\-*]+|AIza[0-9A-Za-z_\-]{10,}|ya29\.[0-9A-Za-z_\-.]+"
+)
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible id for a key: enough to tell keys apart, useless to an attacker."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "[redacted]")
+    return _SECRET_PATTERNS.sub("[redacted]", text)
+
+
+def iso_utc(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds; sorts as text, so ``jq 'select(.timestamp >= "2026-11")'`` works."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What the shell knows about a call apart from the reply's usage."""
+
+    timestamp: float
+    provider: str
+    family: str
+    endpoint: str
+    model: str | None = None
+    is_streaming: bool = False
+    user_id: str | None = None
+    key_id: str | None = None
+    ip_address: str | None = None
+    metered: bool = False  # an endpoint that bills tokens (chat, messages, …)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def timestamp_dt(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp, timezone.utc)
+
+
+def build_record(
+    ctx: CallContext,
+    info: CallInfo,
+    *,
+    status: int,
+    error: str | None,
+    latency_ms: float,
+    ttft_ms: float | None,
+    usage_source: str | None,
+    price: ModelPrice | None,
+    cost: Cost | None,
+) -> dict[str, Any]:
+    usage: Usage | None = info.usage
+    if usage is None and (status >= 400 or not ctx.metered):
+        # Providers do not bill failed calls, and non-metered endpoints use no tokens:
+        # zero is known here, unlike an aborted stream whose usage is simply unknown.
+        usage = Usage()
+        cost = Cost(Decimal(0), Decimal(0))
+    tokens: dict[str, int | None]
+    if usage is None:
+        tokens = dict.fromkeys(
+            ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens",
+             "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens", "web_search_requests")
+        )
+    else:
+        tokens = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "web_search_requests": usage.web_search_requests,
+        }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "timestamp": iso_utc(ctx.timestamp),
+        "request_id": info.request_id,
+        "user_id": ctx.user_id,
+        "key_id": ctx.key_id,
+        "ip_address": ctx.ip_address,
+        "provider": ctx.provider,
+        "provider_type": ctx.family,
+        "model": ctx.model,
+        "response_model": info.response_model,
+        "endpoint": ctx.endpoint,
+        "is_streaming": ctx.is_streaming,
+        **tokens,
+        "input_cost": cost.input_cost if cost else None,
+        "output_cost": cost.output_cost if cost else None,
+        "total_cost": cost.total_cost if cost else None,
+        "currency": "USD",
+        "pricing_source": price.source if (price and cost) else None,
+        "price_id": price.price_id if (price and cost) else None,
+        "service_tier": info.service_tier,
+        "finish_reason": info.finish_reason,
+        "status": status,
+        "error": error,
+        "latency_ms": round(latency_ms, 2),
+        "ttft_ms": round(ttft_ms, 2) if ttft_ms is not None else None,
+        "usage_source": usage_source if info.usage is not None else None,
+        "raw_usage": info.raw_usage,
+        "tags": ctx.tags,
+    }
+
+
+def json_default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        # Written as the exact decimal, not via float: 0.0056408 stays 0.0056408.
+        return orjson.Fragment(format(obj.normalize(), "f"))
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def dumps_record(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)

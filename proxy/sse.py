@@ -1,0 +1,157 @@
+"""Incremental parsers for streamed replies: Server-Sent Events and growing JSON arrays.
+
+Network reads do not line up with events, so both parsers buffer only the
+incomplete tail between reads: memory stays flat however long the stream is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str | None
+    data: str
+    raw: bytes  # the event's bytes as received, terminator included
+
+
+def parse_event_block(raw: bytes) -> SSEEvent | None:
+    """Parse one event block (without its terminating blank line); None for comments only."""
+    event: str | None = None
+    data: list[str] = []
+    seen_data = False
+    for line in _LINE.split(raw.decode("utf-8", "replace")):
+        if not line or line[0] == ":":
+            continue
+        name, sep, value = line.partition(":")
+        if sep and value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+            seen_data = True
+        elif name == "event":
+            event = value
+    if not seen_data and event is None:
+        return None
+    return SSEEvent(event, "\n".join(data), raw)
+
+
+class SSEParser:
+    """Feed bytes, get complete events back."""
+
+    __slots__ = ("_buf", "_scan_from")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan_from = 0
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._buf
+        buf += chunk
+        events: list[SSEEvent] = []
+        start = 0
+        # Re-scan a few bytes back: a "\r\n\r\n" may straddle two reads.
+        pos = max(0, self._scan_from - 3)
+        while True:
+            m = _BOUNDARY.search(buf, pos)
+            if m is None:
+                break
+            block = bytes(buf[start : m.start()])
+            ev = parse_event_block(block)
+            if ev is not None:
+                ev.raw = bytes(buf[start : m.end()])
+                events.append(ev)
+            start = pos = m.end()
+        if start:
+            del buf[:start]
+        self._scan_from = len(buf)
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        """An event the stream ended without terminating (servers that close early)."""
+        if not self._buf.strip():
+            return []
+        ev = parse_event_block(bytes(self._buf))
+        if ev is not None:
+            ev.raw = bytes(self._buf)
+        self._buf.clear()
+        return [ev] if ev is not None else []
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buf)
+
+
+_JSON_TOKEN = re.compile(rb'[{}\[\]"\\]')
+
+
+class JSONArrayStreamParser:
+    """Split a streamed top-level JSON array (``[{…},\\n{…}]``) into its elements' bytes.
+
+    Gemini's streamGenerateContent without ``alt=sse`` sends this shape. Only the
+    element being received is buffered.
+    """
+
+    __slots__ = ("_buf", "_depth", "_in_string", "_escape", "_elem_start", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._depth = 0  # 1 == inside the top-level array
+        self._in_string = False
+        self._escape = False
+        self._elem_start = -1
+        self._pos = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += chunk
+        out: list[bytes] = []
+        pos = self._pos
+        if self._escape and pos < len(buf):
+            pos += 1
+            self._escape = False
+        while True:
+            m = _JSON_TOKEN.search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            i = m.start()
+            c = buf[i]
+            if self._in_string:
+                if c == 0x5C:  # backslash: skip the escaped byte
+                    if i + 1 >= len(buf):
+                        self._escape = True
+                        pos = len(buf)
+                        break
+                    pos = i + 2
+                    continue
+                if c == 0x22:
+                    self._in_string = False
+                pos = i + 1
+                continue
+            if c == 0x22:
+                self._in_string = True
+            elif c in (0x7B, 0x5B):  # { [
+                self._depth += 1
+                if self._depth == 2:
+                    self._elem_start = i
+            elif c in (0x7D, 0x5D):  # } ]
+                self._depth -= 1
+                if self._depth == 1 and self._elem_start >= 0:
+                    out.append(bytes(buf[self._elem_start : i + 1]))
+                    self._elem_start = -1
+            pos = i + 1
+        # Drop everything before the element under construction.
+        cut = self._elem_start if self._elem_start >= 0 else pos
+        if cut:
+            del buf[:cut]
+            pos -= cut
+            if self._elem_start >= 0:
+                self._elem_start = 0
+        self._pos = pos
+        return out
