@@ -39,6 +39,8 @@ class Config:
     path: str
     providers: Mapping[str, ProviderConfig]
     cost_tracking: bool = True
+    # Price models config.yml does not list from the bundled genai-prices catalog.
+    catalog: bool = True
     aliases: Mapping[str, str] = field(default_factory=dict)
     connect_timeout: float = 10.0
     # Between bytes from upstream; long reasoning calls can be silent for minutes.
@@ -99,6 +101,9 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
     if not isinstance(enabled, bool):
         raise ConfigError(path, "features.cost_tracking.enabled", f"expected true or false, got {enabled!r}")
 
+    catalog = _mapping(root.get("catalog"), path, "catalog").get("enabled", True)
+    if not isinstance(catalog, bool):
+        raise ConfigError(path, "catalog.enabled", f"expected true or false, got {catalog!r}")
     aliases = _aliases(root.get("aliases"), path, "aliases")
     raw_providers = _mapping(root.get("providers"), path, "providers")
     if not raw_providers:
@@ -115,6 +120,7 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
         path=path,
         providers=providers,
         cost_tracking=enabled,
+        catalog=catalog,
         aliases=aliases,
         connect_timeout=_number(server.get("connect_timeout"), path, "server.connect_timeout", 10.0),
         read_timeout=_number(server.get("read_timeout"), path, "server.read_timeout", 600.0),

@@ -42,11 +42,27 @@ class Tier:
 
 
 @dataclass(frozen=True, slots=True)
-class PricePeriod:
+class RateCard:
+    """Base rates plus long-context tiers: once total input (cache included) exceeds
+    a tier's ``above``, the whole call is billed at that tier's rates (a cliff)."""
+
     rates: Rates
-    until: datetime | None = None  # exclusive; None: still in force
     tiers: tuple[Tier, ...] = ()
-    service_tiers: Mapping[str, Rates] = field(default_factory=dict)
+
+    def rates_for(self, input_tokens: int) -> tuple[Rates, int | None]:
+        rates, above = self.rates, None
+        for tier in self.tiers:
+            if input_tokens > tier.above:
+                rates, above = tier.rates, tier.above
+        return rates, above
+
+
+@dataclass(frozen=True, slots=True)
+class PricePeriod:
+    card: RateCard
+    until: datetime | None = None  # exclusive; None: still in force
+    # Variants named by what the reply reports: flex, priority, batch, fast…
+    service_tiers: Mapping[str, RateCard] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +116,44 @@ def _rate(explicit: Decimal | None, base: Decimal, multiple: Decimal | None) -> 
     return base * multiple if multiple is not None else base
 
 
-def select_rates(price: ModelPrice, usage: Usage, when: datetime, service_tier: str | None = None) -> Rates:
+# How each provider names the variants in its replies, mapped to our variant names.
+_VARIANT_NAMES = {
+    "on_demand_flex": "flex",
+    "on_demand_priority": "priority",
+    "flex": "flex",
+    "priority": "priority",
+    "batch": "batch",
+    "fast": "fast",
+    "scale": "scale",
+}
+
+
+def price_variants(service_tier: str | None, speed: str | None = None) -> tuple[str, ...]:
+    """Variant names to try, from what the reply said (never from what was requested)."""
+    out = []
+    for value in (speed, service_tier):
+        if value:
+            name = _VARIANT_NAMES.get(value.lower())
+            if name and name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def select_rates(
+    price: ModelPrice, usage: Usage, when: datetime, variants: Iterable[str] = ()
+) -> tuple[Rates, str | None]:
+    """The rates that apply to this call, and a label naming any variant or tier used."""
     period = price.period_at(when)
-    if service_tier and service_tier in period.service_tiers:
-        return period.service_tiers[service_tier]
-    rates = period.rates
-    # Tiers are cliffs on total input (cache included): the whole call moves up.
-    for tier in period.tiers:
-        if usage.input_tokens > tier.above:
-            rates = tier.rates
-    return rates
+    card, label = period.card, None
+    for name in variants:
+        if name in period.service_tiers:
+            card, label = period.service_tiers[name], name
+            break
+    rates, above = card.rates_for(usage.input_tokens)
+    if above is not None:
+        label = f"{label}," if label else ""
+        label += f"input>{above}"
+    return rates, label
 
 
 def compute_cost(usage: Usage, rates: Rates, rules: FamilyRules = FamilyRules()) -> Cost:
@@ -176,7 +220,7 @@ class PriceBook:
     ) -> None:
         self._models = {p: {normalize_model(k): v for k, v in m.items()} for p, m in models.items()}
         self._aliases = {p: {normalize_model(k): v for k, v in a.items()} for p, a in (aliases or {}).items()}
-        self._fallback = fallback  # an object with .lookup(provider_family, model) -> ModelPrice | None
+        self._fallback = fallback  # an object with .lookup(provider, family, model) -> ModelPrice | None
         self._memo: dict[tuple[str, str, str | None], ModelPrice | None] = {}
 
     def resolve(self, provider: str, model: str | None, family: str | None = None) -> ModelPrice | None:
@@ -202,7 +246,7 @@ class PriceBook:
                 return table[cand]
         if self._fallback is not None:
             for cand in candidates:
-                found = self._fallback.lookup(family or provider, cand)
+                found = self._fallback.lookup(provider, family or provider, cand)
                 if found is not None:
                     return found
         return None
@@ -272,25 +316,36 @@ def parse_period(spec: Any, key: str) -> PricePeriod:
         raise PriceSpecError(
             f"{key}.{sorted(unknown)[0]}", f"unknown pricing key; known keys: {', '.join(sorted(_PERIOD_KEYS))}"
         )
-    rates = parse_rates(spec, key)
+    card = _parse_card(spec, key, inherit=None)
+    service: dict[str, RateCard] = {}
+    raw_service = spec.get("service_tiers") or {}
+    if not isinstance(raw_service, Mapping):
+        raise PriceSpecError(f"{key}.service_tiers", "expected a mapping like {flex: {input: …, output: …}}")
+    for name, sspec in raw_service.items():
+        skey = f"{key}.service_tiers.{name}"
+        if not isinstance(sspec, Mapping):
+            raise PriceSpecError(skey, "expected a mapping of rates")
+        bad = set(sspec) - _RATE_KEYS - {"tiers"}
+        if bad:
+            raise PriceSpecError(f"{skey}.{sorted(bad)[0]}", "unknown key in a service tier")
+        service[str(name).lower()] = _parse_card(sspec, skey, inherit=card.rates)
+    until = _instant(spec["until"], f"{key}.until") if spec.get("until") is not None else None
+    return PricePeriod(card, until, service)
+
+
+def _parse_card(spec: Mapping[str, Any], key: str, inherit: Rates | None) -> RateCard:
+    rates = parse_rates(spec, key, inherit=inherit)
     tiers: list[Tier] = []
     raw_tiers = spec.get("tiers") or []
     if not isinstance(raw_tiers, list):
         raise PriceSpecError(f"{key}.tiers", "expected a list of {above: N, input: …, output: …}")
     for i, t in enumerate(raw_tiers):
         tkey = f"{key}.tiers[{i}]"
-        if not isinstance(t, Mapping) or not isinstance(t.get("above"), int) or t["above"] < 0:
+        if not isinstance(t, Mapping) or isinstance(t.get("above"), bool) or not isinstance(t.get("above"), int) or t["above"] < 0:
             raise PriceSpecError(tkey, "each tier needs 'above': a whole number of input tokens")
         tiers.append(Tier(t["above"], parse_rates(t, tkey, inherit=rates)))
     tiers.sort(key=lambda t: t.above)
-    service: dict[str, Rates] = {}
-    raw_service = spec.get("service_tiers") or {}
-    if not isinstance(raw_service, Mapping):
-        raise PriceSpecError(f"{key}.service_tiers", "expected a mapping like {flex: {input: …, output: …}}")
-    for name, s in raw_service.items():
-        service[str(name)] = parse_rates(s, f"{key}.service_tiers.{name}", inherit=rates)
-    until = _instant(spec["until"], f"{key}.until") if spec.get("until") is not None else None
-    return PricePeriod(rates, until, tuple(tiers), service)
+    return RateCard(rates, tuple(tiers))
 
 
 def parse_model_price(model: str, spec: Any, key: str, source: str = "config") -> ModelPrice:
@@ -308,3 +363,36 @@ def parse_model_price(model: str, spec: Any, key: str, source: str = "config") -
 
 def price_fingerprint(model: str, periods: Iterable[PricePeriod]) -> str:
     return hashlib.sha256(repr((model, tuple(periods))).encode()).hexdigest()[:10]
+
+
+# --- pricing one call ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    price: ModelPrice | None
+    cost: Cost | None
+    variant: str | None = None  # e.g. "flex", "input>200000": what moved the price
+
+
+def price_call(
+    book: PriceBook,
+    *,
+    provider: str,
+    family: str,
+    model: str | None,
+    response_model: str | None,
+    usage: Usage,
+    when: datetime,
+    service_tier: str | None = None,
+    speed: str | None = None,
+) -> Priced:
+    """Price one call: the model the reply names first (most specific), then the
+    requested one. Used live and when re-pricing history, so both agree."""
+    price = book.resolve(provider, response_model, family) if response_model else None
+    if price is None:
+        price = book.resolve(provider, model, family)
+    if price is None:
+        return Priced(None, None)
+    rates, variant = select_rates(price, usage, when, price_variants(service_tier, speed))
+    return Priced(price, compute_cost(usage, rates, FAMILY_RULES.get(family, FamilyRules())), variant)

@@ -69,6 +69,7 @@ def build_record(
     ctx: CallContext,
     info: CallInfo,
     *,
+    usage: Usage | None,
     status: int,
     error: str | None,
     latency_ms: float,
@@ -76,8 +77,9 @@ def build_record(
     usage_source: str | None,
     price: ModelPrice | None,
     cost: Cost | None,
+    price_variant: str | None = None,
 ) -> dict[str, Any]:
-    usage: Usage | None = info.usage
+    """``usage`` is the reply's (``info.usage``) or an estimate; None when unknown."""
     if usage is None and (status >= 400 or not ctx.metered):
         # Providers do not bill failed calls, and non-metered endpoints use no tokens:
         # zero is known here, unlike an aborted stream whose usage is simply unknown.
@@ -120,13 +122,15 @@ def build_record(
         "currency": "USD",
         "pricing_source": price.source if (price and cost) else None,
         "price_id": price.price_id if (price and cost) else None,
+        "price_variant": price_variant if cost else None,
         "service_tier": info.service_tier,
+        "speed": info.speed,
         "finish_reason": info.finish_reason,
         "status": status,
         "error": error,
         "latency_ms": round(latency_ms, 2),
         "ttft_ms": round(ttft_ms, 2) if ttft_ms is not None else None,
-        "usage_source": usage_source if info.usage is not None else None,
+        "usage_source": usage_source,
         "raw_usage": info.raw_usage,
         "tags": ctx.tags,
     }

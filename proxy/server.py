@@ -19,11 +19,13 @@ from yarl import URL
 from .analytics import RollingWindow, iter_jsonl, parse_timestamp
 from .config import Config, ProviderConfig
 from .logwriter import JsonlWriter
-from .pricing import FAMILY_RULES, PriceBook, compute_cost, select_rates
+from .catalog import pricebook_for
+from .estimate import estimate_input_tokens
+from .pricing import PriceBook, price_call
 from .providers import ADAPTERS, Adapter, Endpoint
 from .records import CallContext, build_record, dumps_record, fingerprint, json_default, redact
 from .sse import JSONArrayStreamParser, SSEParser
-from .usage import CallInfo
+from .usage import CallInfo, Usage
 
 log = logging.getLogger("proxy")
 
@@ -55,10 +57,7 @@ class ProxyState:
 
 
 def build_pricebook(config: Config) -> PriceBook:
-    return PriceBook(
-        {name: p.models for name, p in config.providers.items()},
-        {"*": config.aliases, **{name: p.aliases for name, p in config.providers.items()}},
-    )
+    return pricebook_for(config)
 
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
@@ -146,7 +145,7 @@ def _error_response(adapter: Adapter, status: int, message: str) -> web.Response
 class _Call:
     """Per-call bookkeeping shared by the buffered and streamed paths."""
 
-    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets")
+    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets", "body")
 
     def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext, secrets: tuple[str | None, ...]) -> None:
         self.state, self.provider, self.adapter, self.endpoint, self.ctx = state, provider, adapter, endpoint, ctx
@@ -155,25 +154,48 @@ class _Call:
         self.status = 0
         self.error: str | None = None
         self.secrets = secrets
+        self.body: Any = None
+
+    def _usage(self, info: CallInfo, error: str | None) -> tuple[Usage | None, str | None]:
+        """The reply's usage; or, when it never came, an estimate from the request and
+        the text relayed so far (the provider bills a call it accepted either way)."""
+        usage, text = info.usage, info.output_text
+        accepted = 200 <= self.status < 400 or self.status == 499
+        if not (self.ctx.metered and accepted):
+            return usage, "provider" if usage is not None else None
+        if usage is None:
+            if self.body is None:
+                return None, None
+            model = info.response_model or self.ctx.model
+            output = text.tokens() if text is not None else 0
+            return Usage(input_tokens=estimate_input_tokens(self.body, model), output_tokens=output), "estimated"
+        if error and text is not None and not text.empty and info.finish_reason is None:
+            # Cut short after usage began (Anthropic's message_start has only a
+            # placeholder output count): the relayed text is the better output figure.
+            relayed = text.tokens()
+            if relayed > usage.output_tokens:
+                usage.output_tokens = relayed
+                return usage, "estimated"
+        return usage, "provider"
 
     def finish(self, info: CallInfo) -> None:
         state = self.state
         if state.writer is None:
             return
-        usage = info.usage
         error = self.error or info.error
         if error:
             error = redact(error, self.secrets)[:300]
-        price = cost = None
         ctx = self.ctx
+        usage, source = self._usage(info, error)
+        price = cost = variant = None
         if usage is not None:
-            price = state.prices.resolve(ctx.provider, info.response_model or ctx.model, ctx.family)
-            if price is None and info.response_model and ctx.model:
-                price = state.prices.resolve(ctx.provider, ctx.model, ctx.family)
-            if price is not None:
-                rates = select_rates(price, usage, ctx.timestamp_dt, info.service_tier)
-                cost = compute_cost(usage, rates, FAMILY_RULES.get(ctx.family, FAMILY_RULES["openai"]))
-            else:
+            priced = price_call(
+                state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model,
+                response_model=info.response_model, usage=usage, when=ctx.timestamp_dt,
+                service_tier=info.service_tier, speed=info.speed,
+            )
+            price, cost, variant = priced.price, priced.cost, priced.variant
+            if price is None:
                 model = info.response_model or ctx.model or "?"
                 warned = state.warned_unpriced
                 if warned is not None and (ctx.provider, model) not in warned:
@@ -182,13 +204,13 @@ class _Call:
         latency = (time.perf_counter() - self.t0) * 1000
         ttft = (self.ttft - self.t0) * 1000 if self.ttft is not None else None
         record = build_record(
-            ctx, info, status=self.status, error=error, latency_ms=latency, ttft_ms=ttft,
-            usage_source="provider", price=price, cost=cost,
+            ctx, info, usage=usage, status=self.status, error=error, latency_ms=latency, ttft_ms=ttft,
+            usage_source=source, price=price, cost=cost, price_variant=variant,
         )
         state.writer.write(dumps_record(record))
         state.window.add(record, ctx.timestamp)
         if ctx.metered or usage is not None:
-            cost_text = f"${record['total_cost']}" if record["total_cost"] is not None else "not calculated"
+            cost_text = f"${format(cost.total_cost.normalize(), 'f')}" if cost is not None else "not calculated"
             log.info(
                 "💵 Cost Tracking: %s/%s | tokens in=%s out=%s (cache read=%s write=%s) | cost %s | %s %.0fms",
                 ctx.provider, record["response_model"] or ctx.model, record["input_tokens"], record["output_tokens"],
@@ -262,6 +284,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         or adapter.request_user(body)
         or (f"key:{key_id}" if key_id else None)
     )
+    call.body = body
     prepared = adapter.prepare(endpoint, body, ctx.is_streaming)
     if prepared is not None:
         body_bytes = orjson.dumps(prepared.body)
@@ -323,6 +346,8 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         # handler_cancellation: the client went away; the upstream call is closed above.
         call.error = call.error or "client disconnected before the reply finished"
+        if call.status == 0:
+            call.status = 499  # nginx's "client closed request": it got no reply at all
         raise
     finally:
         call.finish(info)

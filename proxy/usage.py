@@ -47,5 +47,5 @@ class CallInfo:
     speed: str | None = None
     # An error reported inside a 200 reply (stream error events, failed responses).
     error: str | None = None
-    # Text the model produced, kept only when the caller asks (usage estimation).
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The text relayed to the client, for estimating usage a reply did not report.
+    output_text: Any = None

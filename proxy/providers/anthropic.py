@@ -84,14 +84,14 @@ class AnthropicAdapter(Adapter):
 
 
 class _MessagesTap(StreamTap):
-    __slots__ = ("info", "_raw")
+    __slots__ = ("info", "text", "_raw")
 
     def __init__(self) -> None:
-        self.info = CallInfo()
+        super().__init__()
         self._raw: dict[str, Any] | None = None
 
     def on_event(self, event: str | None, data: str) -> bool:
-        if event in ("content_block_delta", "ping", "content_block_start", "content_block_stop"):
+        if event in ("ping", "content_block_start", "content_block_stop"):
             return True
         try:
             payload = orjson.loads(data)
@@ -100,7 +100,10 @@ class _MessagesTap(StreamTap):
         if not isinstance(payload, dict):
             return True
         kind = payload.get("type")
-        if kind == "message_start":
+        if kind == "content_block_delta":
+            delta = payload.get("delta") or {}
+            self.text.add(delta.get("text") or delta.get("partial_json") or delta.get("thinking"))
+        elif kind == "message_start":
             message = payload.get("message") or {}
             self.info.request_id = message.get("id")
             self.info.response_model = message.get("model")

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..estimate import OutputText
 from ..usage import CallInfo
 
 
@@ -33,6 +34,11 @@ class PreparedBody:
 
 class StreamTap(ABC):
     """Follows one streamed reply, event by event, and keeps the latest usage."""
+
+    def __init__(self) -> None:
+        self.info = CallInfo()
+        # What the client received, in case the stream ends before reporting usage.
+        self.text = self.info.output_text = OutputText()
 
     @abstractmethod
     def on_event(self, event: str | None, data: str) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import orjson
 
+from ..estimate import OutputText
 from ..usage import CallInfo, Usage
 from .base import Adapter, Endpoint, StreamTap, as_int, error_message, merge_usage
 
@@ -43,6 +44,11 @@ def _read_chunk(payload: dict[str, Any], info: CallInfo, raw: dict[str, Any] | N
     candidates = payload.get("candidates")
     if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
         info.finish_reason = candidates[0].get("finishReason") or info.finish_reason
+        if info.output_text is not None:
+            for cand in candidates:
+                for part in (cand.get("content") or {}).get("parts") or () if isinstance(cand, dict) else ():
+                    if isinstance(part, dict):
+                        info.output_text.add(part.get("text"))
     if payload.get("error"):
         info.error = error_message(payload["error"])
     meta = payload.get("usageMetadata")
@@ -70,7 +76,7 @@ class GeminiAdapter(Adapter):
         return super().client_key(headers, query) or query.get("key") or None
 
     def parse_reply(self, endpoint: Endpoint, payload: Any) -> CallInfo:
-        info = CallInfo()
+        info = CallInfo(output_text=OutputText())
         # A streamed reply read whole (no alt=sse) is a JSON array of chunks.
         chunks = payload if isinstance(payload, list) else [payload]
         raw = None
@@ -90,10 +96,10 @@ class GeminiAdapter(Adapter):
 
 
 class _GenerateTap(StreamTap):
-    __slots__ = ("info", "_raw")
+    __slots__ = ("info", "text", "_raw")
 
     def __init__(self) -> None:
-        self.info = CallInfo()
+        super().__init__()
         self._raw: dict[str, Any] | None = None
 
     def _take(self, data: str | bytes) -> None:

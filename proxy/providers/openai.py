@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from ..estimate import OutputText
 from ..usage import CallInfo, Usage
 from .base import (
     Adapter,
@@ -145,6 +146,12 @@ class OpenAIAdapter(Adapter):
         if isinstance(raw, dict):
             info.raw_usage = raw
             info.usage = chat_usage(raw)
+        elif isinstance(choices, list):
+            # A compatible server that reports no usage: keep the text to estimate from.
+            info.output_text = text = OutputText()
+            for choice in choices:
+                if isinstance(choice, dict):
+                    _choice_text(choice.get("message") or choice, text)
         return info
 
     def stream_tap(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamTap:
@@ -163,11 +170,25 @@ class OpenAIAdapter(Adapter):
         }
 
 
+def _choice_text(part: dict[str, Any], text: OutputText) -> None:
+    """Text of a message, a stream delta or a legacy completion choice."""
+    text.add(part.get("content"))
+    text.add(part.get("text"))
+    text.add(part.get("reasoning_content"))
+    calls = part.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                fn = call.get("function") or {}
+                text.add(fn.get("name"))
+                text.add(fn.get("arguments"))
+
+
 class _ChatTap(StreamTap):
-    __slots__ = ("info", "_raw", "_hide")
+    __slots__ = ("info", "text", "_raw", "_hide")
 
     def __init__(self, hide_usage_chunk: bool) -> None:
-        self.info = CallInfo()
+        super().__init__()
         self._raw: dict[str, Any] | None = None
         self._hide = hide_usage_chunk
 
@@ -190,8 +211,11 @@ class _ChatTap(StreamTap):
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                if isinstance(choice, dict) and choice.get("finish_reason"):
-                    info.finish_reason = choice["finish_reason"]
+                if isinstance(choice, dict):
+                    if choice.get("finish_reason"):
+                        info.finish_reason = choice["finish_reason"]
+                    delta = choice.get("delta")
+                    _choice_text(delta if isinstance(delta, dict) else choice, self.text)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._raw = merge_usage(self._raw, usage)
@@ -207,13 +231,17 @@ class _ChatTap(StreamTap):
 
 
 class _ResponsesTap(StreamTap):
-    __slots__ = ("info",)
-
-    def __init__(self) -> None:
-        self.info = CallInfo()
+    __slots__ = ("info", "text")
 
     def on_event(self, event: str | None, data: str) -> bool:
-        # Only lifecycle events matter; skip parsing the many delta events.
+        if event is not None and event.endswith(".delta"):
+            # Text deltas only matter if the stream never reaches its terminal event.
+            try:
+                delta = orjson.loads(data).get("delta")
+            except (orjson.JSONDecodeError, AttributeError):
+                return True
+            self.text.add(delta)
+            return True
         if event is not None and event not in _RESPONSES_LIFECYCLE:
             return True
         try:

@@ -1,0 +1,184 @@
+"""Prices for models config.yml does not list, from the genai-prices catalog.
+
+genai-prices (MIT, pydantic/genai-prices) ships its price table inside the wheel
+and works offline. Its own ``calc_price`` costs ~200 µs a call, so instead each
+catalog entry is converted once into our ``ModelPrice`` schedule and priced by
+``pricing.compute_cost`` like a configured one; ``PriceBook`` memoizes the lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime, time, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from .pricing import ModelPrice, PriceBook, PricePeriod, RateCard, Rates, Tier
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("proxy")
+
+# Our API family -> the catalog's provider id.
+FAMILY_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+
+# Catalog price keys we bill, mapped to our rate names. Audio, image and storage
+# rates are not priced by this proxy (see README, "What is not priced").
+_KEYS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cached_input",
+    "cache_write_mtok": "cache_write",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "web_searches_kcount": "web_search",
+}
+
+
+def pricebook_for(config: "Config") -> PriceBook:
+    """The prices a configuration resolves to: config.yml first, then the catalog."""
+    catalog = None
+    if config.catalog:
+        try:
+            catalog = Catalog()
+        except ImportError:
+            log.warning("genai-prices is not installed: models missing from %s stay unpriced", config.path)
+    return PriceBook(
+        {name: p.models for name, p in config.providers.items()},
+        {"*": config.aliases, **{name: p.aliases for name, p in config.providers.items()}},
+        fallback=catalog,
+    )
+
+
+def catalog_version() -> str | None:
+    try:
+        import genai_prices
+    except ImportError:
+        return None
+    return str(genai_prices.__version__)
+
+
+class Catalog:
+    """Looks models up in the bundled genai-prices data (never fetched at run time)."""
+
+    def __init__(self) -> None:
+        from genai_prices import data_snapshot
+
+        self._snapshot = data_snapshot.get_snapshot()
+        self.version = catalog_version() or "?"
+        self._known_providers = {p.id for p in self._snapshot.providers}
+
+    def lookup(self, provider: str, family: str, model: str) -> ModelPrice | None:
+        provider_id = provider if provider in self._known_providers else FAMILY_PROVIDER.get(family)
+        if provider_id is None:
+            return None
+        try:
+            _, info = self._snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError:
+            return None
+        try:
+            return convert(info, self.version)
+        except Exception as e:  # a catalog shape we do not understand: unpriced, not a crash
+            log.warning("catalog entry %s/%s could not be converted: %s", provider_id, info.id, e)
+            return None
+
+
+def _rates(price: Any, at: int | None, inherit: Rates | None) -> Rates | None:
+    """Rates of one catalog ModelPrice, taking tiered values at input size ``at``."""
+    values: dict[str, Decimal] = {}
+    for key, ours in _KEYS.items():
+        v = getattr(price, key, None)
+        if v is None:
+            continue
+        if not isinstance(v, Decimal):  # TieredPrices
+            chosen = v.base
+            for tier in v.tiers:
+                if at is not None and at >= tier.start:
+                    chosen = tier.price
+            v = chosen
+        values[ours] = v
+    if inherit is not None:
+        from dataclasses import replace
+
+        return replace(inherit, **values)
+    if "input" not in values:
+        return None
+    values.setdefault("output", Decimal(0))
+    return Rates(**values)
+
+
+def _card(price: Any, inherit: Rates | None) -> RateCard | None:
+    base = _rates(price, None, inherit)
+    if base is None:
+        return None
+    starts = sorted(
+        {t.start for key in _KEYS if (v := getattr(price, key, None)) is not None and not isinstance(v, Decimal) for t in v.tiers}
+    )
+    tiers = []
+    for start in starts:
+        tier_rates = _rates(price, start, inherit)
+        assert tier_rates is not None
+        tiers.append(Tier(start, tier_rates))
+    return RateCard(base, tuple(tiers))
+
+
+def _variant_name(when: dict[str, str]) -> str | None:
+    if when.get("service_tier") and when["service_tier"] != "default":
+        return str(when["service_tier"]).lower()
+    if when.get("processing") == "batch":
+        return "batch"
+    if when.get("speed") == "fast":
+        return "fast"
+    return None
+
+
+def _input_rate(price: Any) -> Decimal:
+    v = getattr(price, "input_mtok", None)
+    if v is None:
+        return Decimal(0)
+    return v if isinstance(v, Decimal) else v.base
+
+
+def convert(info: Any, version: str) -> ModelPrice | None:
+    """One catalog model -> our schedule: date-conditional prices become periods,
+    price variants become service tiers, tiered values become long-context tiers."""
+    prices = info.prices
+    conditionals: list[tuple[datetime | None, Any]] = []
+    undated: list[Any] = []
+    for cp in prices if isinstance(prices, list) else ():
+        start = getattr(cp.constraint, "start_date", None)
+        if start is not None:
+            conditionals.append((datetime.combine(start, time(), timezone.utc), cp.prices))
+        else:
+            # No constraint, or a time-of-day one (DeepSeek off-peak), which a dated
+            # schedule cannot express: keep the highest rate rather than under-bill.
+            undated.append(cp.prices)
+    if not isinstance(prices, list):
+        undated.append(prices)
+    if undated:
+        conditionals.append((None, max(undated, key=_input_rate)))
+    conditionals.sort(key=lambda x: x[0] or datetime.min.replace(tzinfo=timezone.utc))
+
+    periods: list[PricePeriod] = []
+    for i, (_, price) in enumerate(conditionals):
+        card = _card(price, None)
+        if card is None:
+            return None
+        until = conditionals[i + 1][0] if i + 1 < len(conditionals) else None
+        periods.append(PricePeriod(card, until, {}))
+    # Variants are recorded against the current price: the catalog dates them by when
+    # it began modelling them, not by when the provider introduced them.
+    variants: dict[str, RateCard] = {}
+    for variant in info.price_variants or ():
+        name = _variant_name(variant.when)
+        if name is None:
+            continue
+        card = _card(variant.prices, periods[-1].card.rates)
+        if card is not None and name not in variants:
+            variants[name] = card
+    if variants:
+        last = periods[-1]
+        periods[-1] = PricePeriod(last.card, last.until, variants)
+    digest = hashlib.sha256(repr((info.id, version, tuple(periods))).encode()).hexdigest()[:10]
+    return ModelPrice(info.id, tuple(periods), source="catalog", price_id=digest)
