@@ -1,0 +1,132 @@
+"""`python -m proxy reprice` and `pricing` commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def write_config(path: Path, gpt4o_input: str, with_history: bool = False) -> None:
+    pricing = f"{{input: {gpt4o_input}, output: 10, cached_input: 1.25}}"
+    if with_history:
+        pricing = f"[{{input: 2.50, output: 10, cached_input: 1.25, until: 2026-11-01}}, {pricing}]"
+    path.write_text(
+        "# my comment stays\n"
+        "catalog: {enabled: false}\n"
+        "providers:\n"
+        "  openai:\n"
+        "    base_url: http://127.0.0.1:1\n"
+        "    models:\n"
+        f"      gpt-4o: {{pricing: {pricing}}}\n"
+    )
+
+
+def record(ts: str, inp: int, cached: int, out: int, cost: str | None, model: str = "gpt-4o") -> dict:
+    return {
+        "schema_version": 1, "timestamp": ts, "provider": "openai", "provider_type": "openai",
+        "model": model, "response_model": f"{model}-2024-08-06", "status": 200,
+        "input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
+        "cache_read_tokens": cached, "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
+        "reasoning_tokens": 0, "web_search_requests": 0,
+        "input_cost": None, "output_cost": None, "total_cost": None if cost is None else float(cost),
+        "pricing_source": "config" if cost else None, "price_id": "old", "usage_source": "provider",
+    }
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    rows = [
+        # before and after a price change on 2026-11-01; one unpriced model; one failed call
+        record("2026-10-15T10:00:00.000Z", 10000, 8000, 500, "0.02"),
+        record("2026-11-15T10:00:00.000Z", 10000, 8000, 500, "0.02"),
+        record("2026-11-16T10:00:00.000Z", 1000, 0, 100, "0.0035"),
+        record("2026-11-16T11:00:00.000Z", 100, 0, 10, None, model="mystery-model"),
+        {**record("2026-11-16T12:00:00.000Z", 0, 0, 0, "0"), "status": 500},
+    ]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, '{"torn": ')  # a corrupt line survives untouched
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def expected_cost(inp: int, cached: int, out: int, rate_in: str) -> Decimal:
+    return ((inp - cached) * Decimal(rate_in) + cached * Decimal("1.25") + out * Decimal(10)) / Decimal(1_000_000)
+
+
+def test_reprice_to_new_file_with_effective_dates(log_dir: Path):
+    write_config(log_dir / "config.yml", "5.00", with_history=True)
+    src = log_dir / "log.jsonl"
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--out", "repriced.jsonl", cwd=log_dir)
+    assert res.returncode == 0, res.stderr
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before  # original untouched
+
+    out_lines = (log_dir / "repriced.jsonl").read_text().splitlines()
+    assert out_lines[2] == '{"torn": '
+    recs = [json.loads(l) for l in out_lines if l != '{"torn": ']
+    # the October call keeps the old price (2.50), the November ones get the new one (5.00)
+    assert Decimal(str(recs[0]["total_cost"])) == expected_cost(10000, 8000, 500, "2.50") == Decimal("0.02")
+    assert Decimal(str(recs[1]["total_cost"])) == expected_cost(10000, 8000, 500, "5.00")
+    assert Decimal(str(recs[2]["total_cost"])) == expected_cost(1000, 0, 100, "5.00")
+    assert recs[3]["total_cost"] is None and recs[4]["total_cost"] == 0
+    assert recs[1]["pricing_source"] == "config" and recs[1]["price_id"] != "old" and "repriced_at" in recs[1]
+    for r in recs[1:3]:
+        assert Decimal(str(r["input_cost"])) + Decimal(str(r["output_cost"])) == Decimal(str(r["total_cost"]))
+
+    diff = (expected_cost(10000, 8000, 500, "5.00") - Decimal("0.02")) + (expected_cost(1000, 0, 100, "5.00") - Decimal("0.0035"))
+    assert "cost changed: 2 " in res.stdout
+    assert f"difference:   +${diff.normalize()}" in res.stdout
+    assert "1 unreadable line" in res.stdout
+
+
+def test_reprice_in_place_is_atomic_and_dry_run_changes_nothing(log_dir: Path):
+    write_config(log_dir / "config.yml", "5.00")
+    src = log_dir / "log.jsonl"
+    before = src.read_bytes()
+    res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--dry-run", cwd=log_dir)
+    assert res.returncode == 0 and "cost changed: 3 " in res.stdout and src.read_bytes() == before
+    res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--in-place", cwd=log_dir)
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(l) for l in src.read_text().splitlines() if l.startswith("{\"schema")]
+    assert Decimal(str(recs[0]["total_cost"])) == expected_cost(10000, 8000, 500, "5.00")
+    assert not list(log_dir.glob("*.reprice"))  # no temp file left behind
+    # a second run finds nothing more to change
+    res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--dry-run", cwd=log_dir)
+    assert "cost changed: 0 " in res.stdout
+
+
+def test_reprice_refuses_to_overwrite_its_input(log_dir: Path):
+    write_config(log_dir / "config.yml", "5.00")
+    res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--out", "log.jsonl", cwd=log_dir)
+    assert res.returncode == 2 and "--in-place" in res.stderr
+
+
+def test_pricing_show_check_and_sync(log_dir: Path):
+    write_config(log_dir / "config.yml", "2.50")
+    res = run("pricing", "show", "gpt-4o-2024-08-06", "--config", "config.yml", cwd=log_dir)
+    assert res.returncode == 0 and "-> gpt-4o, from the config.yml" in res.stdout and "2.5" in res.stdout
+    res = run("pricing", "check", "--config", "config.yml", "--file", "log.jsonl", cwd=log_dir)
+    assert res.returncode == 1 and "openai/mystery-model" in res.stdout
+
+    # sync writes a catalog price into config.yml, keeping its comments
+    cfg = log_dir / "config.yml"
+    cfg.write_text(cfg.read_text().replace("catalog: {enabled: false}", "catalog: {enabled: true}"))
+    res = run("pricing", "sync", "gpt-4.1-mini", "--provider", "openai", "--config", "config.yml", "--write", cwd=log_dir)
+    assert res.returncode == 0, res.stderr
+    text = cfg.read_text()
+    assert text.startswith("# my comment stays\n") and '"gpt-4.1-mini": {pricing: {input: 0.4' in text
+    res = run("pricing", "show", "gpt-4.1-mini", "--config", "config.yml", cwd=log_dir)
+    assert "from the config.yml" in res.stdout
