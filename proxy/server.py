@@ -269,7 +269,11 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge:
         call.status, call.error = 413, f"request body over {state.config.max_body_mb} MB"
         call.finish(CallInfo())
-        return _error_response(adapter, 413, call.error)
+        too_large = _error_response(adapter, 413, call.error)
+        # Close rather than linger reading the unwanted rest of the body: a lingering
+        # connection also holds up graceful shutdown for its whole timeout.
+        too_large.force_close()
+        return too_large
 
     body: Any = None
     if body_bytes and endpoint.kind is not None:
@@ -343,10 +347,18 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             call.status = 504
             return _error_response(adapter, 504, f"upstream {provider.name} timed out")
         raise
+    except aiohttp.ClientError as e:
+        # The upstream broke off while sending its reply (e.g. fewer bytes than its
+        # Content-Length). Nothing sent to the client yet: answer 502, not aiohttp's 500.
+        call.error = call.error or f"upstream broke off its reply: {type(e).__name__}"
+        if call.ttft is None:
+            call.status = 502
+            return _error_response(adapter, 502, f"upstream {provider.name} broke off its reply ({type(e).__name__})")
+        raise
     except asyncio.CancelledError:
         # handler_cancellation: the client went away; the upstream call is closed above.
         call.error = call.error or "client disconnected before the reply finished"
-        if call.status == 0:
+        if call.ttft is None:
             call.status = 499  # nginx's "client closed request": it got no reply at all
         raise
     finally:
@@ -363,13 +375,16 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     """Pass the stream through as it arrives; the tap reads a copy of every event."""
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
-    await response.prepare(request)
     parser: Any = SSEParser() if sse else JSONArrayStreamParser()
     filtering = sse and hide_usage_chunk
     try:
         async for chunk in upstream.content.iter_any():
             if call.ttft is None:
                 call.ttft = time.perf_counter()
+                # Headers go out with the first bytes: an upstream that stalls or breaks
+                # before sending any still gets the client a clean 504/502, not a 200
+                # followed by a second status line inside the body.
+                await response.prepare(request)
             if filtering:
                 # Re-frame at event boundaries so the extra usage chunk can be left out.
                 out = [ev.raw for ev in parser.feed(chunk) if tap.on_event(ev.event, ev.data)]
@@ -387,9 +402,13 @@ async def _relay_stream(
             for ev in parser.flush():
                 if tap.on_event(ev.event, ev.data) and filtering:
                     await response.write(ev.raw)
+        if not response.prepared:
+            await response.prepare(request)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         call.error = "client disconnected mid-stream"
     except aiohttp.ClientPayloadError:
+        if not response.prepared:
+            raise  # nothing relayed yet: the caller answers 502
         call.error = "upstream closed the stream early"
     return response
