@@ -375,8 +375,9 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     """Pass the stream through as it arrives; the tap reads a copy of every event."""
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
-    parser: Any = SSEParser() if sse else JSONArrayStreamParser()
     filtering = sse and hide_usage_chunk
+    # When re-framing, comment blocks (keep-alives) must be re-emitted too.
+    parser: Any = SSEParser(keep_comments=filtering) if sse else JSONArrayStreamParser()
     try:
         async for chunk in upstream.content.iter_any():
             if call.ttft is None:

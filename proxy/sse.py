@@ -42,13 +42,18 @@ def parse_event_block(raw: bytes) -> SSEEvent | None:
 
 
 class SSEParser:
-    """Feed bytes, get complete events back."""
+    """Feed bytes, get complete events back.
 
-    __slots__ = ("_buf", "_scan_from")
+    ``keep_comments``: also return comment-only blocks (``: keep-alive``), as events
+    with no name and empty data, for callers that re-frame the stream from ``raw``.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_scan_from", "_keep_comments")
+
+    def __init__(self, keep_comments: bool = False) -> None:
         self._buf = bytearray()
         self._scan_from = 0
+        self._keep_comments = keep_comments
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf
@@ -66,6 +71,8 @@ class SSEParser:
             if ev is not None:
                 ev.raw = bytes(buf[start : m.end()])
                 events.append(ev)
+            elif self._keep_comments:
+                events.append(SSEEvent(None, "", bytes(buf[start : m.end()])))
             start = pos = m.end()
         if start:
             del buf[:start]
@@ -79,6 +86,8 @@ class SSEParser:
         ev = parse_event_block(bytes(self._buf))
         if ev is not None:
             ev.raw = bytes(self._buf)
+        elif self._keep_comments:
+            ev = SSEEvent(None, "", bytes(self._buf))
         self._buf.clear()
         return [ev] if ev is not None else []
 

@@ -93,8 +93,11 @@ class MockUpstream:
         status: int = 200,
         content_type: str = "text/event-stream",
         headers: dict[str, str] | None = None,
+        gzip: bool = False,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status, headers={"Content-Type": content_type, **(headers or {})})
+        if gzip:
+            resp.enable_compression(web.ContentCoding.gzip)
         await resp.prepare(request)
         try:
             for piece in pieces:
@@ -115,13 +118,17 @@ class MockUpstream:
 
 
 def json_reply(
-    payload: Any | Callable[[Received], Any], status: int = 200, headers: dict[str, str] | None = None, delay: float = 0
+    payload: Any | Callable[[Received], Any], status: int = 200, headers: dict[str, str] | None = None, delay: float = 0,
+    gzip: bool = False,
 ) -> Handler:
     async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
         if delay:
             await asyncio.sleep(delay)
         body = payload(rec) if callable(payload) else payload
-        return web.json_response(body, status=status, headers=headers)
+        resp = web.json_response(body, status=status, headers=headers)
+        if gzip:
+            resp.enable_compression(web.ContentCoding.gzip)
+        return resp
 
     return handler
 
@@ -139,10 +146,11 @@ def stream_reply(
     content_type: str = "text/event-stream",
     status: int = 200,
     headers: dict[str, str] | None = None,
+    gzip: bool = False,
 ) -> Handler:
     async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
         items = pieces(rec) if callable(pieces) else pieces
-        return await mock.write_pieces(request, list(items), status=status, content_type=content_type, headers=headers)
+        return await mock.write_pieces(request, list(items), status=status, content_type=content_type, headers=headers, gzip=gzip)
 
     return handler
 

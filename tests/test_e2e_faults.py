@@ -520,3 +520,40 @@ async def test_health_includes_records_already_in_the_log(mock, start_proxy, htt
     assert stats["provider_costs"]["gemini"] == Decimal("0.0034")
     await proxy.stop()
     assert log.read_text().count("\n") == 5  # the old lines are kept, one appended
+
+
+# --- compression, non-metered endpoints -------------------------------------------------------
+
+
+async def test_gzip_replies_are_decoded_for_metering_and_relayed_plain(mock, proxy, http):
+    """§0: the upstream compresses; the proxy must parse the decoded bytes and must not
+    forward a Content-Encoding that no longer applies."""
+    mock.on("/v1beta/models/gemini-2.5-flash:generateContent", json_reply(gemini_response(usage=FLASH_USAGE), gzip=True))
+    mock.on("/v1/messages", stream_reply(mock, sse(anthropic_stream_events()), gzip=True))
+    async with http.post(f"{mock.url}/v1/messages", json={}, auto_decompress=False) as r:  # the mock really compresses
+        assert r.headers["Content-Encoding"] == "gzip" and (await r.read())[:2] == b"\x1f\x8b"
+    async with http.post(f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent", json=GEMINI_BODY,
+                         headers=CALLS["gemini"][3], auto_decompress=False) as r:
+        assert "Content-Encoding" not in r.headers
+        assert json.loads(await r.read())["usageMetadata"] == FLASH_USAGE
+    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
+                         headers=CALLS["anthropic"][3], auto_decompress=False) as r:
+        assert "Content-Encoding" not in r.headers
+        assert await r.read() == b"".join(sse(anthropic_stream_events()))
+    g, a = await proxy.records()
+    assert g["error"] is None and a["error"] is None
+    assert dec(g["total_cost"]) == Decimal("0.0034") and dec(a["total_cost"]) == Decimal("0.00485")
+
+
+async def test_non_metered_endpoint_passes_through_with_a_zero_record(mock, proxy, http):
+    models = {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
+    mock.on("/v1/models", json_reply(models))
+    async with http.get(f"{proxy.url}/openai-keyed/v1/models?limit=5", headers=CALLS["openai"][3]) as r:
+        assert r.status == 200 and await r.json() == models
+    sent = mock.requests[-1]
+    assert sent.method == "GET" and sent.query["limit"] == "5"
+    assert sent.headers["Authorization"] == f"Bearer {PROXY_OPENAI_KEY}"
+    [rec] = await proxy.records()
+    assert rec["endpoint"] == "/v1/models" and rec["status"] == 200 and rec["error"] is None
+    assert rec["ip_address"] == "127.0.0.1"
+    assert_zero_usage(rec)  # no tokens used: 0, not null

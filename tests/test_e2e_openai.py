@@ -18,6 +18,7 @@ from conftest import (
 from mock_upstream import (
     GPT4O_USAGE,
     O4MINI_USAGE,
+    chat_chunks,
     json_reply,
     openai_chat,
     openai_completions,
@@ -295,3 +296,42 @@ async def test_responses_stream_incomplete_is_billed(mock, proxy):
     assert_cost(rec, "0.0021208", "0.00352", "0.0056408")
     assert rec["finish_reason"] == "max_output_tokens"
     assert rec["status"] == 200
+
+
+async def test_keep_alive_comments_reach_the_client_when_usage_chunk_is_hidden(mock, proxy, http):
+    """OpenAI-compatible routers (OpenRouter) send ': ...' keep-alive comments while a
+    model is queued. The proxy re-frames such a stream to hide the usage chunk it
+    asked for; the comments must still reach the client, or its idle timeout fires."""
+    comment = b": OPENROUTER PROCESSING\n\n"
+
+    def pieces(rec):
+        include = bool((rec.json.get("stream_options") or {}).get("include_usage"))
+        events = sse([(None, c) for c in chat_chunks("gpt-4o-mini-2024-07-18", ["Hi"], MINI_USAGE, include)] + [(None, "[DONE]")])
+        return [comment, 0.01, comment, *events]
+
+    mock.on("/compat/v1/chat/completions", stream_reply(mock, pieces))
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    headers = {"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"}
+    async with http.post(f"{mock.url}/compat/v1/chat/completions", json=body, headers=headers) as r:
+        direct = await r.read()
+    async with http.post(f"{proxy.url}/compat/v1/chat/completions", json=body, headers=headers) as r:
+        via_proxy = await r.read()
+    assert via_proxy.startswith(comment + comment)
+    assert via_proxy.replace(b',"usage":null', b"") == direct
+    [rec] = await proxy.records()
+    assert (rec["input_tokens"], rec["output_tokens"]) == (12, 2)
+    assert_cost(rec, "0.0000018", "0.0000012", "0.000003")
+
+
+async def test_responses_stream_failed_is_recorded_as_error(mock, proxy):
+    evs = responses_stream_events("response.failed", model="o4-mini-2025-04-16")
+    evs[-1][1]["response"]["usage"] = None
+    evs[-1][1]["response"]["error"] = {"code": "server_error", "message": "The model crashed"}
+    mock.on("/v1/responses", stream_reply(mock, sse(evs)))
+    async with client(proxy.url) as c:
+        events = [ev async for ev in await c.responses.create(model="o4-mini", input="hi", stream=True)]
+    assert events[-1].type == "response.failed"
+    [rec] = await proxy.records()
+    assert rec["status"] == 200 and "The model crashed" in rec["error"]
+    assert rec["finish_reason"] == "failed"
+    assert rec["usage_source"] != "provider"  # the reply reported none

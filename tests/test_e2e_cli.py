@@ -1,0 +1,164 @@
+"""``python -m proxy`` as a real process: serve, SIGTERM with a call in flight, bad configs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from conftest import CLIENT_OPENAI_KEY, assert_no_secrets, dec, free_port, make_config, parse_log
+from mock_upstream import openai_chat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(log: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["COST_TRACKING_FILE"] = str(log)
+    return env
+
+
+class Served:
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+        self.signalled = False
+
+    def sigterm(self) -> None:
+        self.signalled = True
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def terminate(self, timeout: float = 15) -> tuple[int, str]:
+        """SIGTERM (once) and wait for the exit code and stderr."""
+        if not self.signalled:
+            self.sigterm()
+        _, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+async def serve(tmp_path):
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(config: dict) -> Served:
+        cfg = tmp_path / "config.yml"
+        cfg.write_text(json.dumps(config))  # JSON is YAML
+        log = tmp_path / "logs" / "cost.jsonl"
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+            cwd=tmp_path, env=_env(log), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            while True:
+                if proc.returncode is not None:
+                    _, err = await proc.communicate()
+                    raise AssertionError(f"proxy exited at start-up: {err.decode()}")
+                try:
+                    async with s.get(f"{url}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "proxy did not start"
+                await asyncio.sleep(0.05)
+        return Served(proc, url, log)
+
+    yield start
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+
+
+async def test_serves_a_call_and_logs_it(mock, serve):
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    served = await serve(make_config(mock.url))
+    async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
+        reply = await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert reply.usage.prompt_tokens == 10000
+    async with aiohttp.ClientSession() as s, s.get(f"{served.url}/health") as r:
+        health = json.loads(await r.read(), parse_float=Decimal)
+    assert health["cost_stats_24h"]["requests"] == 1
+    assert health["cost_stats_24h"]["total_cost"] == Decimal("0.02")
+
+    code, err = await served.terminate()
+    assert code == 0, err
+    [rec] = parse_log(served.log.read_text())  # COST_TRACKING_FILE chose the path
+    assert rec["model"] == "gpt-4o" and rec["response_model"] == "gpt-4o-2024-08-06"
+    assert (rec["input_tokens"], rec["cache_read_tokens"], rec["output_tokens"]) == (10000, 8000, 500)
+    assert dec(rec["total_cost"]) == Decimal("0.020")
+    assert_no_secrets(served.log.read_text())
+    assert CLIENT_OPENAI_KEY not in err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_sigterm_lets_the_in_flight_call_finish(stream, mock, serve):
+    # Non-stream: the reply comes 1 s after the request; stream: 1 s after the first chunk.
+    mock.on("/v1/chat/completions", openai_chat(mock, first_gap=1.0))
+    served = await serve(make_config(mock.url))
+
+    async def call():
+        async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
+            msgs = [{"role": "user", "content": "hi"}]
+            if not stream:
+                return (await c.chat.completions.create(model="gpt-4o", messages=msgs)).choices[0].message.content
+            chunks = [ch async for ch in await c.chat.completions.create(model="gpt-4o", messages=msgs, stream=True)]
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+    task = asyncio.create_task(call())
+    await asyncio.wait_for(mock.received.wait(), 5)
+    await asyncio.sleep(0.2)  # the call is now in flight (a stream has sent its first chunk)
+    served.sigterm()
+    assert await asyncio.wait_for(task, 10) == "Hello!"  # completed, not cut
+    code, err = await served.terminate()
+    assert code == 0, err
+    [rec] = parse_log(served.log.read_text())  # flushed before exit
+    assert rec["status"] == 200 and rec["error"] is None and rec["is_streaming"] is stream
+    assert dec(rec["total_cost"]) == Decimal("0.020")
+
+
+BAD_CONFIGS = [
+    ({"providers": {"openai": {"base_url": "ftp://example.com"}}}, "providers.openai.base_url"),
+    ({"providers": {"openai": {"base_url": "http://127.0.0.1:1",
+                               "models": {"gpt-4o": {"pricing": {"input": 2.5, "output": 10, "bogus": 1}}}}}},
+     "providers.openai.models.gpt-4o.pricing.bogus"),
+    ({"providers": {"mystery": {"base_url": "http://127.0.0.1:1"}}}, "providers.mystery.type"),
+    ({"providers": {"openai": {"base_url": "http://127.0.0.1:1"}}, "server": {"read_timeout": -1}}, "server.read_timeout"),
+]
+
+
+@pytest.mark.parametrize("config,key", BAD_CONFIGS, ids=[k for _, k in BAD_CONFIGS])
+def test_malformed_config_exits_naming_file_and_key(config, key, tmp_path):
+    cfg = tmp_path / "broken.yml"
+    cfg.write_text(json.dumps(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=tmp_path, env=_env(tmp_path / "log.jsonl"), capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode != 0
+    assert f"error: {cfg}: {key}: " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_that_is_not_yaml_exits_naming_file(tmp_path):
+    cfg = tmp_path / "broken.yml"
+    cfg.write_text("providers:\n  openai: {base_url: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(free_port())],
+                          cwd=tmp_path, env=_env(tmp_path / "log.jsonl"), capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert f"error: {cfg}: " in proc.stderr and "YAML" in proc.stderr
+    assert "Traceback" not in proc.stderr
