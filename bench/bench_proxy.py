@@ -1,0 +1,828 @@
+#!/usr/bin/env python3
+"""Performance benchmark for llm-cost-proxy.
+
+One run starts three servers as separate processes on 127.0.0.1:
+
+* mock   - an OpenAI-shaped upstream (``/v1/chat/completions``: JSON or SSE, honours
+           ``stream_options.include_usage``; header ``x-mock-big-bytes`` asks for a
+           large SSE reply sent in many writes, ``x-mock-gap-ms`` for a pause after
+           the first SSE event);
+* bare   - the minimal aiohttp reverse proxy (read body, forward with one shared
+           ClientSession, stream the reply back chunk by chunk; no parsing, no log):
+           the baseline for "what does metering cost";
+* proxy  - the real thing: ``python -m proxy --config <tmp> --port P``.
+
+and measures, against baselines taken in the same run: added latency per call,
+added time to first byte of a stream, requests/second at 32 concurrent callers,
+proxy RSS while 10 MB streams pass through, and that the proxy logged exactly
+one JSONL line per call made through it.
+
+    python bench/bench_proxy.py            # full run (about 1-2 minutes)
+    python bench/bench_proxy.py --quick    # short run (about 20 s)
+
+Only stdlib + aiohttp + orjson. Results: table on stdout, JSON in bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict  # ships with aiohttp
+from yarl import URL  # ships with aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+HOST = "127.0.0.1"
+MODEL = "gpt-4o-mini"
+RESPONSE_MODEL = "gpt-4o-mini-2024-07-18"
+CLIENT_KEY = "sk-bench-0123456789abcdef"
+
+# Goals (see bench/README.md).
+GOAL_RPS_RATIO = 0.8  # proxy rps >= 0.8 x bare rps
+GOAL_RSS_GROWTH_FRACTION = 0.2  # retained and peak RSS growth < 20 % of the streamed reply size
+
+FULL = dict(
+    warmup=200, latency_calls=2000, ttfb_calls=400, gap_ms=10,
+    rps_calls=1500, rps_rounds=10, rps_warmup=300, stream_rps_calls=600, stream_rps_rounds=3,
+    big_mb=10, big_streams=5, phase_budget_s=60.0,
+)
+QUICK = dict(
+    warmup=50, latency_calls=300, ttfb_calls=100, gap_ms=10,
+    rps_calls=600, rps_rounds=3, rps_warmup=100, stream_rps_calls=300, stream_rps_rounds=1,
+    big_mb=10, big_streams=3, phase_budget_s=15.0,
+)
+CONCURRENCY = 32
+QUIET_CORES = 0.25  # a round is "quiet" if other processes used less than this many cores
+
+
+# --------------------------------------------------------------------------- mock upstream
+
+def _chunk(i: int, content: str | None, finish: str | None = None, role: bool = False) -> bytes:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    obj = {
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1763800000,
+        "model": RESPONSE_MODEL, "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": None,
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+USAGE = {
+    "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                  "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+}
+JSON_REPLY = orjson.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1763800000,
+    "model": RESPONSE_MODEL, "service_tier": "default", "system_fingerprint": "fp_bench",
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                 "message": {"role": "assistant", "content": "Hello! How can I help you today?",
+                             "refusal": None, "annotations": []}}],
+    "usage": USAGE,
+})
+FIRST_EVENT = _chunk(0, "", role=True)
+CONTENT_EVENTS = [_chunk(i, w) for i, w in enumerate(["Hello", "!", " How", " can", " I", " help", " you", " today", "?"])]
+FINISH_EVENT = _chunk(0, None, finish="stop")
+USAGE_EVENT = b"data: " + orjson.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1763800000,
+    "model": RESPONSE_MODEL, "system_fingerprint": "fp_bench", "choices": [], "usage": USAGE,
+}) + b"\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+BIG_EVENT = _chunk(0, "x" * 1000)  # ~1.2 KB per event
+BIG_EVENTS_PER_WRITE = 8  # ~10 KB per write
+
+
+def mock_app() -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            req = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            req = {}
+        if not isinstance(req, dict):
+            req = {}
+        if req.get("stream") is not True:
+            return web.Response(body=JSON_REPLY, content_type="application/json")
+        opts = req.get("stream_options")
+        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        gap = float(request.headers.get("x-mock-gap-ms", "0")) / 1000
+        big = int(request.headers.get("x-mock-big-bytes", "0"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await resp.write(FIRST_EVENT)
+        if gap:
+            await asyncio.sleep(gap)
+        if big:
+            block = BIG_EVENT * BIG_EVENTS_PER_WRITE
+            for _ in range(max(1, big // len(block))):
+                await resp.write(block)
+        else:
+            for ev in CONTENT_EVENTS:
+                await resp.write(ev)
+        await resp.write(FINISH_EVENT)
+        if include_usage:
+            await resp.write(USAGE_EVENT)
+        await resp.write(DONE_EVENT)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/ping", _pong)
+    return app
+
+
+async def _pong(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+# --------------------------------------------------------------------------- bare forwarder
+
+_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                  "trailer", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"})
+_RESP_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+def bare_app(upstream: str) -> web.Application:
+    """The least a reverse proxy can do: no parsing, no metering, no log."""
+    session_key = web.AppKey("session", aiohttp.ClientSession)
+
+    async def on_startup(app: web.Application) -> None:
+        app[session_key] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=600),
+            auto_decompress=True, skip_auto_headers=("User-Agent",),
+        )
+
+    async def on_cleanup(app: web.Application) -> None:
+        await app[session_key].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["provider"]
+        tail = request.rel_url.raw_path[len(name) + 1:]
+        qs = request.query_string
+        url = upstream + tail + (f"?{qs}" if qs else "")
+        body = await request.read()
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
+        async with request.app[session_key].request(
+            request.method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+        ) as up:
+            resp = web.StreamResponse(
+                status=up.status,
+                headers=CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _RESP_DROP),
+            )
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/ping", _pong)
+    app.router.add_route("*", "/{provider}/{tail:.*}", forward)
+    return app
+
+
+def serve(role: str, port: int, upstream: str | None) -> int:
+    app = mock_app() if role == "mock" else bare_app(upstream or "")
+    web.run_app(app, host=HOST, port=port, handler_cancellation=True, access_log=None, print=None,
+                shutdown_timeout=2)
+    return 0
+
+
+# --------------------------------------------------------------------------- process helpers
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM in kB."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"VmRSS:", b"VmHWM:")):
+                    k, v = line.split(b":", 1)
+                    out[k.decode()] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all threads)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def sys_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    # user + nice + system + steal; irq/softirq left out (mostly our own loopback traffic).
+    return (sum(vals[:3]) + (vals[7] if len(vals) > 7 else 0)) / _TCK
+
+
+class LoadMeter:
+    """How many cores processes other than ours kept busy during a phase (noise check)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> "LoadMeter":
+        self.w0, self.sys0, self.c0 = time.perf_counter(), sys_busy(), time.process_time()
+        self.cpu0 = {k: proc_cpu(p) for k, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.w0
+        self.client_cpu = time.process_time() - self.c0
+        self.cpu = {k: proc_cpu(p) - self.cpu0[k] for k, p in self.pids.items()}
+        ours = self.client_cpu + sum(self.cpu.values())
+        self.other_cores = max(0.0, (sys_busy() - self.sys0 - ours) / self.wall) if self.wall else 0.0
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, logdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.port, self.ready_path = name, port, ready_path
+        self.log_path = logdir / f"{name}.stderr.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            if self.proc.poll() is not None:
+                break
+            try:
+                async with session.get(f"http://{HOST}:{self.port}{self.ready_path}") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start; log:\n{self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGINT (aiohttp's graceful stop: the proxy flushes its log), then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+# --------------------------------------------------------------------------- client side
+
+class Target:
+    def __init__(self, name: str, base: str) -> None:
+        self.name = name
+        self.url = base + "/v1/chat/completions"
+        self.calls = 0  # every request attempt (the proxy must log each one)
+        self.errors: list[str] = []
+
+    def error(self, msg: str) -> None:
+        if len(self.errors) < 1000:
+            self.errors.append(msg)
+
+
+HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+BODY_JSON = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "user": "bench"})
+# Clients that do not ask for usage: the proxy injects include_usage and hides the extra chunk.
+BODY_STREAM = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+                            "user": "bench", "stream": True})
+
+
+async def call_json(session: aiohttp.ClientSession, t: Target) -> float | None:
+    t.calls += 1
+    t0 = time.perf_counter()
+    try:
+        async with session.post(t.url, data=BODY_JSON, headers=HEADERS) as r:
+            data = await r.read()
+            status = r.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        t.error(f"json: {type(e).__name__}: {e}")
+        return None
+    dt = time.perf_counter() - t0
+    if status != 200 or b'"usage"' not in data:
+        t.error(f"json: status {status}")
+        return None
+    return dt
+
+
+async def call_stream(session: aiohttp.ClientSession, t: Target, gap_ms: float = 0, big: int = 0,
+                      ) -> tuple[float, float, int] | None:
+    """(time to first body byte, total time, bytes) of one streamed call."""
+    t.calls += 1
+    headers = dict(HEADERS)
+    if gap_ms:
+        headers["x-mock-gap-ms"] = str(gap_ms)
+    if big:
+        headers["x-mock-big-bytes"] = str(big)
+    t0 = time.perf_counter()
+    try:
+        async with session.post(t.url, data=BODY_STREAM, headers=headers) as r:
+            first = await r.content.readany()
+            t1 = time.perf_counter()
+            n, tail = len(first), first[-64:]
+            async for chunk in r.content.iter_any():
+                n += len(chunk)
+                tail = (tail + chunk)[-64:]
+            status = r.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        t.error(f"stream: {type(e).__name__}: {e}")
+        return None
+    t2 = time.perf_counter()
+    if status != 200 or not tail.endswith(DONE_EVENT):
+        t.error(f"stream: status {status}, ended with {tail[-20:]!r}")
+        return None
+    return t1 - t0, t2 - t0, n
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summary_ms(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "median_ms": pct(xs, 50) * 1000, "p95_ms": pct(xs, 95) * 1000,
+            "p99_ms": pct(xs, 99) * 1000, "mean_ms": (statistics.fmean(xs) * 1000) if xs else float("nan")}
+
+
+async def interleaved(session: aiohttp.ClientSession, targets: list[Target], n: int, budget: float, fn) -> dict[str, list]:
+    """n sequential calls per target, round-robin with rotating order, bounded by ``budget`` seconds."""
+    out: dict[str, list] = {t.name: [] for t in targets}
+    deadline = time.monotonic() + budget
+    for i in range(n):
+        if time.monotonic() > deadline:
+            print(f"    (time budget hit after {i} rounds)", flush=True)
+            break
+        k = i % len(targets)
+        for t in targets[k:] + targets[:k]:
+            r = await fn(session, t)
+            if r is not None:
+                out[t.name].append(r)
+    return out
+
+
+async def concurrent(session: aiohttp.ClientSession, t: Target, n: int, conc: int, budget: float,
+                     stream: bool, pids: dict[str, int]) -> dict[str, Any]:
+    done = 0
+    started = 0
+    deadline = time.monotonic() + budget
+
+    async def worker() -> None:
+        nonlocal done, started
+        while started < n and time.monotonic() < deadline:
+            started += 1
+            r = await (call_stream(session, t) if stream else call_json(session, t))
+            if r is not None:
+                done += 1
+
+    with LoadMeter(pids) as m:
+        await asyncio.gather(*(worker() for _ in range(conc)))
+    wall = m.wall
+    return {"calls": done, "attempted": started, "wall_s": wall, "rps": done / wall if wall else 0.0,
+            "client_cpu_pct": 100 * m.client_cpu / wall if wall else 0.0,
+            "server_cpu_s": m.cpu, "other_cores": m.other_cores}
+
+
+async def rss_sampler(pid: int, stop: asyncio.Event, peak: list[int], max_samples: int = 100_000) -> None:
+    for _ in range(max_samples):
+        rss = proc_status(pid).get("VmRSS", 0)
+        peak[0] = max(peak[0], rss)
+        if stop.is_set():
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), 0.01)
+        except asyncio.TimeoutError:
+            pass
+
+
+# --------------------------------------------------------------------------- the run
+
+def write_config(path: Path, mock_port: int) -> None:
+    # JSON is YAML: no yaml dependency needed here.
+    cfg = {
+        "features": {"cost_tracking": {"enabled": True}},
+        "server": {"shutdown_timeout": 5},
+        "providers": {"openai": {
+            "base_url": f"http://{HOST}:{mock_port}",
+            "models": {MODEL: {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}},
+        }},
+    }
+    path.write_bytes(orjson.dumps(cfg, option=orjson.OPT_INDENT_2))
+
+
+async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    mock_port, bare_port, proxy_port = free_port(), free_port(), free_port()
+    cfg_path, log_path = tmp / "config.yml", tmp / "cost-tracking.jsonl"
+    write_config(cfg_path, mock_port)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    proxy_argv = [sys.executable]
+    prof_path = tmp / "proxy.prof"
+    if args.profile:
+        proxy_argv += ["-m", "cProfile", "-o", str(prof_path)]
+    proxy_argv += ["-m", "proxy", "--config", str(cfg_path), "--host", HOST, "--port", str(proxy_port)]
+
+    servers: dict[str, Server] = {}
+    results: dict[str, Any] = {"params": P}
+    t_start = time.perf_counter()
+    try:
+        servers["mock"] = Server("mock", me + ["--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp)
+        servers["bare"] = Server("bare", me + ["--serve", "bare", "--port", str(bare_port),
+                                               "--upstream", f"http://{HOST}:{mock_port}"], bare_port, "/ping", tmp)
+        servers["proxy"] = Server("proxy", proxy_argv, proxy_port, "/health", tmp,
+                                  env={"COST_TRACKING_FILE": str(log_path), "PYTHONUNBUFFERED": "1"})
+        pids = {k: s.pid for k, s in servers.items()}
+
+        conn = aiohttp.TCPConnector(limit=0, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=60, sock_read=30)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            for s in servers.values():
+                await s.wait_ready(session)
+            direct = Target("direct", f"http://{HOST}:{mock_port}")
+            bare = Target("bare", f"http://{HOST}:{bare_port}/openai")
+            proxy = Target("proxy", f"http://{HOST}:{proxy_port}/openai")
+            targets = [direct, bare, proxy]
+            budget = P["phase_budget_s"]
+            background: dict[str, float] = {}
+            results["background_cores"] = background
+
+            # Warm-up: connections, code paths, allocator.
+            print(f"warm-up: {P['warmup']} JSON + {P['warmup'] // 4} stream calls per target", flush=True)
+            await interleaved(session, targets, P["warmup"], budget, call_json)
+            await interleaved(session, targets, P["warmup"] // 4, budget, lambda s, t: call_stream(s, t))
+
+            # 1. Sequential latency, non-streaming.
+            print(f"latency: {P['latency_calls']} sequential JSON calls per target (interleaved)", flush=True)
+            with LoadMeter(pids) as m:
+                lat = await interleaved(session, targets, P["latency_calls"], budget, call_json)
+            results["latency"] = {k: summary_ms(v) for k, v in lat.items()}
+            background["latency"] = m.other_cores
+
+            # 2. Time to first byte of a stream (mock pauses gap_ms after its first event).
+            print(f"ttfb: {P['ttfb_calls']} sequential streams per target, {P['gap_ms']} ms gap after first event", flush=True)
+            with LoadMeter(pids) as m:
+                tt = await interleaved(session, targets, P["ttfb_calls"], budget,
+                                       lambda s, t: call_stream(s, t, gap_ms=P["gap_ms"]))
+            background["ttfb"] = m.other_cores
+            results["ttfb"] = {k: summary_ms([x[0] for x in v]) for k, v in tt.items()}
+            results["stream_total"] = {k: summary_ms([x[1] for x in v]) for k, v in tt.items()}
+
+            # 3. Throughput at 32 concurrent callers.
+            print(f"throughput: {P['rps_rounds']} round(s) x {P['rps_calls']} JSON calls per target at "
+                  f"{CONCURRENCY} concurrent callers", flush=True)
+            for t in targets:
+                await concurrent(session, t, P["rps_warmup"], CONCURRENCY, budget, False, pids)
+            rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+            for r in range(P["rps_rounds"]):
+                for t in targets[r % 3:] + targets[:r % 3]:
+                    res = await concurrent(session, t, P["rps_calls"], CONCURRENCY, budget, False, pids)
+                    rounds[t.name].append(res)
+                    print(f"    round {r + 1} {t.name:6s} {res['rps']:8.0f} req/s  (client CPU {res['client_cpu_pct']:.0f}%, "
+                          f"other processes {res['other_cores']:.2f} cores)", flush=True)
+            results["rps"] = _rps_summary(rounds)
+            # For the best rounds (the ones the headline uses).
+            background["throughput"] = max(max(rs, key=lambda r: r["rps"])["other_cores"] for rs in rounds.values())
+
+            print(f"stream throughput: {P['stream_rps_rounds']} round(s) x {P['stream_rps_calls']} streamed calls per target "
+                  f"at {CONCURRENCY} concurrent callers", flush=True)
+            srounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+            for r in range(P["stream_rps_rounds"]):
+                for t in targets[r % 3:] + targets[:r % 3]:
+                    srounds[t.name].append(await concurrent(session, t, P["stream_rps_calls"], CONCURRENCY, budget, True, pids))
+            results["stream_rps"] = _rps_summary(srounds)
+            background["stream_throughput"] = max(max(rs, key=lambda r: r["rps"])["other_cores"] for rs in srounds.values())
+
+            # 4. Memory while big streams pass through.
+            big = P["big_mb"] * 1024 * 1024
+            print(f"memory: {P['big_streams']} x {P['big_mb']} MB SSE streams through the proxy", flush=True)
+            big_timing: dict[str, dict[str, float]] = {}
+            rss_bare_before = proc_status(pids["bare"]).get("VmRSS", 0)
+            for t in (direct, bare):
+                r = await call_stream(session, t, big=big)
+                if r:
+                    big_timing[t.name] = {"seconds": r[1], "bytes": r[2], "MB_per_s": r[2] / r[1] / 1e6}
+            for _ in range(P["big_streams"] - 1):
+                await call_stream(session, bare, big=big)
+            await asyncio.sleep(0.2)
+            st0 = proc_status(pids["proxy"])
+            before = st0.get("VmRSS", 0)
+            peak = [before]
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(rss_sampler(pids["proxy"], stop, peak))
+            after_each: list[int] = []
+            proxy_big: list[tuple[float, int]] = []
+            for _ in range(P["big_streams"]):
+                r = await call_stream(session, proxy, big=big)
+                if r:
+                    proxy_big.append((r[1], r[2]))
+                await asyncio.sleep(0.1)
+                after_each.append(proc_status(pids["proxy"]).get("VmRSS", 0))
+            stop.set()
+            await sampler
+            await asyncio.sleep(0.3)
+            st1 = proc_status(pids["proxy"])
+            if proxy_big:
+                secs = statistics.median(x[0] for x in proxy_big)
+                nbytes = proxy_big[0][1]
+                big_timing["proxy"] = {"seconds": secs, "bytes": nbytes, "MB_per_s": nbytes / secs / 1e6}
+            results["memory"] = {
+                "stream_mb": P["big_mb"], "streams": len(proxy_big),
+                "rss_before_mb": before / 1024, "rss_after_mb": st1.get("VmRSS", 0) / 1024,
+                "rss_after_each_mb": [x / 1024 for x in after_each],
+                "peak_during_mb": peak[0] / 1024,
+                "growth_mb": (st1.get("VmRSS", 0) - before) / 1024,
+                "peak_growth_mb": (peak[0] - before) / 1024,
+                "growth_after_first_mb": ((st1.get("VmRSS", 0) - after_each[0]) / 1024) if after_each else None,
+                "hwm_before_mb": st0.get("VmHWM", 0) / 1024, "hwm_after_mb": st1.get("VmHWM", 0) / 1024,
+                "bare_growth_mb": (proc_status(pids["bare"]).get("VmRSS", 0) - rss_bare_before) / 1024,
+                "big_stream_timing": big_timing,
+            }
+
+        results["errors"] = {t.name: {"count": len(t.errors), "first": t.errors[:5]} for t in targets}
+        results["proxy_calls"] = proxy.calls
+        results["elapsed_measure_s"] = time.perf_counter() - t_start
+    finally:
+        codes = {k: s.stop() for k, s in reversed(list(servers.items()))}
+        results["exit_codes"] = codes
+
+    results["log_check"] = check_log(log_path, results.get("proxy_calls", -1))
+    if args.profile and prof_path.exists():
+        results["profile_top"] = profile_top(prof_path)
+    results["proxy_stderr_tail"] = servers["proxy"].tail(5) if "proxy" in servers else ""
+    return results
+
+
+def _rps_summary(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Headline: the best round per target. Other load on the machine only ever slows a
+    round down, so the best round is the closest to what the code itself can do
+    (as timeit takes the minimum); medians and every round are kept too."""
+    out: dict[str, Any] = {}
+    for name, rs in rounds.items():
+        calls = sum(r["calls"] for r in rs)
+        best = max(rs, key=lambda r: r["rps"])
+        out[name] = {
+            "rps_best": best["rps"],
+            "rps_median": statistics.median(r["rps"] for r in rs),
+            "rps_rounds": [round(r["rps"], 1) for r in rs],
+            "other_cores_rounds": [round(r["other_cores"], 2) for r in rs],
+            "calls": calls,
+            "client_cpu_pct": best["client_cpu_pct"],
+            # CPU per call of each server process, least-contended round.
+            "server_cpu_us_per_call": {
+                k: min(1e6 * r["server_cpu_s"][k] / r["calls"] for r in rs if r["calls"])
+                for k in rs[0]["server_cpu_s"]
+            },
+        }
+    for tag, key in (("", "rps_best"), ("_median", "rps_median")):
+        d, b, p = (out[k][key] for k in ("direct", "bare", "proxy"))
+        out[f"ratio_proxy_bare{tag}"] = p / b if b else None
+        out[f"ratio_proxy_direct{tag}"] = p / d if d else None
+        out[f"ratio_bare_direct{tag}"] = b / d if d else None
+    # Paired: proxy vs bare within the same round (seconds apart, so under much the same
+    # background load); median over rounds, quiet rounds only when there are 3 or more.
+    pairs = [(pr["rps"] / br["rps"], max(pr["other_cores"], br["other_cores"]))
+             for pr, br in zip(rounds["proxy"], rounds["bare"]) if br["rps"]]
+    quiet = [x for x, o in pairs if o < QUIET_CORES]
+    use = quiet if len(quiet) >= 3 else [x for x, _ in pairs]
+    out["paired_ratio_proxy_bare"] = statistics.median(use) if use else None
+    out["paired_ratios"] = [round(x, 3) for x, _ in pairs]
+    out["paired_quiet_rounds"] = len(quiet)
+    out["paired_used"] = "quiet rounds" if len(quiet) >= 3 else "all rounds"
+    cb = out["bare"]["server_cpu_us_per_call"]["bare"]
+    cp = out["proxy"]["server_cpu_us_per_call"]["proxy"]
+    out["cpu_ratio_proxy_bare"] = cp / cb if cb else None
+    return out
+
+
+def check_log(path: Path, expected: int) -> dict[str, Any]:
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    bad = 0
+    statuses: dict[int, int] = {}
+    streaming = priced = with_usage = errors = 0
+    sample = None
+    for ln in lines:
+        try:
+            rec = orjson.loads(ln)
+        except orjson.JSONDecodeError:
+            bad += 1
+            continue
+        sample = sample or rec
+        statuses[rec.get("status")] = statuses.get(rec.get("status"), 0) + 1
+        streaming += bool(rec.get("is_streaming"))
+        priced += rec.get("total_cost") is not None
+        with_usage += rec.get("input_tokens") is not None
+        errors += rec.get("error") is not None
+    return {"lines": len(lines), "expected": expected, "ok": len(lines) == expected and bad == 0,
+            "unparseable": bad, "statuses": {str(k): v for k, v in statuses.items()}, "streaming": streaming,
+            "priced": priced, "with_usage": with_usage, "with_error": errors, "sample": sample}
+
+
+def profile_top(path: Path, n: int = 30) -> str:
+    import io
+    import pstats
+    buf = io.StringIO()
+    st = pstats.Stats(str(path), stream=buf)
+    st.strip_dirs().sort_stats("tottime").print_stats(n)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- report
+
+def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
+    L, T, RPS, SRPS, M = R["latency"], R["ttfb"], R["rps"], R["stream_rps"], R["memory"]
+    w = print
+    mode = "quick" if quick else "full"
+    w("")
+    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__})")
+    w(f"proxy code: commit {_git_head()}{' + uncommitted changes under proxy/' if _proxy_dirty() else ''}")
+    w("=" * 92)
+    w(f"{'Latency, non-streaming (sequential)':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'bare-dir':>9s} {'proxy-dir':>9s}")
+    for key, label in (("median_ms", "median ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms")):
+        d, b, p = L["direct"][key], L["bare"][key], L["proxy"][key]
+        w(f"  {label:38s} {d:10.3f} {b:10.3f} {p:10.3f} {b - d:+9.3f} {p - d:+9.3f}")
+    w(f"{'Time to first byte of a stream':40s}")
+    for key, label in (("median_ms", "median ms"), ("p95_ms", "p95 ms")):
+        d, b, p = T["direct"][key], T["bare"][key], T["proxy"][key]
+        w(f"  {label:38s} {d:10.3f} {b:10.3f} {p:10.3f} {b - d:+9.3f} {p - d:+9.3f}")
+    w(f"{'Throughput, 32 concurrent callers':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'p/bare':>9s} {'p/direct':>9s}")
+    w(f"  {'JSON req/s (best round)':38s} {RPS['direct']['rps_best']:10.0f} {RPS['bare']['rps_best']:10.0f} "
+      f"{RPS['proxy']['rps_best']:10.0f} {RPS['ratio_proxy_bare']:9.2f}x {RPS['ratio_proxy_direct']:8.2f}x")
+    w(f"  {'JSON req/s (median of rounds)':38s} {RPS['direct']['rps_median']:10.0f} {RPS['bare']['rps_median']:10.0f} "
+      f"{RPS['proxy']['rps_median']:10.0f} {RPS['ratio_proxy_bare_median']:9.2f}x {RPS['ratio_proxy_direct_median']:8.2f}x")
+    w(f"  {'proxy/bare paired by round (median)':38s} {'':32s} {RPS['paired_ratio_proxy_bare']:9.2f}x   "
+      f"({RPS['paired_used']}, {RPS['paired_quiet_rounds']}/{len(RPS['paired_ratios'])} quiet)")
+    w(f"  {'  forwarder CPU us/call':38s} {'':10s} {RPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
+      f"{RPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {RPS['cpu_ratio_proxy_bare']:9.2f}x")
+    w(f"  {'  mock CPU us/call':38s} " + " ".join(f"{RPS[k]['server_cpu_us_per_call']['mock']:10.0f}" for k in ("direct", "bare", "proxy")))
+    w(f"  {'  client CPU % of one core':38s} " + " ".join(f"{RPS[k]['client_cpu_pct']:10.0f}" for k in ("direct", "bare", "proxy")))
+    w(f"  {'SSE stream req/s (info, best round)':38s} {SRPS['direct']['rps_best']:10.0f} {SRPS['bare']['rps_best']:10.0f} "
+      f"{SRPS['proxy']['rps_best']:10.0f} {SRPS['ratio_proxy_bare']:9.2f}x {SRPS['ratio_proxy_direct']:8.2f}x")
+    w(f"  {'  forwarder CPU us/stream':38s} {'':10s} {SRPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
+      f"{SRPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {SRPS['cpu_ratio_proxy_bare']:9.2f}x")
+    bt = M["big_stream_timing"]
+    big_label = f"{M['stream_mb']} MB SSE stream, MB/s (info)"
+    w(f"  {big_label:38s} " + " ".join(
+        f"{bt[k]['MB_per_s']:10.0f}" if k in bt else f"{'-':>10s}" for k in ("direct", "bare", "proxy")))
+    w(f"{'Proxy memory (VmRSS)':40s}")
+    w(f"  {'before / after / peak MB':38s} {M['rss_before_mb']:.1f} / {M['rss_after_mb']:.1f} / {M['peak_during_mb']:.1f}"
+      f"   ({M['streams']} x {M['stream_mb']} MB streamed)")
+    w(f"  {'growth: retained / peak / after 1st MB':38s} {M['growth_mb']:+.2f} / {M['peak_growth_mb']:+.2f} / "
+      f"{M['growth_after_first_mb']:+.2f}   (bare forwarder: {M['bare_growth_mb']:+.2f})")
+    w(f"  {'RSS after each stream MB':38s} " + ", ".join(f"{x:.1f}" for x in M["rss_after_each_mb"]))
+    lc = R["log_check"]
+    w(f"{'Proxy log sanity':40s}")
+    w(f"  lines {lc['lines']} / calls {lc['expected']}: {'OK' if lc['ok'] else 'MISMATCH'}; statuses {lc['statuses']}, "
+      f"streaming {lc['streaming']}, with usage {lc['with_usage']}, priced {lc['priced']}, with error {lc['with_error']}")
+    errs = {k: v["count"] for k, v in R["errors"].items()}
+    w(f"  client-side errors: {errs}")
+
+    goals = {
+        "rps_proxy_ge_0.8x_bare": {"value": RPS["paired_ratio_proxy_bare"], "target": GOAL_RPS_RATIO,
+                                   "best_rounds": RPS["ratio_proxy_bare"], "medians": RPS["ratio_proxy_bare_median"],
+                                   "met": RPS["paired_ratio_proxy_bare"] >= GOAL_RPS_RATIO},
+        "rss_flat": {"value_mb": M["growth_mb"], "limit_mb": GOAL_RSS_GROWTH_FRACTION * M["stream_mb"],
+                     "peak_growth_mb": M["peak_growth_mb"],
+                     "met": max(M["growth_mb"], M["peak_growth_mb"]) < GOAL_RSS_GROWTH_FRACTION * M["stream_mb"]},
+        "log_one_line_per_call": {"met": lc["ok"]},
+        "no_client_errors": {"met": not any(errs.values())},
+    }
+    w("Goals")
+    w(f"  proxy req/s >= {GOAL_RPS_RATIO}x bare (paired by round): {RPS['paired_ratio_proxy_bare']:.2f}x  -> "
+      f"{'MET' if goals['rps_proxy_ge_0.8x_bare']['met'] else 'MISSED'}   "
+      f"(best rounds {RPS['ratio_proxy_bare']:.2f}x, medians {RPS['ratio_proxy_bare_median']:.2f}x)")
+    w(f"  RSS flat (retained and peak growth < {GOAL_RSS_GROWTH_FRACTION * M['stream_mb']:.0f} MB): "
+      f"{M['growth_mb']:+.2f} / {M['peak_growth_mb']:+.2f} MB -> {'MET' if goals['rss_flat']['met'] else 'MISSED'}"
+      f"   (after the 1st stream: {M['growth_after_first_mb']:+.2f} MB)")
+    w(f"  one log line per proxied call: {'MET' if lc['ok'] else 'MISSED'}")
+    bg = R.get("background_cores", {})
+    w(f"background load from other processes (cores, max per phase): "
+      + ", ".join(f"{k} {v:.2f}" for k, v in bg.items()))
+    if any(v > QUIET_CORES for v in bg.values()):
+        w("  WARNING: other processes used the CPUs during the run; ratios are noisier than usual")
+    w(f"measured in {R['elapsed_measure_s']:.1f} s")
+    if R.get("profile_top"):
+        w("\ncProfile of the proxy process (top by tottime; timings above are inflated by profiling):")
+        w(R["profile_top"])
+    return goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run (~20 s)")
+    ap.add_argument("--profile", action="store_true", help="run the proxy under cProfile and print its hottest functions")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, proxy log, server output)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+    ap.add_argument("--out", default=str(RESULTS), help=f"JSON summary (default {RESULTS.relative_to(ROOT)})")
+    ap.add_argument("--serve", choices=("mock", "bare"), help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.port, args.upstream)
+
+    P = QUICK if args.quick else FULL
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    try:
+        R = asyncio.run(run(args, P, tmp))
+        goals = report(R, args.quick)
+    finally:
+        if args.keep:
+            print(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    R["goals"] = goals
+    R["meta"] = {
+        "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": _git_head(), "proxy_tree_dirty": _proxy_dirty(), "profiled": args.profile,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(R, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    print(f"JSON summary: {out}")
+    if not R["log_check"]["ok"]:
+        return 1
+    if args.strict and not all(g["met"] for g in goals.values()):
+        return 1
+    return 0
+
+
+def _proxy_dirty() -> bool | None:
+    """Uncommitted changes under proxy/ (the numbers then describe the working tree)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.strip())
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
