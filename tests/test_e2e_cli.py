@@ -162,3 +162,36 @@ def test_config_that_is_not_yaml_exits_naming_file(tmp_path):
     assert proc.returncode != 0
     assert f"error: {cfg}: " in proc.stderr and "YAML" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_sigterm_past_shutdown_timeout_still_records_the_cut_call(mock, serve):
+    """A stream longer than server.shutdown_timeout is cut at the deadline, and its
+    record (with the error and the usage known so far) still reaches the file."""
+    from mock_upstream import anthropic_stream_events, sse, stream_reply
+
+    events = sse(anthropic_stream_events())
+    mock.on("/v1/messages", stream_reply(mock, [events[0], 5.0, *events[1:]]))
+    served = await serve({**make_config(mock.url), "server": {"shutdown_timeout": 0.5}})
+    got = b""
+
+    async def call():
+        nonlocal got
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{served.url}/anthropic/v1/messages",
+                              json={"model": "claude-haiku-4-5", "max_tokens": 5, "stream": True, "messages": []},
+                              headers={"x-api-key": "sk-ant-test-client-0123456789abcdef"}) as r:
+                async for piece in r.content.iter_any():
+                    got += piece
+
+    task = asyncio.create_task(call())
+    await asyncio.wait_for(mock.received.wait(), 5)
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    code, err = await served.terminate()
+    assert time.monotonic() - t0 < 4  # did not wait for the 5 s stream
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+    assert got.startswith(events[0]) and b"message_stop" not in got
+    assert code == 0, err
+    [rec] = parse_log(served.log.read_text())
+    assert rec["error"] and rec["is_streaming"] is True
+    assert rec["input_tokens"] == 3100  # from message_start

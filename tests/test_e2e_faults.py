@@ -103,6 +103,40 @@ async def test_upstream_timeout_is_504(family, mock, start_proxy, http):
     assert_zero_usage(rec)
 
 
+async def test_upstream_connect_timeout_is_504(start_proxy, http):
+    """A listener whose accept queue is full: SYNs are dropped and connect() hangs."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(c)
+        proxy = await start_proxy(make_config(f"http://127.0.0.1:{port}", server={"connect_timeout": 0.3}))
+        t0 = time.monotonic()
+        provider, path, body, headers = CALLS["anthropic"]
+        async with http.post(f"{proxy.url}/{provider}{path}", json=body, headers=headers) as r:
+            assert r.status == 504
+            assert "timed out" in assert_family_error("anthropic", await r.json(), 504)
+        assert time.monotonic() - t0 < 2
+        [rec] = await proxy.records()
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+    assert rec["status"] == 504 and "timed out" in rec["error"]
+    assert_zero_usage(rec)
+
+
 async def test_stream_that_stalls_before_its_first_byte_is_504(mock, start_proxy, http):
     """Headers arrive, then silence: the client must get a clean 504, not a 200 followed
     by a second status line inside the body."""
@@ -289,6 +323,18 @@ async def test_client_disconnect_mid_stream_closes_upstream_and_is_recorded(mock
     assert rec["is_streaming"] is True and rec["status"] == 200
     assert rec["error"] and "disconnect" in rec["error"]
     assert rec["input_tokens"] == 3100 and rec["cache_write_tokens"] == 3000  # from message_start
+
+
+async def test_client_disconnect_during_a_filtered_openai_stream(mock, proxy, http):
+    mock.on("/v1/chat/completions", openai_chat(mock, first_gap=3))
+    r = await http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True},
+                        headers=CALLS["openai"][3])
+    assert b"chat.completion.chunk" in await r.content.readuntil(b"\n\n")
+    r.close()
+    await asyncio.wait_for(mock.disconnected.wait(), 3)
+    [rec] = await proxy.records()
+    assert rec["status"] == 200 and "disconnect" in rec["error"] and rec["is_streaming"] is True
+    assert rec["request_id"] == "chatcmpl-x1" and rec["finish_reason"] is None
 
 
 async def test_client_gives_up_before_any_reply(mock, proxy, http):
