@@ -1,0 +1,526 @@
+"""scripts/analyze_costs.py run as a user runs it, on generated logs.
+
+Every expected number is computed here from the generated records with Decimal,
+never read back from the tool's own output.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "analyze_costs.py"
+NOW = datetime(2026, 11, 23, 18, 0, 0, tzinfo=timezone.utc)
+UTC = timezone.utc
+
+# (provider, family, model, response_model, input $/M, output $/M, cached $/M)
+MODELS = [
+    ("openai", "openai", "gpt-4o", "gpt-4o-2024-08-06", "2.50", "10.00", "1.25"),
+    ("openai", "openai", "gpt-4o-2024-08-06", "gpt-4o-2024-08-06", "2.50", "10.00", "1.25"),
+    ("openai", "openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", "0.15", "0.60", "0.075"),
+    ("anthropic", "anthropic", "claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "3.00", "15.00", "0.30"),
+    ("anthropic", "anthropic", "sonnet", "claude-sonnet-4-5-20250929", "3.00", "15.00", "0.30"),
+    ("gemini", "gemini", "gemini-2.5-flash", "gemini-2.5-flash", "0.30", "2.50", "0.03"),
+    ("local", "openai", "llama-3.3-70b", "llama-3.3-70b", None, None, None),
+]
+CONFIG = """
+aliases:
+  sonnet: claude-sonnet-4-5
+providers:
+  openai:
+    base_url: https://api.openai.com
+    models:
+      "gpt-4o":      {pricing: {input: 2.50, output: 10.00, cached_input: 1.25}}
+      "gpt-4o-mini": {pricing: {input: 0.15, output: 0.60, cached_input: 0.075}}
+  anthropic:
+    base_url: https://api.anthropic.com
+    models:
+      "claude-sonnet-4-5": {pricing: {input: 3.00, output: 15.00, cached_input: 0.30}}
+      "claude-haiku-4-5":  {pricing: {input: 1.00, output: 5.00, cached_input: 0.10}}
+  gemini:
+    base_url: https://generativelanguage.googleapis.com
+    models:
+      "gemini-2.5-flash": {pricing: {input: 0.30, output: 2.50, cached_input: 0.03}}
+"""
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def make_records(n: int = 1500, seed: int = 3, days: float = 40.0, end: datetime = NOW) -> list[dict[str, Any]]:
+    """Records like the proxy's, costs exact decimals (as Decimal in the dicts)."""
+    rng = random.Random(seed)
+    out = []
+    start = end - timedelta(days=days)
+    step = (end - start) / n
+    for i in range(n):
+        t = start + step * i + timedelta(milliseconds=rng.randrange(1000))
+        provider, family, model, rmodel, rin, rout, rcached = rng.choice(MODELS)
+        roll = rng.random()
+        status, error = 200, None
+        usage_known = True
+        if roll < 0.05:
+            status, error = 429, "upstream 429: rate limited"
+        elif roll < 0.07:
+            status, error = 500, "upstream 500: boom"
+        elif roll < 0.09:
+            usage_known = False
+            error = "client disconnected mid-stream"
+        inp = rng.randrange(10, 4000)
+        # Every fourth call is a short reply; some long prompts read from cache.
+        outp = rng.randrange(1, 60) if i % 4 == 0 else rng.randrange(100, 2000)
+        cached = (inp // 2) if (inp > 1024 and rng.random() < 0.3) else 0
+        rec: dict[str, Any] = {
+            "schema_version": 1, "timestamp": iso(t), "request_id": f"req-{i}",
+            "user_id": rng.choice(["alice", "bob", "carol", "=cmd()"]), "key_id": "k1", "ip_address": "10.0.0.1",
+            "provider": provider, "provider_type": family, "model": model,
+            "response_model": rmodel if status < 400 else None,
+            "endpoint": "/v1/messages" if family == "anthropic" else "/v1/chat/completions",
+            "is_streaming": rng.random() < 0.5,
+        }
+        if status >= 400:
+            tokens = dict(input_tokens=0, output_tokens=0, total_tokens=0, cache_read_tokens=0)
+            costs: tuple = (Decimal(0), Decimal(0))
+        elif not usage_known:
+            tokens = dict(input_tokens=None, output_tokens=None, total_tokens=None, cache_read_tokens=None)
+            costs = (None, None)
+        else:
+            tokens = dict(input_tokens=inp, output_tokens=outp, total_tokens=inp + outp, cache_read_tokens=cached)
+            if rin is None:
+                costs = (None, None)
+            else:
+                ic = ((inp - cached) * Decimal(rin) + cached * Decimal(rcached)) / 1_000_000
+                oc = outp * Decimal(rout) / 1_000_000
+                costs = (ic.quantize(Decimal("1e-10")), oc.quantize(Decimal("1e-10")))
+        rec.update(tokens)
+        rec.update(cache_write_tokens=0 if tokens["input_tokens"] is not None else None,
+                   cache_write_1h_tokens=0 if tokens["input_tokens"] is not None else None,
+                   reasoning_tokens=0 if tokens["input_tokens"] is not None else None, web_search_requests=0)
+        ic, oc = costs
+        rec.update(input_cost=ic, output_cost=oc, total_cost=None if ic is None else ic + oc, currency="USD",
+                   pricing_source="config" if ic is not None else None, price_id=None, service_tier=None,
+                   finish_reason="stop", status=status, error=error,
+                   latency_ms=round(rng.uniform(50, 3000), 2), ttft_ms=None, usage_source="provider", raw_usage=None,
+                   tags={"feature": rng.choice(["search", "chat"]), "team": rng.choice(["research", "support"])})
+        out.append(rec)
+    return out
+
+
+def dumps(rec: dict[str, Any]) -> bytes:
+    def default(o: Any) -> Any:
+        if isinstance(o, Decimal):
+            return orjson.Fragment(format(o.normalize(), "f"))
+        raise TypeError
+    return orjson.dumps(rec, default=default, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def write_log(path: Path, records: Iterable[dict[str, Any]]) -> Path:
+    path.write_bytes(b"".join(dumps(r) for r in records))
+    return path
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    e = {**os.environ, "ANALYZE_COSTS_NOW": NOW.isoformat(), **(env or {})}
+    e.pop("COST_TRACKING_FILE", None)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd or ROOT, env=e)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def as_json(p: subprocess.CompletedProcess) -> dict[str, Any]:
+    return json.loads(p.stdout, parse_float=Decimal)
+
+
+def dt(rec: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
+
+
+def expect(records: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any]:
+    sel = [r for r in records if pred(r)]
+    return {
+        "requests": len(sel),
+        "errors": sum(1 for r in sel if r["error"] or r["status"] >= 400),
+        "cost": sum((r["total_cost"] for r in sel if r["total_cost"] is not None), Decimal(0)),
+        "unpriced": sum(1 for r in sel if r["total_cost"] is None and r["total_tokens"]),
+        "unknown": sum(1 for r in sel if r["total_cost"] is None and r["total_tokens"] is None),
+        "tokens": sum(r["total_tokens"] or 0 for r in sel),
+    }
+
+
+def check_totals(got: dict[str, Any], exp: dict[str, Any]) -> None:
+    assert got["requests"] == exp["requests"]
+    assert got["errors"] == exp["errors"]
+    assert got["total_cost"] == exp["cost"]
+    assert got["unpriced_requests"] == exp["unpriced"]
+    assert got["unknown_usage_requests"] == exp["unknown"]
+    assert got["tokens"]["total_tokens"] == exp["tokens"]
+    assert got["cost_is_lower_bound"] == bool(exp["unpriced"] or exp["unknown"])
+
+
+def in_last(hours: float) -> Callable[[dict[str, Any]], bool]:
+    return lambda r: dt(r) >= NOW - timedelta(hours=hours)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    d = tmp_path_factory.mktemp("logs")
+    recs = make_records()
+    write_log(d / "cost-tracking.jsonl", recs)
+    (d / "config.yml").write_text(CONFIG)
+    return d, recs
+
+
+def money_ok(text: str, exp: Decimal) -> bool:
+    """A printed amount ("$1,234.5678", "≥$0.00042") is ``exp`` rounded to the digits
+    shown, with at least four decimals."""
+    shown = Decimal(text.lstrip("≥").lstrip("$").replace(",", ""))
+    places = -shown.as_tuple().exponent
+    return places >= 4 and exp.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP) == shown
+
+
+# --- formats ---------------------------------------------------------------------------
+
+def test_summary_default_window_and_at_least(data: tuple[Path, list]) -> None:
+    d, recs = data
+    p = run(cwd=d, env={"COST_TRACKING_FILE": str(d / "cost-tracking.jsonl")})
+    exp = expect(recs, in_last(24))
+    assert exp["requests"] > 20
+    out = p.stdout
+    assert "(last 24 hours)" in out
+    assert f"Requests           {exp['requests']:,}  (" in out
+    line = next(x for x in out.splitlines() if x.startswith("Total cost"))
+    assert line.split()[-1] and money_ok(line.split()[-1], exp["cost"])
+    assert ("at least" in line) == bool(exp["unpriced"] or exp["unknown"])
+    assert "Cost by provider" in out and "Top models by cost" in out
+    for prov in {r["provider"] for r in recs if in_last(24)(r)}:
+        assert f"\n  {prov} " in out
+
+
+def test_summary_wording_without_unpriced(data: tuple[Path, list]) -> None:
+    d, recs = data
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--provider", "openai", "--status", "4xx")
+    exp = expect(recs, lambda r: r["provider"] == "openai" and 400 <= r["status"] < 500)
+    assert "at least" not in p.stdout and "≥" not in p.stdout
+    line = next(x for x in p.stdout.splitlines() if x.startswith("Total cost"))
+    assert line.split()[:2] == ["Total", "cost"] and len(line.split()) == 3 and money_ok(line.split()[2], exp["cost"])
+
+
+def test_json_totals_by_provider_and_model(data: tuple[Path, list]) -> None:
+    d, recs = data
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "7d", "--format", "json"))
+    pred = in_last(168)
+    check_totals(body["totals"], expect(recs, pred))
+    for row in body["by_provider"]:
+        check_totals(row, expect(recs, lambda r: pred(r) and r["provider"] == row["provider"]))
+    assert {row["provider"] for row in body["by_provider"]} == {r["provider"] for r in recs if pred(r)}
+    for row in body["by_model"]:
+        check_totals(row, expect(recs, lambda r: pred(r) and r["model"] == row["model"]))
+    exp = expect(recs, pred)
+    assert body["totals"]["avg_cost_per_request"] == (exp["cost"] / exp["requests"]).quantize(Decimal("1e-10")).normalize()
+
+
+def test_csv_per_request_and_output_file(data: tuple[Path, list], tmp_path: Path) -> None:
+    d, recs = data
+    out = tmp_path / "costs.csv"
+    run("--file", str(d / "cost-tracking.jsonl"), "--since", "72", "--format", "csv", "--output", str(out))
+    raw = out.read_bytes()
+    assert b"\r\n" in raw  # RFC 4180 line ends, which spreadsheets expect
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+    sel = [r for r in recs if in_last(72)(r)]
+    assert len(rows) == len(sel)
+    assert sum(Decimal(r["total_cost"]) for r in rows if r["total_cost"]) == expect(recs, in_last(72))["cost"]
+    assert {r["request_id"] for r in rows} == {r["request_id"] for r in sel}
+    users = {r["user_id"] for r in rows}
+    assert "=cmd()" not in users and ("'=cmd()" in users or not any(r["user_id"] == "=cmd()" for r in sel))
+    first = rows[0]["time_utc"]
+    assert len(first) == 23 and first[10] == " "  # "2026-11-20 18:00:00.123"
+
+
+def test_csv_group_by_user(data: tuple[Path, list]) -> None:
+    d, recs = data
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--format", "csv", "--group-by", "user")
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    for row in rows:
+        user = row["user"][1:] if row["user"].startswith("'") else row["user"]
+        exp = expect(recs, lambda r: r["user_id"] == user)
+        assert int(row["requests"]) == exp["requests"]
+        assert Decimal(row["total_cost"]) == exp["cost"]
+    assert sum(int(r["requests"]) for r in rows) == len(recs)
+
+
+def test_detailed_rows(data: tuple[Path, list]) -> None:
+    d, recs = data
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "48", "--format", "detailed", "--user", "alice")
+    exp = expect(recs, lambda r: in_last(48)(r) and r["user_id"] == "alice")
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("time")
+    assert len(lines) == exp["requests"] + 2
+    assert all("alice" in line for line in lines[1:-1])
+    assert lines[-1].startswith(f"{exp['requests']:,} requests, "
+                                f"{'at least ' if exp['unpriced'] or exp['unknown'] else ''}$")
+    assert money_ok(lines[-1].split()[-1], exp["cost"])
+
+
+@pytest.mark.parametrize("fmt,bucket", [
+    ("hourly", lambda t: t.strftime("%Y-%m-%d %H:00")),
+    ("daily", lambda t: t.strftime("%Y-%m-%d")),
+    ("weekly", lambda t: f"{(t.date() - timedelta(days=t.weekday())).isoformat()} (W{t.isocalendar().week:02d})"),
+    ("monthly", lambda t: t.strftime("%Y-%m")),
+])
+def test_time_series(data: tuple[Path, list], fmt: str, bucket: Callable[[datetime], str]) -> None:
+    d, recs = data
+    since = "48" if fmt == "hourly" else "all"
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", since, "--format", fmt)
+    pred = in_last(48) if fmt == "hourly" else (lambda r: True)
+    exp: dict[str, list] = defaultdict(lambda: [0, Decimal(0)])
+    for r in recs:
+        if pred(r):
+            e = exp[bucket(dt(r))]
+            e[0] += 1
+            e[1] += r["total_cost"] or 0
+    got = {}
+    for line in p.stdout.splitlines():
+        for label in exp:
+            if line.startswith("  " + label + " "):
+                parts = line[len(label) + 2:].split()
+                got[label] = (int(parts[0].replace(",", "")), parts[3])
+    assert set(got) == set(exp)
+    for label, (n, cost) in exp.items():
+        assert got[label][0] == n
+        assert money_ok(got[label][1], cost)
+    if fmt == "hourly":  # quiet hours are listed, so peaks show in context
+        assert sum(1 for line in p.stdout.splitlines() if line.startswith("  2026-")) >= 47
+
+
+# --- filters, groups and periods --------------------------------------------------------
+
+def test_model_filter_snapshots_aliases_never_prefix(data: tuple[Path, list]) -> None:
+    d, recs = data
+    log = str(d / "cost-tracking.jsonl")
+    body = as_json(run("--file", log, "--since", "all", "--model", "gpt-4o", "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: r["model"] in ("gpt-4o", "gpt-4o-2024-08-06")))
+    assert "gpt-4o-mini" not in {m["model"] for m in body["by_model"]}
+    body = as_json(run("--file", log, "--since", "all", "--model", "sonnet", "--config", str(d / "config.yml"),
+                       "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: r["provider"] == "anthropic"))
+    # Without the config the alias is unknown: only records that say "sonnet" or resolve to it.
+    body = as_json(run("--file", log, "--since", "all", "--model", "claude-sonnet-4-5", "--config", "/nonexistent",
+                       "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: r["model"] == "claude-sonnet-4-5" or
+                                        (r["response_model"] or "").startswith("claude-sonnet-4-5")))
+
+
+def test_combined_filters(data: tuple[Path, list]) -> None:
+    d, recs = data
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "30d", "--provider", "openai",
+                       "--provider", "gemini", "--user", "bob", "--tag", "feature=search", "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: in_last(720)(r) and r["provider"] in ("openai", "gemini")
+                                        and r["user_id"] == "bob" and r["tags"]["feature"] == "search"))
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--errors-only", "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: bool(r["error"]) or r["status"] >= 400))
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--status", "500",
+                       "--status", "429", "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: r["status"] in (429, 500)))
+
+
+@pytest.mark.parametrize("dims,keyf", [
+    (["provider"], lambda r: (r["provider"],)),
+    (["model"], lambda r: (r["model"],)),
+    (["user"], lambda r: (r["user_id"],)),
+    (["endpoint"], lambda r: (r["endpoint"],)),
+    (["day"], lambda r: (dt(r).strftime("%Y-%m-%d"),)),
+    (["hour"], lambda r: (dt(r).strftime("%Y-%m-%d %H:00"),)),
+    (["tag:team", "provider"], lambda r: (r["tags"]["team"], r["provider"])),
+    (["user,model"], lambda r: (r["user_id"], r["model"])),
+])
+def test_group_by(data: tuple[Path, list], dims: list[str], keyf: Callable) -> None:
+    d, recs = data
+    args = [x for dim in dims for x in ("--group-by", dim)]
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", *args, "--format", "json"))
+    names = [n for dim in dims for n in dim.split(",")]
+    groups = {tuple(g[n] for n in names): g for g in body["groups"]}
+    expected_keys = {keyf(r) for r in recs}
+    assert set(groups) == expected_keys
+    for key, g in groups.items():
+        check_totals(g, expect(recs, lambda r: keyf(r) == key))
+
+
+def test_dates_and_periods(data: tuple[Path, list]) -> None:
+    d, recs = data
+    log = str(d / "cost-tracking.jsonl")
+    body = as_json(run("--file", log, "--start-date", "2026-11-01", "--end-date", "2026-11-10", "--format", "json"))
+    lo, hi = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 11, tzinfo=UTC)  # end date is inclusive
+    check_totals(body["totals"], expect(recs, lambda r: lo <= dt(r) < hi))
+    body = as_json(run("--file", log, "--start-date", "2026-11-05T12:00", "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: dt(r) >= datetime(2026, 11, 5, 12, tzinfo=UTC)))
+    periods = {
+        "monthly": (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)),
+        "weekly": (datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 30, tzinfo=UTC)),  # a Monday
+        "daily": (datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 24, tzinfo=UTC)),
+        "last-month": (datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)),
+    }
+    for name, (a, b) in periods.items():
+        body = as_json(run("--file", log, "--period", name, "--format", "json"))
+        check_totals(body["totals"], expect(recs, lambda r: a <= dt(r) < b))
+    # --tz moves day boundaries: a Tokyo day is 15:00 to 15:00 UTC.
+    body = as_json(run("--file", log, "--start-date", "2026-11-20", "--end-date", "2026-11-20", "--tz", "Asia/Tokyo",
+                       "--format", "json"))
+    check_totals(body["totals"], expect(recs, lambda r: datetime(2026, 11, 19, 15, tzinfo=UTC) <= dt(r)
+                                        < datetime(2026, 11, 20, 15, tzinfo=UTC)))
+    bad = run("--file", log, "--since", "24", "--period", "daily", ok=False)
+    assert bad.returncode == 2 and "either" in bad.stderr
+
+
+# --- input of any shape -----------------------------------------------------------------
+
+def test_corrupt_and_torn_lines_are_counted(tmp_path: Path) -> None:
+    recs = make_records(300, seed=9, days=2)
+    lines = [dumps(r) for r in recs]
+    lines.insert(100, b"this is not json\n")
+    lines.insert(200, b'{"schema_version":1,"timestamp":"2026-11-23T01:00:00.000Z","provider":"op\x00\x00\n')
+    torn = dumps(make_records(1, seed=10, days=0.1)[0])[:-40]  # the writer died mid-line
+    (tmp_path / "log.jsonl").write_bytes(b"".join(lines) + torn)
+    for extra in ([], ["--no-index"]):
+        p = run("--file", str(tmp_path / "log.jsonl"), "--since", "all", "--format", "json", *extra)
+        check_totals(as_json(p)["totals"], expect(recs))
+        assert p.stderr.strip() == "warning: skipped 3 corrupt or incomplete lines"
+
+
+def test_gzip_rotated_files_in_time_order(tmp_path: Path) -> None:
+    recs = make_records(600, seed=5, days=6)
+    old, mid, new = recs[:200], recs[200:400], recs[400:]
+    with gzip.open(tmp_path / "cost-tracking.jsonl.2.gz", "wb") as f:
+        f.write(b"".join(dumps(r) for r in old))
+    write_log(tmp_path / "cost-tracking.jsonl.1", mid)
+    write_log(tmp_path / "cost-tracking.jsonl", new)
+    log = str(tmp_path / "cost-tracking.jsonl")
+    body = as_json(run("--file", log, "--since", "all", "--format", "json"))
+    check_totals(body["totals"], expect(recs))
+    assert len(body["files"]) == 3 and body["files"][0].endswith(".2.gz")  # oldest first
+    p = run("--file", log, "--since", "all", "--format", "detailed")
+    ids = [line.split()[1] for line in p.stdout.splitlines()[1:-1]]
+    assert len(ids) == 600
+    body = as_json(run("--file", log, "--since", "all", "--no-rotated", "--format", "json"))
+    check_totals(body["totals"], expect(new))
+    body = as_json(run("--file", str(tmp_path / "*.gz"), "--since", "all", "--format", "json"))
+    check_totals(body["totals"], expect(old))
+    # A gzip cut short (copy interrupted): what it holds is read, with a warning.
+    data = (tmp_path / "cost-tracking.jsonl.2.gz").read_bytes()
+    (tmp_path / "cost-tracking.jsonl.2.gz").write_bytes(data[: len(data) // 2])
+    p = run("--file", log, "--since", "all", "--format", "json")
+    assert "EOFError" in p.stderr or "corrupt" in p.stderr
+    assert as_json(p)["totals"]["requests"] >= 400
+
+
+def test_older_schema_lines_still_read(tmp_path: Path) -> None:
+    old = [
+        {"timestamp": "2026-11-23T10:00:00+00:00", "provider": "openai", "model": "gpt-4o", "input_tokens": 10,
+         "output_tokens": 5, "total_tokens": 15, "total_cost": 0.0001, "status": 200},
+        {"timestamp": "2026-11-23T11:30:00Z", "provider": "anthropic", "model": "claude-sonnet-4-5",
+         "total_cost": 0.25, "input_cost": 0.2, "output_cost": 0.05},
+    ]
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in old) + dumps(make_records(1, days=0.2)[0]))
+    body = as_json(run("--file", str(log), "--since", "24", "--format", "json"))
+    assert body["totals"]["requests"] == 3
+    assert body["totals"]["total_cost"] == Decimal("0.2501") + (make_records(1, days=0.2)[0]["total_cost"] or 0)
+
+
+def test_missing_log_is_a_clear_error(tmp_path: Path) -> None:
+    p = run(cwd=tmp_path, ok=False)
+    assert p.returncode == 2 and "no log found at logs/cost-tracking.jsonl" in p.stderr
+
+
+def test_index_never_disagrees_with_the_log(tmp_path: Path) -> None:
+    recs = make_records(3000, seed=11, days=10)
+    log = write_log(tmp_path / "cost-tracking.jsonl", recs)
+    args = ["--file", str(log), "--since", "all", "--format", "json", "--group-by", "day"]
+    first = as_json(run(*args))
+    assert (tmp_path / ".cost-tracking.jsonl.rollup").exists() or log.stat().st_size < 4 << 20
+    check_totals(first["totals"], expect(recs))
+    more = make_records(50, seed=12, days=0.5)
+    with open(log, "ab") as f:
+        f.write(b"".join(dumps(r) for r in more))
+    check_totals(as_json(run(*args))["totals"], expect(recs + more))
+    # Same size, same inode, one digit changed in the middle: the index must notice.
+    raw = log.read_bytes()
+    i = raw.index(b'"total_cost":0.0', len(raw) // 2) + len(b'"total_cost":0.0')
+    new_digit = b"9" if raw[i:i + 1] != b"9" else b"8"
+    with open(log, "r+b") as f:
+        f.seek(i)
+        f.write(new_digit)
+    edited = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    want = sum(Decimal(repr(r["total_cost"])) for r in edited if r["total_cost"] is not None)
+    assert as_json(run(*args))["totals"]["total_cost"] == want
+    assert as_json(run(*args, "--no-index"))["totals"]["total_cost"] == want
+
+
+# --- sections ---------------------------------------------------------------------------
+
+def nearest_rank(values: list[float], p: int) -> float:
+    v = sorted(int(x + 0.5) for x in values)
+    return float(v[max(1, math.ceil(p / 100 * len(v))) - 1])
+
+
+def test_latency_top_savings_projection(data: tuple[Path, list]) -> None:
+    d, recs = data
+    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--config",
+                       str(d / "config.yml"), "--format", "json", "--latency", "--top", "3", "--savings", "--projection"))
+    for row in body["latency"]["provider"]:
+        sel = [r for r in recs if r["provider"] == row["provider"]]
+        assert row["requests"] == len(sel)
+        assert row["p50_ms"] == nearest_rank([r["latency_ms"] for r in sel], 50)
+        assert row["p95_ms"] == nearest_rank([r["latency_ms"] for r in sel], 95)
+    top = sorted((r for r in recs if r["total_cost"]), key=lambda r: -r["total_cost"])[:3]
+    assert [t["request_id"] for t in body["top_requests"]] == [r["request_id"] for r in top]
+    rates = {m[3]: (Decimal(m[4]) - Decimal(m[6])) for m in MODELS if m[4] is not None}
+    saved = sum((r["cache_read_tokens"] * rates[r["response_model"]] / 1_000_000 for r in recs
+                 if r["cache_read_tokens"] and r["total_cost"] is not None), Decimal(0))
+    assert body["cache_savings"]["saved"] == saved.quantize(Decimal("1e-10")).normalize()
+    # Projection: November so far, plus the last 7 days' rate for the rest of the month.
+    cost = lambda a, b: sum((r["total_cost"] or 0 for r in recs if a <= dt(r) < b), Decimal(0))  # noqa: E731
+    month_start = datetime(2026, 11, 1, tzinfo=UTC)
+    mtd = cost(month_start, NOW)
+    recent = cost(NOW - timedelta(days=7), NOW)  # NOW is on the hour, so no partial bucket
+    remaining = Decimal((datetime(2026, 12, 1, tzinfo=UTC) - NOW).total_seconds())
+    proj = body["projection"]
+    assert proj["month"] == "2026-11" and proj["month_to_date"] == mtd
+    assert abs(proj["projected"] - (mtd + recent * remaining / (7 * 86400))) <= Decimal("1e-10")
+
+
+def test_savings_without_config_and_suggestions(data: tuple[Path, list]) -> None:
+    d, recs = data
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--config", "/nonexistent", "--savings")
+    assert "Cache savings" in p.stdout and "pass --config" in p.stdout  # OpenAI/Gemini need a price
+    p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--config", str(d / "config.yml"), "--all")
+    assert "Suggestions" in p.stdout
+    assert "openai/gpt-4o: " in p.stdout and "gpt-4o-mini's list price" in p.stdout
+    assert "Most expensive requests (top 10)" in p.stdout and "p95" in p.stdout
+
+
+def test_python_m_proxy_report(data: tuple[Path, list]) -> None:
+    d, recs = data
+    e = {**os.environ, "ANALYZE_COSTS_NOW": NOW.isoformat()}
+    p = subprocess.run([sys.executable, "-m", "proxy", "report", "--file", str(d / "cost-tracking.jsonl"),
+                        "--since", "all", "--format", "json"], capture_output=True, text=True, cwd=ROOT, env=e)
+    assert p.returncode == 0, p.stderr
+    check_totals(json.loads(p.stdout, parse_float=Decimal)["totals"], expect(recs))
