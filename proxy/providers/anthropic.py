@@ -84,7 +84,7 @@ class AnthropicAdapter(Adapter):
 
 
 class _MessagesTap(StreamTap):
-    __slots__ = ("info", "text", "_raw")
+    __slots__ = ("info", "text", "complete", "_raw")
 
     def __init__(self) -> None:
         super().__init__()
@@ -118,6 +118,9 @@ class _MessagesTap(StreamTap):
                 self.info.finish_reason = reason
         elif kind == "error":
             self.info.error = error_message(payload.get("error"))
+            self.complete = True
+        elif kind == "message_stop":
+            self.complete = True
         return True
 
     def result(self) -> CallInfo:

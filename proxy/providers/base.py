@@ -39,6 +39,8 @@ class StreamTap(ABC):
         self.info = CallInfo()
         # What the client received, in case the stream ends before reporting usage.
         self.text = self.info.output_text = OutputText()
+        # Set once the family's final event arrived; a stream that ends without it was cut.
+        self.complete = False
 
     @abstractmethod
     def on_event(self, event: str | None, data: str) -> bool:

@@ -96,7 +96,7 @@ class GeminiAdapter(Adapter):
 
 
 class _GenerateTap(StreamTap):
-    __slots__ = ("info", "text", "_raw")
+    __slots__ = ("info", "text", "complete", "_raw")
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,6 +109,8 @@ class _GenerateTap(StreamTap):
             return
         if isinstance(payload, dict):
             self._raw = _read_chunk(payload, self.info, self._raw)
+            # No end-of-stream event: the chunk with a finishReason is the last one.
+            self.complete = self.complete or self.info.finish_reason is not None or "error" in payload
 
     def on_event(self, event: str | None, data: str) -> bool:
         if data:

@@ -185,7 +185,7 @@ def _choice_text(part: dict[str, Any], text: OutputText) -> None:
 
 
 class _ChatTap(StreamTap):
-    __slots__ = ("info", "text", "_raw", "_hide")
+    __slots__ = ("info", "text", "complete", "_raw", "_hide")
 
     def __init__(self, hide_usage_chunk: bool) -> None:
         super().__init__()
@@ -193,7 +193,10 @@ class _ChatTap(StreamTap):
         self._hide = hide_usage_chunk
 
     def on_event(self, event: str | None, data: str) -> bool:
-        if not data or data.startswith("[DONE]"):
+        if not data:
+            return True
+        if data.startswith("[DONE]"):
+            self.complete = True
             return True
         try:
             chunk = orjson.loads(data)
@@ -231,7 +234,7 @@ class _ChatTap(StreamTap):
 
 
 class _ResponsesTap(StreamTap):
-    __slots__ = ("info", "text")
+    __slots__ = ("info", "text", "complete")
 
     def on_event(self, event: str | None, data: str) -> bool:
         if event is not None and event.endswith(".delta"):
@@ -253,6 +256,8 @@ class _ResponsesTap(StreamTap):
         kind = payload.get("type") or event
         if kind == "error":
             self.info.error = error_message(payload)
+        if kind in _RESPONSES_TERMINAL or kind == "error":
+            self.complete = True
         resp = payload.get("response")
         if isinstance(resp, dict):
             _read_response_object(resp, self.info)
