@@ -44,7 +44,8 @@ _TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 # USD per 1M tokens, from provider-usage.md §6.5 (the same as config.yml).
 OPENAI_MODELS = {
     "gpt-4o": {"pricing": {"input": 2.50, "output": 10.00, "cached_input": 1.25}},
-    "gpt-5": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125}},
+    "gpt-5": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125,
+                          "service_tiers": {"flex": {"input": 0.625, "output": 5.00, "cached_input": 0.0625}}}},
     "o4-mini": {"pricing": {"input": 1.10, "output": 4.40, "cached_input": 0.275}},
     "text-embedding-3-small": {"pricing": {"input": 0.02, "output": 0}},
     "gpt-3.5-turbo-instruct": {"pricing": {"input": 1.50, "output": 2.00}},

@@ -135,3 +135,24 @@ async def test_stream_error_event_after_200(mock, proxy):
     assert rec["input_tokens"] == 3100 and rec["cache_write_tokens"] == 3000
     assert rec["output_tokens"] >= 1
     assert rec["total_cost"] is not None and dec(rec["input_cost"]) == Decimal("0.00385")
+
+
+async def test_stream_with_server_tool_use_takes_the_last_cumulative_counts(mock, proxy):
+    """Streams with server tools send several message_deltas whose usage (web searches
+    included) is cumulative: 1 then 2 searches means 2, not 3."""
+    evs = anthropic_stream_events(model="claude-opus-4-1-20250805")
+    start = evs[0][1]["message"]["usage"]
+    start.update(input_tokens=10, cache_creation_input_tokens=0, cache_read_input_tokens=50000,
+                 cache_creation={"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0})
+    deltas = [e for name, e in evs if name == "message_delta"]
+    deltas[0]["usage"] = {"output_tokens": 400, "server_tool_use": {"web_search_requests": 1}}
+    deltas[1]["usage"] = {"input_tokens": 10, "cache_read_input_tokens": 50000, "output_tokens": 1000,
+                          "server_tool_use": {"web_search_requests": 2}}
+    mock.on("/v1/messages", stream_reply(mock, sse(evs)))
+    async with client(proxy.url) as c:
+        async with c.messages.stream(model="claude-opus-4-1", max_tokens=1024, messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+    assert final.usage.output_tokens == 1000
+    [rec] = await proxy.records()
+    assert (rec["input_tokens"], rec["cache_read_tokens"], rec["output_tokens"], rec["web_search_requests"]) == (50010, 50000, 1000, 2)
+    assert dec(rec["total_cost"]) == Decimal("0.17015")  # §6.5 vector, streamed

@@ -19,6 +19,7 @@ from mock_upstream import (
     GPT4O_USAGE,
     O4MINI_USAGE,
     chat_chunks,
+    chat_completion,
     json_reply,
     openai_chat,
     openai_completions,
@@ -335,3 +336,21 @@ async def test_responses_stream_failed_is_recorded_as_error(mock, proxy):
     assert rec["status"] == 200 and "The model crashed" in rec["error"]
     assert rec["finish_reason"] == "failed"
     assert rec["usage_source"] != "provider"  # the reply reported none
+
+
+async def test_service_tier_in_the_reply_selects_the_price(mock, proxy):
+    """§6.5 vector: gpt-5, 1M in + 1M out, served on flex = $5.625 (standard would be $11.25)."""
+    usage = {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000, "total_tokens": 2_000_000}
+
+    async def flex(request, rec):
+        from aiohttp import web
+
+        body = {**chat_completion("gpt-5-2025-08-07", usage), "service_tier": "flex"}
+        return web.json_response(body)
+
+    mock.on("/v1/chat/completions", flex)
+    async with client(proxy.url) as c:
+        await c.chat.completions.create(model="gpt-5", messages=MESSAGES, service_tier="flex")
+    [rec] = await proxy.records()
+    assert rec["service_tier"] == "flex"
+    assert_cost(rec, "0.625", "5", "5.625")
