@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import anthropic
@@ -90,6 +91,7 @@ async def test_raw_x_api_key_passes_untouched_without_configured_key(mock, proxy
         assert r.status == 200
         assert (await r.json())["usage"]["cache_read_input_tokens"] == 10000
     sent = mock.requests[-1]
+    assert sent.body == json.dumps(body).encode()  # forwarded byte for byte
     assert sent.headers["x-api-key"] == CLIENT_ANTHROPIC_KEY
     assert sent.headers["anthropic-version"] == "2023-06-01" and sent.headers["anthropic-beta"] == "foo-2025"
     [rec] = await proxy.records()

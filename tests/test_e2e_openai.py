@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import openai
 import pytest
 from openai import AsyncOpenAI
 
@@ -354,3 +355,16 @@ async def test_service_tier_in_the_reply_selects_the_price(mock, proxy):
     [rec] = await proxy.records()
     assert rec["service_tier"] == "flex"
     assert_cost(rec, "0.625", "5", "5.625")
+
+
+async def test_chat_stream_error_chunk_after_200(mock, proxy):
+    first = chat_chunks("gpt-4o-2024-08-06", ["Hel"], GPT4O_USAGE, True)[:2]
+    err = {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": None, "code": None}}
+    mock.on("/v1/chat/completions", stream_reply(mock, sse([(None, c) for c in first] + [(None, err)])))
+    async with client(proxy.url) as c:
+        with pytest.raises(openai.APIError, match="server had an error"):
+            async for _ in await c.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+                pass
+    [rec] = await proxy.records()
+    assert rec["status"] == 200 and "server had an error" in rec["error"]
+    assert rec["is_streaming"] is True and rec["usage_source"] != "provider"

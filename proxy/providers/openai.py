@@ -211,6 +211,7 @@ class _ChatTap(StreamTap):
         info.service_tier = chunk.get("service_tier") or info.service_tier
         if chunk.get("error"):
             info.error = error_message(chunk["error"])
+            self.complete = True  # an error chunk ends the stream: no [DONE] follows
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for choice in choices:
