@@ -47,11 +47,29 @@ def heuristic_tokens(text: str) -> int:
     return math.ceil(ascii_chars / 4 + (len(text) - ascii_chars) * 0.9)
 
 
+# Estimation runs on the event loop when a call ends: above this size, count a sample
+# and scale, so a 32 MB prompt costs milliseconds rather than seconds.
+_EXACT_LIMIT = 262_144
+
+
 def count_tokens(text: str, model: str | None = None) -> int:
     if not text:
         return 0
     enc = _encoder(_encoding_for(model))
-    return enc(text) if enc is not None else heuristic_tokens(text)
+    if enc is None:
+        return heuristic_tokens(text)
+    if len(text) <= _EXACT_LIMIT:
+        return enc(text)
+    sample = text[:_EXACT_LIMIT]
+    return math.ceil(enc(sample) * len(text) / len(sample))
+
+
+def warm_up() -> str:
+    """Load the vocabularies now (a blocking ~0.1-1 s), not during the first call that
+    needs an estimate; run it in a thread at start-up."""
+    for name in ("o200k_base", "cl100k_base"):
+        _encoder(name)
+    return tokenizer_name()
 
 
 def tokenizer_name() -> str:
