@@ -1233,7 +1233,7 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
 
 def _use_segment(seg: Mapping[str, Any], plan: _Plan, res: ScanResult) -> None:
     """Add an indexed segment that lies wholly inside the window to ``res``."""
-    keep, keyf, width = plan.keep, plan.key, plan.time_width
+    keep, keyf = plan.keep, plan.key
     nd = len(_INDEX_DIMS)
     for cell in seg["cells"]:
         provider, family, model, response_model, endpoint, status, err, hour = cell[:nd + 2]

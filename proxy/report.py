@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import os
 import sys
 from collections import deque
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 import orjson
 
@@ -303,7 +302,8 @@ class Report:
     def span(self) -> tuple[datetime | None, datetime | None]:
         """The time the report covers: the window, or the data where the window is open."""
         start = self.window.start or (A.ts_to_datetime(self.res.first_ts) if self.res.first_ts else None)
-        end = self.window.end or self.now
+        # A calendar period still running ends now, not at its end.
+        end = min(self.window.end, self.now) if self.window.end else self.now
         return start, end
 
 
@@ -454,6 +454,11 @@ def _tz_name(tz: tzinfo) -> str:
 
 def header_lines(r: Report, title: str) -> list[str]:
     start, end = r.span()
+    if start is not None and r.res.first_ts:
+        # A window reaching far back before the log (--since 100000) is shown from the first record.
+        first = A.ts_to_datetime(r.res.first_ts)
+        if first - start > timedelta(days=1):
+            start = first
     s = start.astimezone(r.tz).strftime("%Y-%m-%d %H:%M") if start else "the beginning"
     e = end.astimezone(r.tz).strftime("%Y-%m-%d %H:%M")
     lines = [f"{title}: {s} to {e} {_tz_name(r.tz)} ({r.window.label})"]
@@ -518,7 +523,7 @@ def render_summary(r: Report) -> str:
         by_model = sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
         shown = by_model[:limit]
         more = len(by_model) - len(shown)
-        out.append(f"Top models by cost" + (f" (top {limit} of {len(by_model)})" if more > 0 else ""))
+        out.append("Top models by cost" + (f" (top {limit} of {len(by_model)})" if more > 0 else ""))
         out.append(table(
             ["model", "provider", "cost", "share", "requests", "avg/request"],
             [(k[0], k[1], fmt_usd(v.total_cost, at_least=v.incomplete), _share(v.cost_units, t.cost_units),
