@@ -48,6 +48,9 @@ class Config:
     max_body_mb: int = 64
     # In-flight calls get this long to finish on SIGTERM.
     shutdown_timeout: float = 30.0
+    # Proxy keys (keys.AuthConfig) and spend limits (budgets.BudgetsConfig); None: off.
+    auth: Any = None
+    budgets: Any = None
 
 
 def _interpolate(value: Any) -> Any:
@@ -112,6 +115,16 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
         str(name): _provider(str(name), spec, path) for name, spec in raw_providers.items()
     }
 
+    from .budgets import parse_budgets
+    from .keys import parse_auth
+
+    auth = parse_auth(root.get("auth"), path)
+    if auth is not None:
+        for pname, prov in providers.items():
+            if not prov.api_key:
+                raise ConfigError(path, f"providers.{pname}.api_key", "required with auth: clients present proxy keys, and the proxy sends this key upstream")
+    budgets = parse_budgets(root.get("budgets"), path, enabled)
+
     server = _mapping(root.get("server"), path, "server")
     max_body = server.get("max_body_mb", 64)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
@@ -126,6 +139,8 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
         read_timeout=_number(server.get("read_timeout"), path, "server.read_timeout", 600.0),
         max_body_mb=max_body,
         shutdown_timeout=_number(server.get("shutdown_timeout"), path, "server.shutdown_timeout", 30.0),
+        auth=auth,
+        budgets=budgets,
     )
 
 

@@ -59,6 +59,9 @@ class CallContext:
     ip_address: str | None = None
     metered: bool = False  # an endpoint that bills tokens (chat, messages, …)
     tags: dict[str, str] = field(default_factory=dict)
+    team: str | None = None
+    session_id: str | None = None
+    budget_override: bool = False  # a budget would have refused the call; an override let it through
 
     @property
     def timestamp_dt(self) -> datetime:
@@ -107,7 +110,9 @@ def build_record(
         "timestamp": iso_utc(ctx.timestamp),
         "request_id": info.request_id,
         "user_id": ctx.user_id,
+        "team": ctx.team,
         "key_id": ctx.key_id,
+        "session_id": ctx.session_id,
         "ip_address": ctx.ip_address,
         "provider": ctx.provider,
         "provider_type": ctx.family,
@@ -133,6 +138,7 @@ def build_record(
         "usage_source": usage_source,
         "raw_usage": info.raw_usage,
         "tags": ctx.tags,
+        "budget_override": ctx.budget_override,
     }
 
 

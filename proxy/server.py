@@ -16,11 +16,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .analytics import RollingWindow, iter_jsonl, parse_timestamp
+from .analytics import RollingWindow, cost_units, iter_jsonl, parse_timestamp, units_to_usd
+from .attribution import attribute, is_proxy_header
+from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, worst_case_usage
 from .config import Config, ProviderConfig
 from .logwriter import JsonlWriter
 from .catalog import pricebook_for
 from .estimate import estimate_input_tokens
+from .keys import KeyStore
 from .pricing import PriceBook, price_call
 from .providers import ADAPTERS, Adapter, Endpoint
 from .records import CallContext, build_record, dumps_record, fingerprint, json_default, redact
@@ -40,6 +43,9 @@ _HOP = frozenset(
 )
 # Attribution headers are for the proxy, not the provider.
 _OURS = frozenset({"x-user-id"})
+# With a configured provider key, a client credential in any family's key header stays
+# here (a proxy key sent in the "wrong" header must not reach the provider either).
+_ANY_KEY_HEADER = frozenset(h for a in ADAPTERS.values() for h in a.key_headers)
 # aiohttp's client decompresses replies, so the encoding headers no longer apply.
 _RESPONSE_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -54,6 +60,9 @@ class ProxyState:
     window: RollingWindow
     session: aiohttp.ClientSession | None = None
     warned_unpriced: set[tuple[str, str]] | None = None
+    keys: KeyStore | None = None  # with auth: configured
+    budgets: Any = None  # budgets.BudgetLedger, with budgets: or auth: configured
+    tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
 
 
 def build_pricebook(config: Config) -> PriceBook:
@@ -81,7 +90,8 @@ def load_window(path: Path, window: RollingWindow, now: float) -> int:
     return n
 
 
-def create_app(config: Config, log_path: str | os.PathLike[str] | None = None) -> web.Application:
+def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Any = time.time) -> web.Application:
+    """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries."""
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG)
     window = RollingWindow()
@@ -91,6 +101,8 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None) -
         writer = JsonlWriter(path)
     state = ProxyState(config, build_pricebook(config), writer, window, warned_unpriced=set())
     app[APP_STATE] = state
+    _setup_access(state, path, clock)
+    app.on_response_prepare.append(_add_budget_headers)
 
     async def on_startup(app: web.Application) -> None:
         state.session = aiohttp.ClientSession(
@@ -101,6 +113,8 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None) -
         )
 
     async def on_cleanup(app: web.Application) -> None:
+        if state.tasks:
+            await asyncio.wait(list(state.tasks), timeout=3)  # webhook posts time out after 2 s
         if state.session is not None:
             await state.session.close()
         if state.writer is not None:
@@ -131,6 +145,8 @@ async def handle_health(request: web.Request) -> web.Response:
             "output_tokens": overall.tokens["output_tokens"],
         },
     }
+    if state.budgets is not None:
+        body["budgets"] = _budget_health(state, request)
     return web.Response(body=dumps_json(body), content_type="application/json")
 
 
@@ -145,7 +161,7 @@ def _error_response(adapter: Adapter, status: int, message: str) -> web.Response
 class _Call:
     """Per-call bookkeeping shared by the buffered and streamed paths."""
 
-    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets", "body")
+    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets", "body", "hold")
 
     def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext, secrets: tuple[str | None, ...]) -> None:
         self.state, self.provider, self.adapter, self.endpoint, self.ctx = state, provider, adapter, endpoint, ctx
@@ -155,6 +171,7 @@ class _Call:
         self.error: str | None = None
         self.secrets = secrets
         self.body: Any = None
+        self.hold: Any = None  # a budget reservation, settled in finish()
 
     def _usage(self, info: CallInfo, error: str | None) -> tuple[Usage | None, str | None]:
         """The reply's usage; or, when it never came, an estimate from the request and
@@ -201,6 +218,10 @@ class _Call:
                 if warned is not None and (ctx.provider, model) not in warned:
                     warned.add((ctx.provider, model))
                     log.warning("%s/%s Cost: Not calculated (no pricing configured)", ctx.provider, model)
+        if self.hold is not None:
+            # Release the worst-case reservation and add the real cost (unknown or unpriced: 0).
+            hold, self.hold = self.hold, None
+            state.budgets.settle(hold, cost_units(cost.total_cost) if cost is not None else None)
         latency = (time.perf_counter() - self.t0) * 1000
         ttft = (self.ttft - self.t0) * 1000 if self.ttft is not None else None
         record = build_record(
@@ -222,9 +243,9 @@ def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Ad
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         low = name.lower()
-        if low in _HOP or low in _OURS:
+        if low in _HOP or low in _OURS or is_proxy_header(low):
             continue
-        if provider.api_key and low in adapter.key_headers:
+        if provider.api_key and low in _ANY_KEY_HEADER:
             continue
         headers.add(name, value)
     if provider.api_key:
@@ -283,11 +304,9 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             body = None  # not ours to judge: the provider answers it in its own words
     ctx.model = adapter.requested_model(endpoint, body)
     ctx.is_streaming = adapter.wants_stream(endpoint, body)
-    ctx.user_id = (
-        request.headers.get("x-user-id")
-        or adapter.request_user(body)
-        or (f"key:{key_id}" if key_id else None)
-    )
+    denied = _admit(state, request, adapter, endpoint, call, body, client_key)
+    if denied is not None:
+        return denied
     call.body = body
     prepared = adapter.prepare(endpoint, body, ctx.is_streaming)
     if prepared is not None:
@@ -301,6 +320,11 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
 
     assert state.session is not None
     info = CallInfo()
+    # Check-and-reserve against the budgets, then straight into the try whose finally
+    # settles it: nothing in between can fail or yield to another call.
+    denied = _reserve(state, request, adapter, endpoint, call, body, body_bytes)
+    if denied is not None:
+        return denied
     try:
         try:
             upstream = await state.session.request(
@@ -340,6 +364,8 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
                     err = payload.get("error") if isinstance(payload, dict) else None
                     msg = (err.get("message") if isinstance(err, dict) else None) or data[:200].decode("utf-8", "replace")
                     call.error = f"upstream {upstream.status}: {msg}"
+            if upstream.status >= 400 and provider.api_key and provider.api_key.encode() in data:
+                data = data.replace(provider.api_key.encode(), b"[redacted]")  # ours, never the client's to see
             return web.Response(status=upstream.status, body=data, headers=_response_headers(upstream))
     except asyncio.TimeoutError:
         call.error = call.error or "upstream timed out mid-reply"
@@ -403,6 +429,8 @@ async def _relay_stream(
             for ev in parser.flush():
                 if tap.on_event(ev.event, ev.data) and filtering:
                     await response.write(ev.raw)
+        if not tap.complete and upstream.status < 400:
+            call.error = "upstream stream ended before its final event"
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
@@ -413,3 +441,183 @@ async def _relay_stream(
             raise  # nothing relayed yet: the caller answers 502
         call.error = "upstream closed the stream early"
     return response
+
+
+# --- proxy keys, attribution and budgets (config `auth:` / `budgets:`) -------------------
+
+# Per-request state between the hooks (typed keys where aiohttp has them, 3.12+).
+_RequestKey: Any = getattr(web, "RequestKey", None)
+_KEY_ENTRY: Any = _RequestKey("lcp_key_entry", object) if _RequestKey else "lcp_key_entry"
+_BUDGET_HEADERS: Any = _RequestKey("lcp_budget_headers", dict) if _RequestKey else "lcp_budget_headers"
+# One message for a missing, unknown or revoked key: the reply says nothing about which
+# (the record's `error` does, for the operator).
+_BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys create` in this API's usual key header."
+
+
+def _setup_access(state: ProxyState, log_path: Path, clock: Any) -> None:
+    """Key store and budget ledger, the ledger rebuilt from the log's current periods."""
+    config = state.config
+    if config.auth is not None:
+        state.keys = KeyStore(config.auth.keys_file, config.auth.admin_hashes)
+        if not state.keys.entries:
+            log.warning("auth: no keys in %s yet; create one with `python -m proxy keys create --user NAME`", config.auth.keys_file)
+    if not config.cost_tracking or (config.budgets is None and config.auth is None):
+        if config.auth is not None and state.keys is not None and state.keys.budget_limits():
+            log.warning("budgets: per-key budgets are not enforced with cost tracking off")
+        return
+    state.budgets = ledger_for(config.budgets, config.auth, clock)
+    state.tasks = set()
+    t0 = time.perf_counter()
+    read, counted = replay_log(state.budgets, log_path)
+    if config.budgets is not None or read:
+        log.info("budgets: rebuilt from %d records of the current periods in %.2fs", counted, time.perf_counter() - t0)
+
+
+async def _add_budget_headers(request: web.Request, response: web.StreamResponse) -> None:
+    extra = request.get(_BUDGET_HEADERS)
+    if extra:
+        response.headers.update(extra)
+
+
+def _refuse(call: _Call, status: int, error: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Answer the call ourselves, in its family's error format, and record it."""
+    call.status, call.error = status, error
+    call.finish(CallInfo())
+    resp = _error_response(call.adapter, status, message)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,
+           body: Any, client_key: str | None) -> web.Response | None:
+    """Authenticate the proxy key (with auth:), attribute the call, check the key's
+    model allowlist. A response when the call stops here (401/403)."""
+    ctx = call.ctx
+    entry = None
+    keys = state.keys
+    if keys is not None:
+        keys.refresh()
+        entry = keys.lookup(client_key)
+    owner = entry.owner if entry is not None and not entry.revoked else None
+    att = attribute(request.headers, adapter.request_user(body), owner, ctx.key_id)
+    ctx.user_id, ctx.team, ctx.session_id, ctx.tags = att.user_id, att.team, att.session_id, att.tags
+    if keys is None:
+        return None
+    if entry is None or entry.revoked:
+        why = "no proxy key" if not client_key else ("revoked proxy key" if entry is not None else "unknown proxy key")
+        return _refuse(call, 401, f"auth: {why}", _BAD_KEY)
+    request[_KEY_ENTRY] = entry
+    if entry.models is not None:
+        if endpoint.kind is None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            return _refuse(call, 403, "auth: key limited to models; endpoint not metered",
+                           "This key may only call model endpoints (chat, messages, responses, embeddings, generateContent).")
+        if endpoint.kind is not None and not entry.allows(ctx.model):
+            return _refuse(call, 403, f"auth: model {ctx.model!r} not allowed for this key",
+                           f"Model {ctx.model!r} is not allowed for this key; allowed: {', '.join(entry.models)}.")
+    return None
+
+
+def _worst_case_units(state: ProxyState, ctx: CallContext, endpoint: Endpoint, body: Any, raw: bytes) -> int:
+    """The most this call can cost: estimated input at the input rate (as a cache write
+    if it asks for caching; no cache-read discount) plus its whole output cap at the
+    output rate, for the requested service tier. An unpriced model reserves 0."""
+    budgets = state.config.budgets
+    cap = budgets.default_max_output_tokens if budgets is not None else 4096
+    usage = worst_case_usage(body, raw, endpoint.kind, estimate_input_tokens(body, ctx.model), cap)
+    tier = body.get("service_tier") if isinstance(body, dict) and isinstance(body.get("service_tier"), str) else None
+    priced = price_call(
+        state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model, response_model=None,
+        usage=usage, when=ctx.timestamp_dt, service_tier=tier,
+    )
+    return (cost_units(priced.cost.total_cost) or 0) if priced.cost is not None else 0
+
+
+def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,
+             body: Any, raw: bytes) -> web.Response | None:
+    """Check every budget that applies and reserve the call's worst case, in one
+    synchronous step (atomic under asyncio). A 429 response when a budget refuses."""
+    ledger = state.budgets
+    if ledger is None or endpoint.kind is None:
+        return None
+    ctx = call.ctx
+    cfg = state.config.budgets
+    override = bool(cfg is not None and cfg.override)
+    admin_key = request.headers.get("x-budget-override")
+    if admin_key:
+        call.secrets = (*call.secrets, admin_key)
+        if state.keys is not None and state.keys.is_admin(admin_key):
+            override = True
+    entry = request.get(_KEY_ENTRY)
+    extra = (entry.limit,) if entry is not None and entry.limit is not None else ()
+    worst = _worst_case_units(state, ctx, endpoint, body, raw)
+    subject = Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags)
+    decision = ledger.reserve(subject, worst, extra, override)  # no await: check + reserve are one step
+    if decision.hold is None:
+        refused = decision.refused
+        assert refused is not None
+        return _refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst),
+                       {"x-should-retry": "false"})  # the SDKs' retry loop would only hit the same wall
+    call.hold = decision.hold
+    if decision.overridden:
+        ctx.budget_override = True
+        if admin_key and not (cfg is not None and cfg.override):
+            assert decision.refused is not None
+            log.warning("budget override (admin header): %s let through past %s", ctx.user_id or ctx.key_id or "a call", decision.refused.name)
+    if decision.warnings:
+        top = decision.warnings[0]
+        tight = decision.tightest or top
+        pct = "over 100%" if top.fraction == float("inf") else f"at {int(top.fraction * 100)}%"
+        request[_BUDGET_HEADERS] = {
+            "x-budget-remaining": format(units_to_usd(tight.remaining), "f"),
+            "x-budget-warning": _header_text(f"{top.name} {pct}"),
+        }
+    for s in decision.new_warnings:
+        _budget_alert(state, s)
+    return None
+
+
+def _header_text(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe=" :=*'@+-._/%,()")
+
+
+def _budget_alert(state: ProxyState, s: BudgetState) -> None:
+    """Once per budget and period: a log line, and a POST to the webhook if configured."""
+    pct = "over 100" if s.fraction == float("inf") else f"{int(s.fraction * 100)}"
+    log.warning("budget warning: %s at %s%% (%s of %s spent or held), resets %s",
+                s.name, pct, money(s.used), money(s.limit.units), s.as_dict()["resets_at"] or "never")
+    url = state.config.budgets.webhook if state.config.budgets is not None else None
+    if not url or state.session is None or state.tasks is None:
+        return
+    payload = {**s.as_dict(), "percent": None if s.fraction == float("inf") else round(s.fraction * 100, 1)}
+    task = asyncio.get_running_loop().create_task(_post_webhook(state.session, url, payload))
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+
+
+async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> None:
+    """Fire and forget: 2 s at most, failures logged, never felt by the call."""
+    try:
+        async with session.post(url, data=dumps_json(payload), headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=2)) as r:
+            if r.status >= 300:
+                log.warning("budget webhook %s answered %s", url, r.status)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        log.warning("budget webhook %s failed: %s", url, type(e).__name__)
+
+
+def _budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:
+    """Counts for everyone; each budget's detail only for an admin key (Authorization: Bearer)."""
+    keys = state.keys
+    extra = []
+    if keys is not None:
+        keys.refresh()
+        extra = keys.budget_limits()
+    out: dict[str, Any] = state.budgets.summary(extra)
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if keys is not None and token and keys.is_admin(token):
+        out["detail"] = [s.as_dict() for s in state.budgets.states(extra)]
+    return out
