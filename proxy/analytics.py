@@ -8,6 +8,7 @@ with), so adding a million records gives the exact decimal total, never float dr
 from __future__ import annotations
 
 import glob
+import logging
 import gzip
 import hashlib
 import heapq
@@ -341,6 +342,78 @@ def order_files(paths: Sequence[Path]) -> list[Path]:
     """Oldest first, by each file's first record (rotation names order differently)."""
     keyed = [(first_timestamp(p) or "~", i, p) for i, p in enumerate(paths)]  # "~" sorts after digits
     return [p for _, _, p in sorted(keyed)]
+
+
+_TS_KEY = b'"timestamp":"'
+
+
+def _line_ts(line: bytes) -> bytes | None:
+    """A line's raw timestamp bytes, found without parsing the line."""
+    if line.startswith(_LINE_HEAD):
+        return line[_TS_AT : _TS_AT + 24]
+    i = line.find(_TS_KEY, 0, 120)
+    if i < 0:
+        return None
+    i += len(_TS_KEY)
+    j = line.find(b'"', i, i + 40)
+    return line[i:j] if j > 0 else None
+
+
+def _seek_since(f: IO[bytes], size: int, since: bytes) -> None:
+    """Move ``f`` to (about) the first line stamped at or after ``since``: the log is
+    appended in time order, so bisecting byte offsets finds it in ~30 reads."""
+    lo, hi = 0, size
+    while hi - lo > 65536:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline()  # to the start of the next whole line
+        ts = None
+        for _ in range(8):
+            line = f.readline()
+            if not line:
+                break
+            ts = _line_ts(line)
+            if ts is not None:
+                break
+        if ts is None or ts >= since:
+            hi = mid
+        else:
+            lo = mid
+    f.seek(lo)
+    if lo:
+        f.readline()
+
+
+# Records are stamped at the call's start but written at its end: a call may land
+# in the file after later-started ones, so seeking starts this much earlier.
+LATE_SLACK = 3600.0
+
+
+def records_since(path: str | os.PathLike[str], since: float, slack: float = LATE_SLACK) -> Iterator[dict[str, Any]]:
+    """Records of a log and its rotated siblings stamped at or after ``since``, oldest
+    file first. Used at start-up (/health window, budgets): bisects to the window and
+    skips older lines on their raw bytes, so a month-long log costs only its tail."""
+    since_text = iso_ms(max(0.0, since)).encode()
+    seek_to = iso_ms(max(0.0, since - slack)).encode()
+    try:
+        paths = order_files(log_files([str(path)]))
+    except FileNotFoundError:
+        return
+    for p in paths:
+        try:
+            if p.stat().st_mtime < since:
+                continue  # last written before the window opened
+            with open_log(p) as f:
+                if not is_gzip(p):
+                    _seek_since(f, os.fstat(f.fileno()).st_size, seek_to)
+                fresh = (line for line in f if (ts := _line_ts(line)) is None or ts >= since_text)
+                for rec in iter_jsonl(fresh):
+                    ts = canonical_ts(rec.get("timestamp"))
+                    if ts is not None and ts >= since_text.decode():
+                        rec["timestamp"] = ts
+                        yield rec
+        except (OSError, EOFError, zlib.error) as e:
+            logging.getLogger("proxy").warning("cannot read %s: %s", p, e)
 
 
 # --- filters ---------------------------------------------------------------------------

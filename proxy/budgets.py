@@ -22,7 +22,6 @@ true spend.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .analytics import COST_UNITS_PER_USD, cost_units, iter_jsonl, parse_timestamp, units_to_usd
+from .analytics import COST_UNITS_PER_USD, cost_units, parse_timestamp, records_since, units_to_usd
 from .attribution import TAG_NAME
 from .cli import command
 
@@ -583,62 +582,6 @@ def worst_case_usage(body: Any, raw: bytes, kind: str | None, input_tokens: int,
 # --- rebuilding from the log --------------------------------------------------------
 
 
-def _log_paths(path: Path) -> list[Path]:
-    try:  # rotated siblings (x.jsonl.1, x.jsonl.2.gz …) when the analytics engine has them
-        from .analytics import log_files, order_files  # type: ignore[attr-defined]
-
-        return order_files(log_files([str(path)]))
-    except (ImportError, FileNotFoundError):
-        return [path] if path.exists() else []
-
-
-def _open(path: Path) -> Any:
-    try:
-        from .analytics import open_log  # type: ignore[attr-defined]
-
-        return open_log(path)
-    except ImportError:
-        return open(path, "rb", buffering=1 << 20)
-
-
-_TS_KEY = b'"timestamp":"'
-
-
-def _line_ts(line: bytes) -> bytes | None:
-    i = line.find(_TS_KEY, 0, 80)
-    if i < 0:
-        return None
-    i += len(_TS_KEY)
-    j = line.find(b'"', i, i + 40)
-    return line[i:j] if j > 0 else None
-
-
-def _seek_since(f: Any, size: int, since: bytes) -> None:
-    """Move ``f`` to (about) the first line stamped at or after ``since``: the log is
-    appended in time order, so a bisection over byte offsets finds it in ~30 reads."""
-    lo, hi = 0, size
-    while hi - lo > 65536:
-        mid = (lo + hi) // 2
-        f.seek(mid)
-        f.readline()  # to the start of the next whole line
-        ts = None
-        for _ in range(8):
-            line = f.readline()
-            if not line:
-                break
-            ts = _line_ts(line)
-            if ts is not None:
-                break
-        if ts is None or ts >= since:
-            hi = mid
-        else:
-            lo = mid
-    f.seek(lo)
-    if lo:
-        f.readline()
-
-
-_LINE_HEAD = b'{"schema_version":1,"timestamp":"'  # how the proxy writes every record
 _FIELDS = {"user": "user_id", "team": "team", "key": "key_id", "session": "session_id"}
 
 
@@ -663,65 +606,34 @@ def replay_log(ledger: BudgetLedger, path: str | os.PathLike[str], now: float | 
         lo, hi = (now - SESSION_WINDOW, _INF) if period is None else ledger.bounds(period, now)
         plan.append((dim, _FIELDS.get(scope), scope == "global", tag, _ms(max(lo, 0.0)), "~" if hi == _INF else _ms(hi)))
     start = ledger.window_start(now)
-    since = _ms(max(0.0, start - 1)).encode()[:19]
-    seek_to = _ms(max(0.0, start - _LATE_SLACK)).encode()[:19]
-    head = len(_LINE_HEAD)
     sums: dict[tuple[Any, str], list[Any]] = {}
     read = counted = 0
-
-    def fresh(lines: Iterable[bytes]) -> Iterator[bytes]:
-        # Skip old lines from their raw bytes, without parsing them.
-        for line in lines:
-            if line.startswith(_LINE_HEAD):
-                if line[head : head + 19] >= since:
-                    yield line
+    for rec in records_since(path, start - 1, slack=_LATE_SLACK):
+        read += 1
+        ts = rec["timestamp"]  # canonical UTC text: compares as time
+        units = cost_units(rec.get("total_cost")) or 0
+        hit = False
+        for dim, field_name, is_global, tag, lo, hi in plan:
+            if not (lo <= ts < hi):
+                continue
+            if is_global:
+                value: Any = "*"
+            elif tag is not None:
+                tags = rec.get("tags")
+                value = tags.get(tag) if isinstance(tags, dict) else None
             else:
-                ts = _line_ts(line)
-                if ts is None or ts >= since:
-                    yield line
-
-    for p in _log_paths(Path(path)):
-        try:
-            if p.stat().st_mtime < start:
-                continue  # last written before the earliest current period began
-            with _open(p) as f:
-                if isinstance(getattr(f, "raw", None), io.FileIO):
-                    _seek_since(f, os.fstat(f.fileno()).st_size, seek_to)
-                for rec in iter_jsonl(fresh(f)):
-                    read += 1
-                    ts = rec.get("timestamp")
-                    if not isinstance(ts, str):
-                        continue
-                    if len(ts) != 24 or ts[-1] != "Z":  # written by hand or another tool
-                        try:
-                            ts = _ms(parse_timestamp(ts))
-                        except ValueError:
-                            continue
-                    units = cost_units(rec.get("total_cost")) or 0
-                    hit = False
-                    for dim, field_name, is_global, tag, lo, hi in plan:
-                        if not (lo <= ts < hi):
-                            continue
-                        if is_global:
-                            value: Any = "*"
-                        elif tag is not None:
-                            tags = rec.get("tags")
-                            value = tags.get(tag) if isinstance(tags, dict) else None
-                        else:
-                            value = rec.get(field_name) if field_name else None
-                        if not isinstance(value, str):
-                            continue
-                        acc = sums.get((dim, value))
-                        if acc is None:
-                            sums[(dim, value)] = [units, ts]
-                        else:
-                            acc[0] += units
-                            if ts > acc[1]:
-                                acc[1] = ts
-                        hit = True
-                    counted += hit
-        except OSError as e:
-            log.warning("budgets: cannot read %s: %s", p, e)
+                value = rec.get(field_name) if field_name else None
+            if not isinstance(value, str):
+                continue
+            acc = sums.get((dim, value))
+            if acc is None:
+                sums[(dim, value)] = [units, ts]
+            else:
+                acc[0] += units
+                if ts > acc[1]:
+                    acc[1] = ts
+            hit = True
+        counted += hit
     for (dim, value), (units, last) in sums.items():
         ledger.add_spent(dim, value, units, parse_timestamp(last), now)
     return read, counted

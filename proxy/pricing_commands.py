@@ -190,7 +190,7 @@ def insert_models(text: str, provider: str, entries: list[str]) -> str:
 
 def _sync(args: argparse.Namespace) -> int:
     from .catalog import Catalog
-    from .config import ConfigError, load_config, parse_config
+    from .config import load_config, parse_config
 
     setup = _setup(args)
     if setup is None:

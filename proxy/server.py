@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .analytics import RollingWindow, cost_units, iter_jsonl, parse_timestamp, units_to_usd
+from .analytics import RollingWindow, cost_units, records_since, units_to_usd
 from .attribution import attribute, is_proxy_header
 from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, worst_case_usage
 from .config import Config, ProviderConfig
@@ -71,22 +71,10 @@ def build_pricebook(config: Config) -> PriceBook:
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
     """Rebuild the 24-hour window from the log so /health survives restarts."""
-    if not path.exists():
-        return 0
-    cutoff = now - window.seconds
     n = 0
-    with path.open("rb") as f:
-        for rec in iter_jsonl(f):
-            ts_text = rec.get("timestamp")
-            if not isinstance(ts_text, str):
-                continue
-            try:
-                ts = parse_timestamp(ts_text)
-            except ValueError:
-                continue
-            if ts >= cutoff:
-                window.add(rec, ts)
-                n += 1
+    for rec in records_since(path, now - window.seconds):
+        window.add(rec)
+        n += 1
     return n
 
 

@@ -8,7 +8,7 @@ counts are subsets of those totals, never additions to them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
