@@ -1,8 +1,9 @@
 """Token estimates for calls that end without reported usage (client abort, upstream
 cut, an OpenAI-compatible server that ignores ``include_usage``).
 
-Counts use the o200k/cl100k BPE from ``bpe-openai`` when installed (its vocabularies
-ship inside the wheel: no download), else a character heuristic. Both are exact or
+Counts use the o200k BPE from ``bpe-openai`` when installed (its vocabulary ships
+inside the wheel: no download; ~140 MB in memory, loaded once at start-up), else a
+character heuristic. Both are exact or
 near-exact for OpenAI models and approximations for other families; the record says
 ``usage_source: "estimated"`` either way. Accuracy figures: README, "Estimated usage".
 """
@@ -10,6 +11,7 @@ near-exact for OpenAI models and approximations for other families; the record s
 from __future__ import annotations
 
 import math
+from collections import deque
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -21,7 +23,12 @@ REPLY_PRIMER_TOKENS = 3
 _TEXT_BUFFER_CHARS = 16_384
 
 
-@lru_cache(maxsize=4)
+# o200k is the vocabulary of every current OpenAI model; older cl100k models differ by a
+# few percent, not worth a second 70+ MB vocabulary in memory.
+_ENCODING = "o200k_base"
+
+
+@lru_cache(maxsize=1)
 def _encoder(name: str) -> Callable[[str], int] | None:
     try:
         import bpe_openai
@@ -29,13 +36,6 @@ def _encoder(name: str) -> Callable[[str], int] | None:
         return None
     enc = bpe_openai.get_encoding(name)
     return lambda text: len(enc.encode(text, disallowed_special=()))
-
-
-def _encoding_for(model: str | None) -> str:
-    m = (model or "").lower()
-    if m.startswith(("gpt-4-", "gpt-3.5")) or m in ("gpt-4", "text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"):
-        return "cl100k_base"
-    return "o200k_base"
 
 
 def heuristic_tokens(text: str) -> int:
@@ -55,7 +55,7 @@ _EXACT_LIMIT = 262_144
 def count_tokens(text: str, model: str | None = None) -> int:
     if not text:
         return 0
-    enc = _encoder(_encoding_for(model))
+    enc = _encoder(_ENCODING)
     if enc is None:
         return heuristic_tokens(text)
     if len(text) <= _EXACT_LIMIT:
@@ -67,48 +67,50 @@ def count_tokens(text: str, model: str | None = None) -> int:
 def warm_up() -> str:
     """Load the vocabularies now (a blocking ~0.1-1 s), not during the first call that
     needs an estimate; run it in a thread at start-up."""
-    for name in ("o200k_base", "cl100k_base"):
-        _encoder(name)
+    _encoder(_ENCODING)
     return tokenizer_name()
 
 
 def tokenizer_name() -> str:
-    return "bpe-openai" if _encoder("o200k_base") is not None else "heuristic"
+    return "bpe-openai" if _encoder(_ENCODING) is not None else "heuristic"
 
 
 class OutputText:
-    """Text relayed to the client, counted lazily: nothing is tokenized unless the
-    reply ends without usage, and at most ``_TEXT_BUFFER_CHARS`` are held at once."""
+    """Text relayed to the client, for a reply that never reports usage.
 
-    __slots__ = ("_parts", "_size", "_tokens", "model")
+    Nothing is tokenized while the stream runs (the usage normally arrives at its end):
+    only a character count and the last ``_TEXT_BUFFER_CHARS`` characters are kept, so
+    memory stays flat. A longer text is counted from that sample, scaled by length."""
+
+    __slots__ = ("_parts", "_held", "_chars", "model")
 
     def __init__(self, model: str | None = None) -> None:
-        self._parts: list[str] = []
-        self._size = 0
-        self._tokens = 0
+        self._parts: deque[str] = deque()
+        self._held = 0
+        self._chars = 0
         self.model = model
 
     def add(self, text: Any) -> None:
         if not isinstance(text, str) or not text:
             return
         self._parts.append(text)
-        self._size += len(text)
-        if self._size > _TEXT_BUFFER_CHARS:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._tokens += count_tokens("".join(self._parts), self.model)
-        self._parts.clear()
-        self._size = 0
+        self._held += len(text)
+        self._chars += len(text)
+        while self._held > _TEXT_BUFFER_CHARS and len(self._parts) > 1:
+            self._held -= len(self._parts.popleft())
 
     def tokens(self) -> int:
-        if self._parts:
-            self._flush()
-        return self._tokens
+        if not self._chars:
+            return 0
+        sample = "".join(self._parts)
+        counted = count_tokens(sample, self.model)
+        if len(sample) >= self._chars:
+            return counted
+        return math.ceil(counted * self._chars / len(sample))
 
     @property
     def empty(self) -> bool:
-        return not self._parts and not self._tokens
+        return not self._chars
 
 
 # Keys whose string values are prompt text in any family's request body.

@@ -22,7 +22,7 @@ from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, r
 from .config import Config, ProviderConfig
 from .logwriter import JsonlWriter
 from .catalog import pricebook_for
-from .estimate import estimate_input_tokens
+from .estimate import estimate_input_tokens, warm_up
 from .keys import KeyStore
 from .pricing import PriceBook, price_call
 from .providers import ADAPTERS, Adapter, Endpoint
@@ -93,6 +93,9 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
     app.on_response_prepare.append(_add_budget_headers)
 
     async def on_startup(app: web.Application) -> None:
+        # The tokenizer's vocabulary takes ~1 s and ~140 MB to load: do it now, in a
+        # thread, rather than stall the first call that needs an estimate.
+        asyncio.get_running_loop().run_in_executor(None, warm_up)
         state.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.read_timeout),
@@ -216,15 +219,43 @@ class _Call:
             ctx, info, usage=usage, status=self.status, error=error, latency_ms=latency, ttft_ms=ttft,
             usage_source=source, price=price, cost=cost, price_variant=variant,
         )
-        state.writer.write(dumps_record(record))
-        state.window.add(record, ctx.timestamp)
+        console = None
         if ctx.metered or usage is not None:
-            cost_text = f"${format(cost.total_cost.normalize(), 'f')}" if cost is not None else "not calculated"
-            log.info(
-                "💵 Cost Tracking: %s/%s | tokens in=%s out=%s (cache read=%s write=%s) | cost %s | %s %.0fms",
-                ctx.provider, record["response_model"] or ctx.model, record["input_tokens"], record["output_tokens"],
-                record["cache_read_tokens"], record["cache_write_tokens"], cost_text, self.status, latency,
+            cost_text = f"${format(cost.total_cost.normalize(), 'f')}" if cost is not None else "Not calculated (no pricing configured)"
+            console = (
+                f"{_console_time()} INFO 💵 Cost Tracking: {ctx.provider}/{record['response_model'] or ctx.model} | "
+                f"tokens in={record['input_tokens']} out={record['output_tokens']} "
+                f"(cache read={record['cache_read_tokens']} write={record['cache_write_tokens']}) | "
+                f"Cost: {cost_text} | {self.status} {latency:.0f}ms"
             )
+        state.writer.write(dumps_record(record), console)
+        state.window.add(record, ctx.timestamp)
+
+
+_console_second: tuple[int, str] = (0, "")
+
+
+def _console_time() -> str:
+    """The logging module's asctime format, without a LogRecord per call."""
+    global _console_second
+    now = time.time()
+    sec = int(now)
+    if _console_second[0] != sec:
+        _console_second = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+    return f"{_console_second[1]},{int((now - sec) * 1000):03d}"
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _key_fingerprint(key: str) -> str:
+    # Clients send the same few keys on every call: hash each once.
+    fp = _FINGERPRINTS.get(key)
+    if fp is None:
+        if len(_FINGERPRINTS) > 4096:
+            _FINGERPRINTS.clear()
+        fp = _FINGERPRINTS[key] = fingerprint(key)
+    return fp
 
 
 def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Adapter) -> CIMultiDict[str]:
@@ -266,7 +297,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     started = time.time()
 
     client_key = adapter.client_key(request.headers, request.query)
-    key_id = fingerprint(client_key) if client_key else None
+    key_id = _key_fingerprint(client_key) if client_key else None
     ctx = CallContext(
         timestamp=started, provider=name, family=provider.type, endpoint=request.rel_url.path[len(name) + 1 :],
         key_id=key_id, ip_address=request.remote, metered=endpoint.kind is not None,
@@ -391,7 +422,7 @@ async def _relay_stream(
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
     filtering = sse and hide_usage_chunk
     # When re-framing, comment blocks (keep-alives) must be re-emitted too.
-    parser: Any = SSEParser(keep_comments=filtering) if sse else JSONArrayStreamParser()
+    parser: Any = SSEParser(keep_comments=filtering, keep_raw=filtering) if sse else JSONArrayStreamParser()
     try:
         async for chunk in upstream.content.iter_any():
             if call.ttft is None:

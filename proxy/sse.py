@@ -22,6 +22,14 @@ class SSEEvent:
 
 def parse_event_block(raw: bytes) -> SSEEvent | None:
     """Parse one event block (without its terminating blank line); None for comments only."""
+    # Fast paths for the shapes every provider sends: one "data:" line, optionally
+    # after one "event:" line, with "\n" line ends.
+    if b"\r" not in raw:
+        nl = raw.find(b"\n")
+        if nl < 0 and raw.startswith(b"data: "):
+            return SSEEvent(None, raw[6:].decode("utf-8", "replace"), raw)
+        if nl > 0 and raw.startswith(b"event: ") and raw.find(b"\n", nl + 1) < 0 and raw.startswith(b"data: ", nl + 1):
+            return SSEEvent(raw[7:nl].decode("utf-8", "replace"), raw[nl + 7 :].decode("utf-8", "replace"), raw)
     event: str | None = None
     data: list[str] = []
     seen_data = False
@@ -44,16 +52,18 @@ def parse_event_block(raw: bytes) -> SSEEvent | None:
 class SSEParser:
     """Feed bytes, get complete events back.
 
-    ``keep_comments``: also return comment-only blocks (``: keep-alive``), as events
-    with no name and empty data, for callers that re-frame the stream from ``raw``.
+    ``keep_raw``: fill each event's ``raw`` (its bytes as received), for callers that
+    re-frame the stream; ``keep_comments`` (with it): also return comment-only blocks
+    (``: keep-alive``) as events with no name and empty data.
     """
 
-    __slots__ = ("_buf", "_scan_from", "_keep_comments")
+    __slots__ = ("_buf", "_scan_from", "_keep_comments", "_keep_raw")
 
-    def __init__(self, keep_comments: bool = False) -> None:
+    def __init__(self, keep_comments: bool = False, keep_raw: bool = True) -> None:
         self._buf = bytearray()
         self._scan_from = 0
         self._keep_comments = keep_comments
+        self._keep_raw = keep_raw or keep_comments
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf
@@ -62,18 +72,26 @@ class SSEParser:
         start = 0
         # Re-scan a few bytes back: a "\r\n\r\n" may straddle two reads.
         pos = max(0, self._scan_from - 3)
+        # Most streams use "\n\n" only: bytes.find is far cheaper than the regex.
+        plain = b"\r" not in buf
         while True:
-            m = _BOUNDARY.search(buf, pos)
-            if m is None:
-                break
-            block = bytes(buf[start : m.start()])
-            ev = parse_event_block(block)
+            if plain:
+                i = buf.find(b"\n\n", pos)
+                if i < 0:
+                    break
+                end, stop = i, i + 2
+            else:
+                m = _BOUNDARY.search(buf, pos)
+                if m is None:
+                    break
+                end, stop = m.start(), m.end()
+            ev = parse_event_block(bytes(buf[start:end]))
             if ev is not None:
-                ev.raw = bytes(buf[start : m.end()])
+                ev.raw = bytes(buf[start:stop]) if self._keep_raw else b""
                 events.append(ev)
             elif self._keep_comments:
-                events.append(SSEEvent(None, "", bytes(buf[start : m.end()])))
-            start = pos = m.end()
+                events.append(SSEEvent(None, "", bytes(buf[start:stop])))
+            start = pos = stop
         if start:
             del buf[:start]
         self._scan_from = len(buf)
