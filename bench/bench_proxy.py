@@ -206,10 +206,25 @@ def bare_app(upstream: str) -> web.Application:
     return app
 
 
+def event_loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def serve(role: str, port: int, upstream: str | None) -> int:
+    # The same event loop the proxy picks (uvloop when installed), so the baselines
+    # differ from the proxy only by what the proxy does.
+    loop = None
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     app = mock_app() if role == "mock" else bare_app(upstream or "")
     web.run_app(app, host=HOST, port=port, handler_cancellation=True, access_log=None, print=None,
-                shutdown_timeout=2)
+                shutdown_timeout=2, loop=loop)
     return 0
 
 
@@ -692,7 +707,7 @@ def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
     w = print
     mode = "quick" if quick else "full"
     w("")
-    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__})")
+    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, event loop {event_loop_name()})")
     w(f"proxy code: commit {_git_head()}{' + uncommitted changes under proxy/' if _proxy_dirty() else ''}")
     w("=" * 92)
     w(f"{'Latency, non-streaming (sequential)':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'bare-dir':>9s} {'proxy-dir':>9s}")

@@ -42,6 +42,8 @@ def serve(argv: Sequence[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9002, help="port (default: 9002)")
     parser.add_argument("--log-file", default=None, help="JSONL log (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="event loop: uvloop when installed (auto), or the standard one")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -62,8 +64,19 @@ def serve(argv: Sequence[str]) -> int:
     for name, p in config.providers.items():
         suffix = "/v1" if p.type == "openai" else ""
         log.info("  %-12s %s/%s%s -> %s (%s, %d priced models)", name, base, name, suffix, p.base_url, p.type, len(p.models))
+    loop = None
+    if args.loop != "asyncio":
+        try:
+            import uvloop  # optional: a faster event loop, the `fast` extra
+        except ImportError:
+            if args.loop == "uvloop":
+                print("error: --loop uvloop: uvloop is not installed (pip install uvloop)", file=sys.stderr)
+                return 2
+        else:
+            loop = uvloop.new_event_loop()
     web.run_app(
         app,
+        loop=loop,
         host=args.host,
         port=args.port,
         shutdown_timeout=config.shutdown_timeout,

@@ -39,9 +39,17 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     return _SECRET_PATTERNS.sub("[redacted]", text)
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso_utc(ts: float) -> str:
     """ISO 8601 UTC with milliseconds; sorts as text, so ``jq 'select(.timestamp >= "2026-11")'`` works."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    global _iso_second
+    ms = int(ts * 1000)
+    sec = ms // 1000
+    if _iso_second[0] != sec:  # one strftime per second, not per call
+        _iso_second = (sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_iso_second[1]}.{ms % 1000:03d}Z"
 
 
 @dataclass(slots=True)

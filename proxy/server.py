@@ -41,8 +41,6 @@ _HOP = frozenset(
         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
     }
 )
-# Attribution headers are for the proxy, not the provider.
-_OURS = frozenset({"x-user-id"})
 # With a configured provider key, a client credential in any family's key header stays
 # here (a proxy key sent in the "wrong" header must not reach the provider either).
 _ANY_KEY_HEADER = frozenset(h for a in ADAPTERS.values() for h in a.key_headers)
@@ -262,7 +260,7 @@ def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Ad
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         low = name.lower()
-        if low in _HOP or low in _OURS or is_proxy_header(low):
+        if low in _HOP or (low[:2] == "x-" and is_proxy_header(low)):
             continue
         if provider.api_key and low in _ANY_KEY_HEADER:
             continue
