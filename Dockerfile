@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install ".[tokenizer]" \
+RUN pip install ".[tokenizer,fast]" \
     && useradd --system --uid 10001 --home /app proxy \
     && mkdir -p /app/logs && chown proxy /app/logs
 COPY config.yml ./config.yml
