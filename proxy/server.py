@@ -284,10 +284,13 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     name = request.match_info["provider"]
     provider = state.config.providers.get(name)
     if provider is None:
-        return web.json_response(
-            {"error": {"message": f"unknown provider '{name}'; configured: {', '.join(state.config.providers)}", "type": "not_found_error"}},
-            status=404,
-        )
+        # Still one record: a misconfigured client shows up in the log, not only in its own errors.
+        unknown = ProviderConfig(name=name, type="openai", base_url="")
+        ctx = CallContext(timestamp=time.time(), provider=name, family="unknown",
+                          endpoint=request.rel_url.path[len(name) + 1 :], ip_address=request.remote)
+        call = _Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())
+        return _refuse(call, 404, "unknown provider",
+                       f"unknown provider '{name}'; configured: {', '.join(state.config.providers)}")
     adapter = ADAPTERS[provider.type]
     raw_path = request.rel_url.raw_path
     tail = raw_path[len(name) + 1 :]  # keeps the leading "/" and the percent-encoding

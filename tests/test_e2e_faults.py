@@ -394,6 +394,9 @@ async def test_unknown_provider_is_404(proxy, http):
         assert r.status == 404
         body = await r.json()
     assert "nosuch" in body["error"]["message"]
+    # ...and like every call it is one line in the log, with nothing billed.
+    [rec] = await proxy.records()
+    assert (rec["provider"], rec["status"], rec["error"], rec["total_cost"]) == ("nosuch", 404, "unknown provider", 0)
 
 
 # --- framing: events split across TCP reads ---------------------------------------------
