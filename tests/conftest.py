@@ -163,10 +163,12 @@ async def mock() -> AsyncIterator[MockUpstream]:
 async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
     handles: list[ProxyHandle] = []
 
-    async def start(config: dict | Config, log_path: Path | None = None) -> ProxyHandle:
-        cfg = config if isinstance(config, Config) else parse_config(config, "test-config.yml")
+    async def start(config: dict | Config, log_path: Path | None = None, clock: Any = time.time,
+                    config_path: str = "test-config.yml") -> ProxyHandle:
+        """``clock`` drives budget periods; ``config_path`` anchors relative paths (keys file)."""
+        cfg = config if isinstance(config, Config) else parse_config(config, config_path)
         path = log_path or tmp_path / f"cost-{len(handles)}.jsonl"
-        app = create_app(cfg, path)
+        app = create_app(cfg, path, clock=clock)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

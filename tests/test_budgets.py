@@ -50,7 +50,6 @@ from proxy.config import ConfigError, parse_config
 from proxy.estimate import estimate_input_tokens
 from proxy.keys import KeyEntry, key_hash, new_key, save_keys
 from proxy.records import iso_utc
-from proxy.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = timezone.utc
@@ -68,26 +67,14 @@ def ts(*args: int, tz: Any = UTC) -> float:
 
 
 @pytest.fixture
-async def launch(tmp_path):
-    """Start the real proxy app (as conftest's start_proxy does) with an injectable clock."""
-    handles: list[ProxyHandle] = []
+def launch(tmp_path, start_proxy):
+    """The real proxy app (conftest's start_proxy) with an injectable clock."""
 
     async def start(cfg: dict, log_path: Path | None = None, clock: Any = time.time) -> ProxyHandle:
-        config = parse_config(cfg, str(tmp_path / "config.yml"))
-        path = log_path or tmp_path / "cost.jsonl"
-        app = create_app(config, path, clock=clock)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        handle = ProxyHandle(runner, f"http://127.0.0.1:{port}", path)
-        handles.append(handle)
-        return handle
+        return await start_proxy(cfg, log_path or tmp_path / "cost.jsonl", clock=clock,
+                                 config_path=str(tmp_path / "config.yml"))
 
-    yield start
-    for h in handles:
-        await h.stop()
+    return start
 
 
 def echo_usage(model: str = "gpt-4o-2024-08-06", delay: float = 0.0):
