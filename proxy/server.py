@@ -460,6 +460,10 @@ async def _relay_stream(
         if not response.prepared:
             raise  # nothing relayed yet: the caller answers 502
         call.error = "upstream closed the stream early"
+        # Pass the cut on: ending our reply cleanly would tell the client the stream was
+        # complete. Dropping the connection leaves its body unterminated, as upstream's was.
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 
