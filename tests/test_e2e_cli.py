@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from conftest import CLIENT_OPENAI_KEY, assert_no_secrets, dec, free_port, make_config, parse_log
-from mock_upstream import openai_chat
+from mock_upstream import chat_completion, json_reply, openai_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +103,25 @@ async def test_serves_a_call_and_logs_it(mock, serve):
     assert dec(rec["total_cost"]) == Decimal("0.020")
     assert_no_secrets(served.log.read_text())
     assert CLIENT_OPENAI_KEY not in err
+
+
+async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_per_model(mock, serve):
+    # The mock answers with the model it was asked for, priced or not.
+    mock.on("/v1/chat/completions", json_reply(lambda rec: chat_completion(rec.json["model"])))
+    served = await serve(make_config(mock.url))
+    async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
+        for model in ("gpt-4o", "my-finetune", "my-finetune", "other-unpriced", "my-finetune"):
+            await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    code, err = await served.terminate()
+    assert code == 0, err
+    lines = err.splitlines()
+    cost_lines = [l for l in lines if "💵 Cost Tracking:" in l]
+    assert len(cost_lines) == 5
+    assert "openai/gpt-4o " in cost_lines[0] and "Cost: $0.02 " in cost_lines[0] and "in=10000 out=500" in cost_lines[0]
+    assert all("Cost: unpriced" in l for l in cost_lines[1:])
+    warnings = [l for l in lines if "Cost: Not calculated (no pricing configured)" in l]
+    assert len(warnings) == 2  # once per unpriced model, however many calls
+    assert any("openai/my-finetune" in l for l in warnings) and any("openai/other-unpriced" in l for l in warnings)
 
 
 @pytest.mark.parametrize("stream", [False, True])
