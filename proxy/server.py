@@ -220,7 +220,8 @@ class _Call:
         console = None
         if ctx.metered or usage is not None:
             # Unpriced: the once-per-model warning above carries the full explanation.
-            cost_text = f"${format(cost.total_cost.normalize(), 'f')}" if cost is not None else "unpriced"
+            total = record["total_cost"]  # 0 for calls nobody bills, None when unpriced
+            cost_text = f"${format(total.normalize(), 'f')}" if total is not None else "unpriced"
             console = (
                 f"{_console_time()} INFO 💵 Cost Tracking: {ctx.provider}/{record['response_model'] or ctx.model} | "
                 f"tokens in={record['input_tokens']} out={record['output_tokens']} "

@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 from openai import AsyncOpenAI
 
@@ -112,13 +113,18 @@ async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_pe
     async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
         for model in ("gpt-4o", "my-finetune", "my-finetune", "other-unpriced", "my-finetune"):
             await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    mock.on("/v1/chat/completions", json_reply({"error": {"message": "nope"}}, status=400))
+    async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError):  # not billed: $0, whatever the model's price
+            await c.chat.completions.create(model="my-finetune", messages=[{"role": "user", "content": "hi"}])
     code, err = await served.terminate()
     assert code == 0, err
     lines = err.splitlines()
     cost_lines = [l for l in lines if "💵 Cost Tracking:" in l]
-    assert len(cost_lines) == 5
+    assert len(cost_lines) == 6
     assert "openai/gpt-4o " in cost_lines[0] and "Cost: $0.02 " in cost_lines[0] and "in=10000 out=500" in cost_lines[0]
-    assert all("Cost: unpriced" in l for l in cost_lines[1:])
+    assert all("Cost: unpriced" in l for l in cost_lines[1:5])
+    assert "Cost: $0 | 400" in cost_lines[5]
     warnings = [l for l in lines if "Cost: Not calculated (no pricing configured)" in l]
     assert len(warnings) == 2  # once per unpriced model, however many calls
     assert any("openai/my-finetune" in l for l in warnings) and any("openai/other-unpriced" in l for l in warnings)
