@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from .analytics import RollingWindow, cost_units, records_since, units_to_usd
@@ -39,6 +40,8 @@ _HOP = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+        # aiohttp has already decoded a compressed request body: it goes upstream plain.
+        "content-encoding",
     }
 )
 # With a configured provider key, a client credential in any family's key header stays
@@ -289,26 +292,37 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         # Still one record: a misconfigured client shows up in the log, not only in its own errors.
         unknown = ProviderConfig(name=name, type="openai", base_url="")
         ctx = CallContext(timestamp=time.time(), provider=name, family="unknown",
-                          endpoint=request.rel_url.path[len(name) + 1 :], ip_address=request.remote)
+                          endpoint="/" + request.match_info["tail"], ip_address=request.remote)
         call = _Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())
         return _refuse(call, 404, "unknown provider",
                        f"unknown provider '{name}'; configured: {', '.join(state.config.providers)}")
     adapter = ADAPTERS[provider.type]
-    raw_path = request.rel_url.raw_path
-    tail = raw_path[len(name) + 1 :]  # keeps the leading "/" and the percent-encoding
-    endpoint = adapter.endpoint(tail, request.method)
+    # Upstream gets the path as the client encoded it; metering classifies the decoded
+    # path, which is what the provider will act on (so `complet%69ons` is still metered).
+    raw_tail = "/" + request.rel_url.raw_path[1:].partition("/")[2]
+    path = "/" + request.match_info["tail"]
+    endpoint = adapter.endpoint(path, request.method)
     started = time.time()
 
     client_key = adapter.client_key(request.headers, request.query)
     key_id = _key_fingerprint(client_key) if client_key else None
     ctx = CallContext(
-        timestamp=started, provider=name, family=provider.type, endpoint=request.rel_url.path[len(name) + 1 :],
+        timestamp=started, provider=name, family=provider.type, endpoint=path,
         key_id=key_id, ip_address=request.remote, metered=endpoint.kind is not None,
     )
     call = _Call(state, provider, adapter, endpoint, ctx, (client_key, provider.api_key))
 
     try:
         body_bytes = await request.read()
+    except RequestPayloadError as e:
+        # A body that cannot be read (e.g. labelled gzip but not gzip): answer it in the
+        # family's words, as the provider would, and record it.
+        return _refuse(call, 400, f"unreadable request body: {type(e.__cause__ or e).__name__}",
+                       "The request body could not be read (check its Content-Encoding).")
+    except asyncio.CancelledError:
+        call.status, call.error = 499, "client disconnected while sending its request"
+        call.finish(CallInfo())
+        raise
     except web.HTTPRequestEntityTooLarge:
         call.status, call.error = 413, f"request body over {state.config.max_body_mb} MB"
         call.finish(CallInfo())
@@ -335,10 +349,10 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         body_bytes = orjson.dumps(prepared.body)
     hide_usage_chunk = prepared.hide_usage_chunk if prepared else False
 
-    query = request.query_string
+    query = request.rel_url.raw_query_string  # as sent: decoding would turn %23 into a fragment
     if provider.api_key and "key=" in query:
         query = "&".join(p for p in query.split("&") if not p.startswith("key="))
-    url = provider.base_url + tail + (f"?{query}" if query else "")
+    url = provider.base_url + raw_tail + (f"?{query}" if query else "")
 
     assert state.session is not None
     info = CallInfo()

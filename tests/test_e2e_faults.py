@@ -608,3 +608,65 @@ async def test_non_metered_endpoint_passes_through_with_a_zero_record(mock, prox
     assert rec["endpoint"] == "/v1/models" and rec["status"] == 200 and rec["error"] is None
     assert rec["ip_address"] == "127.0.0.1"
     assert_zero_usage(rec)  # no tokens used: 0, not null
+
+
+# --- what the client sends, exactly as sent ---------------------------------------------
+
+
+async def test_percent_encoded_path_is_metered_like_the_decoded_one(mock, proxy, http):
+    """The provider decodes `complet%69ons`; so must metering (or it is a free pass)."""
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    mock.on("/v1beta/models/gemini-2.5-flash:generateContent", json_reply(gemini_response(usage=FLASH_USAGE)))
+    url = aiohttp.client.URL(f"{proxy.url}/openai/v1/chat/complet%69ons", encoded=True)
+    async with http.post(url, json=OPENAI_BODY, headers=CALLS["openai"][3]) as r:
+        assert r.status == 200
+    url = aiohttp.client.URL(f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash%3AgenerateContent", encoded=True)
+    async with http.post(url, json=GEMINI_BODY, headers=CALLS["gemini"][3]) as r:
+        assert r.status == 200
+    chat, gem = await proxy.records()
+    assert chat["endpoint"] == "/v1/chat/completions" and dec(chat["total_cost"]) == Decimal("0.020")
+    assert gem["model"] == "gemini-2.5-flash" and dec(gem["total_cost"]) == Decimal("0.0034")
+
+
+async def test_percent_encoded_provider_name_keeps_the_upstream_path(mock, proxy, http):
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    url = aiohttp.client.URL(f"{proxy.url}/%6Fpenai/v1/chat/completions", encoded=True)
+    async with http.post(url, json=OPENAI_BODY, headers=CALLS["openai"][3]) as r:
+        assert r.status == 200
+    assert mock.requests[0].path == "/v1/chat/completions"
+    [rec] = await proxy.records()
+    assert rec["provider"] == "openai" and rec["total_tokens"] == 10500
+
+
+async def test_query_string_goes_upstream_as_sent(mock, proxy, http):
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    url = aiohttp.client.URL(f"{proxy.url}/openai/v1/chat/completions?q=%23frag&z=1", encoded=True)
+    async with http.post(url, json=OPENAI_BODY, headers=CALLS["openai"][3]) as r:
+        assert r.status == 200
+    assert dict(mock.requests[0].query) == {"q": "#frag", "z": "1"}
+
+
+async def test_gzip_request_body_is_forwarded_decoded_and_labelled_so(mock, proxy, http):
+    import gzip as gz
+
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    headers = {**CALLS["openai"][3], "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with http.post(f"{proxy.url}/openai/v1/chat/completions", data=gz.compress(json.dumps(OPENAI_BODY).encode()),
+                         headers=headers) as r:
+        assert r.status == 200
+    sent = mock.requests[0]
+    assert "Content-Encoding" not in sent.headers and sent.json == OPENAI_BODY
+    [rec] = await proxy.records()
+    assert rec["model"] == "gpt-4o" and dec(rec["total_cost"]) == Decimal("0.020")
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic", "gemini"])
+async def test_unreadable_request_body_is_400_in_family_format_and_recorded(family, mock, proxy, http):
+    provider, path, body, headers = CALLS[family]
+    async with http.post(f"{proxy.url}/{provider}{path}", data=json.dumps(body).encode(),
+                         headers={**headers, "Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        assert_family_error(family, await r.json(), 400)
+    assert mock.requests == []  # never forwarded
+    [rec] = await proxy.records()
+    assert rec["status"] == 400 and "unreadable request body" in rec["error"] and rec["total_cost"] == 0
