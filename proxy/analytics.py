@@ -843,9 +843,7 @@ class _CacheRates:
         if self.book is None or not provider:
             return None
         pr = self.pricing
-        price = self.book.resolve(provider, response_model, family) if response_model else None
-        if price is None and model:
-            price = self.book.resolve(provider, model, family)
+        price = self.book.resolve(provider, response_model, model, family=family)
         if price is None:
             return None
         when = datetime.fromisoformat(hour + ":00:00+00:00")

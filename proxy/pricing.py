@@ -221,26 +221,30 @@ class PriceBook:
         self._models = {p: {normalize_model(k): v for k, v in m.items()} for p, m in models.items()}
         self._aliases = {p: {normalize_model(k): v for k, v in a.items()} for p, a in (aliases or {}).items()}
         self._fallback = fallback  # an object with .lookup(provider, family, model) -> ModelPrice | None
-        self._memo: dict[tuple[str, str, str | None], ModelPrice | None] = {}
+        self._memo: dict[tuple[str, tuple[str, ...], str | None], ModelPrice | None] = {}
 
-    def resolve(self, provider: str, model: str | None, family: str | None = None) -> ModelPrice | None:
-        if not model:
+    def resolve(self, provider: str, *models: str | None, family: str | None = None) -> ModelPrice | None:
+        """The price for the first of ``models`` config.yml knows, else the first the
+        catalog knows: a configured price always wins over the catalog, whichever of
+        the names (the reply's or the request's) it is configured under."""
+        names = tuple(m for m in models if m)
+        if not names:
             return None
-        key = (provider, model, family)
+        key = (provider, names, family)
         try:
             return self._memo[key]
         except KeyError:
             pass
-        found = self._resolve(provider, model, family)
+        found = self._resolve(provider, names, family)
         if len(self._memo) >= self._MEMO_LIMIT:
             self._memo.clear()  # unbounded client-chosen names must not grow memory
         self._memo[key] = found
         return found
 
-    def _resolve(self, provider: str, model: str, family: str | None) -> ModelPrice | None:
+    def _resolve(self, provider: str, names: tuple[str, ...], family: str | None) -> ModelPrice | None:
         table = self._models.get(provider, {})
         aliases = {**self._aliases.get("*", {}), **self._aliases.get(provider, {})}
-        candidates = name_candidates(model, aliases)
+        candidates = [c for name in names for c in name_candidates(name, aliases)]
         for cand in candidates:
             if cand in table:
                 return table[cand]
@@ -389,9 +393,7 @@ def price_call(
 ) -> Priced:
     """Price one call: the model the reply names first (most specific), then the
     requested one. Used live and when re-pricing history, so both agree."""
-    price = book.resolve(provider, response_model, family) if response_model else None
-    if price is None:
-        price = book.resolve(provider, model, family)
+    price = book.resolve(provider, response_model, model, family=family)
     if price is None:
         return Priced(None, None)
     rates, variant = select_rates(price, usage, when, price_variants(service_tier, speed))

@@ -70,7 +70,7 @@ def _show(args: argparse.Namespace) -> int:
         if p is None:
             print(f"error: no provider {name!r} in {config.path}", file=sys.stderr)
             return 2
-        price = book.resolve(name, args.model, p.type)
+        price = book.resolve(name, args.model, family=p.type)
         if price is not None:
             found = True
             print(describe(price, args.model, name))
@@ -92,16 +92,19 @@ def _check(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"error: {path}: no such log", file=sys.stderr)
         return 2
-    seen: Counter[tuple[str, str, str]] = Counter()
+    seen: Counter[tuple[str, str, str, str]] = Counter()
     with _open(path) as f:
         for rec in iter_jsonl(f):
             if not rec.get("total_tokens"):
                 continue
-            model = rec.get("response_model") or rec.get("model") or "?"
-            seen[(str(rec.get("provider")), str(rec.get("provider_type") or rec.get("provider")), model)] += 1
+            key = (str(rec.get("provider")), str(rec.get("provider_type") or rec.get("provider")),
+                   str(rec.get("response_model") or ""), str(rec.get("model") or ""))
+            seen[key] += 1
     unpriced, catalog = [], []
-    for (provider, family, model), n in sorted(seen.items()):
-        price = book.resolve(provider, model, family)
+    for (provider, family, response_model, requested), n in sorted(seen.items()):
+        # Resolved as the proxy prices a call: the reply's model, then the request's.
+        price = book.resolve(provider, response_model, requested, family=family)
+        model = response_model or requested or "?"
         if price is None:
             unpriced.append((provider, model, n))
         elif price.source == "catalog":

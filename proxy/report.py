@@ -663,7 +663,7 @@ def suggestions(r: Report) -> list[str]:
         if book is not None and h[A.H_SHORT] >= 20 and h[A.H_SHORT] * 4 >= ok:
             table_ = getattr(book, "_models", {}).get(provider, {})
             for sib in cheaper_siblings(family_name, table_):
-                price = book.resolve(provider, sib, family)
+                price = book.resolve(provider, sib, family=family)
                 if price is None:
                     continue
                 rates = _base_rates(price, when)
@@ -686,7 +686,7 @@ def suggestions(r: Report) -> list[str]:
                    f"but only {share} of that input came from cache; if these prompts repeat, {hint}")
             weight = 0
             if book is not None:
-                price = book.resolve(provider, model, family)
+                price = book.resolve(provider, model, family=family)
                 if price is not None:
                     rates = _base_rates(price, when)
                     cached = rates.cached_input if rates.cached_input is not None else rates.input

@@ -108,7 +108,7 @@ def test_price_list_order_does_not_matter_but_only_one_may_lack_until():
 def test_snapshots_and_aliases_resolve_to_family_never_by_prefix(asked, priced_as):
     models = {m: {"input": 1, "output": 1} for m in ("gpt-4o", "gpt-4o-mini", "o3", "gemini-2.5-flash", "claude-sonnet-4-5")}
     b = book(models, aliases={"sonnet": "claude-sonnet-4-5"})
-    price = b.resolve("p", asked, "openai")
+    price = b.resolve("p", asked, family="openai")
     assert (price.model if price else None) == priced_as
 
 
@@ -199,3 +199,13 @@ def test_price_id_changes_with_the_price():
     a = parse_model_price("m", {"input": 1, "output": 2}, "k")
     b = parse_model_price("m", {"input": 1, "output": 3}, "k")
     assert a.price_id != b.price_id and len(a.price_id) == 10
+
+
+def test_configured_price_beats_the_catalog_under_either_name():
+    """Config lists the requested name; the reply names a snapshot only the catalog
+    knows. The configured (negotiated) price must still win."""
+    b = book({"claude-3-5-sonnet-latest": {"input": 1, "output": 1}}, provider="anthropic", family="anthropic", catalog=True)
+    priced = price_call(b, provider="anthropic", family="anthropic", model="claude-3-5-sonnet-latest",
+                        response_model="claude-3-5-sonnet-20241022", usage=Usage(1_000_000, 0), when=NOW)
+    assert priced.price.source == "config" and priced.cost.total_cost == Decimal("1")
+    assert b.resolve("anthropic", "claude-3-5-sonnet-20241022", family="anthropic").source == "catalog"
