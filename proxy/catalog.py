@@ -167,18 +167,21 @@ def convert(info: Any, version: str) -> ModelPrice | None:
             return None
         until = conditionals[i + 1][0] if i + 1 < len(conditionals) else None
         periods.append(PricePeriod(card, until, {}))
-    # Variants are recorded against the current price: the catalog dates them by when
-    # it began modelling them, not by when the provider introduced them.
-    variants: dict[str, RateCard] = {}
-    for variant in info.price_variants or ():
-        name = _variant_name(variant.when)
-        if name is None:
-            continue
-        card = _card(variant.prices, periods[-1].card.rates)
-        if card is not None and name not in variants:
-            variants[name] = card
-    if variants:
-        last = periods[-1]
-        periods[-1] = PricePeriod(last.card, last.until, variants)
+    # Variants (flex, priority, batch…) are dated like prices: a period takes, per name,
+    # the first listed variant that starts before the period ends, which is the one the
+    # catalog itself picks at request time. A start date inside the period marks when the
+    # catalog began modelling the variant, not a price change, so it is not a bound.
+    named = [(name, v) for v in info.price_variants or () if (name := _variant_name(v.when)) is not None]
+    if named:
+        for i, period in enumerate(periods):
+            variants: dict[str, RateCard] = {}
+            for name, variant in named:
+                start = getattr(variant.constraint, "start_date", None)
+                if start is not None and period.until is not None and datetime.combine(start, time(), timezone.utc) >= period.until:
+                    continue
+                card = _card(variant.prices, period.card.rates)
+                if card is not None and name not in variants:
+                    variants[name] = card
+            periods[i] = PricePeriod(period.card, period.until, variants)
     digest = hashlib.sha256(repr((info.id, version, tuple(periods))).encode()).hexdigest()[:10]
     return ModelPrice(info.id, tuple(periods), source="catalog", price_id=digest)

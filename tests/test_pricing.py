@@ -209,3 +209,23 @@ def test_configured_price_beats_the_catalog_under_either_name():
                         response_model="claude-3-5-sonnet-20241022", usage=Usage(1_000_000, 0), when=NOW)
     assert priced.price.source == "config" and priced.cost.total_cost == Decimal("1")
     assert b.resolve("anthropic", "claude-3-5-sonnet-20241022", family="anthropic").source == "catalog"
+
+
+def test_catalog_variants_apply_before_a_scheduled_price_change():
+    """A model whose catalog entry already holds a future price: today's flex and
+    priority rates must be today's, as genai-prices itself computes them."""
+    from genai_prices import Usage as GUsage, calc_price
+
+    cat = Catalog()
+    candidates = ("gemini-3.8-flash-tts", "gemini-3.6-flash", "gemini-3.8-flash")
+    model = next((m for m in candidates if cat.lookup("gemini", "gemini", m) is not None
+                  and len(cat.lookup("gemini", "gemini", m).periods) > 1), None)
+    if model is None:
+        pytest.skip("the pinned catalog has no model with a scheduled price change")
+    b = book({"x": {"input": 1, "output": 1}}, provider="gemini", family="gemini", catalog=True)
+    u = Usage(1000, 500)
+    for tier in ("flex", "priority"):
+        theirs = calc_price(GUsage(input_tokens=1000, output_tokens=500), model, provider_id="google",
+                            genai_request_timestamp=NOW, price_context={"service_tier": tier})
+        ours = total(b, model, u, family="gemini", provider="gemini", tier=tier)
+        assert ours == theirs.total_price.quantize(Decimal("1e-10")), (model, tier)
