@@ -7,6 +7,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -36,9 +37,12 @@ def describe(price: ModelPrice, asked: str, provider: str) -> str:
     source = "config.yml" if price.source == "config" else "genai-prices catalog"
     lines = [f"{asked} ({provider}) -> {price.model}, from the {source} [price id {price.price_id}]"]
     lines.append(f"  {'USD per 1M tokens':<28}" + "".join(f"{c:>15}" for c in _RATE_COLUMNS[:-1]) + f"{'web_search/1K':>15}")
-    start = "earliest"
+    start = None
     for period in price.periods:
-        span = f"{start} .. {period.until.date() if period.until else 'now'}"
+        if period.until is None:
+            span = f"from {start}" if start else "always"
+        else:
+            span = f"{start} .. {period.until.date()}" if start else f"before {period.until.date()}"
         lines += _card_lines(span, period.card)
         for name, card in period.service_tiers.items():
             lines += _card_lines(f"  {name}", card)
@@ -131,9 +135,9 @@ def _rates_yaml(r: Rates) -> str:
 
 
 def price_yaml(model: str, price: ModelPrice) -> str:
-    """A config.yml ``models:`` entry reproducing a catalog price (current period,
-    with its tiers and service tiers), as one flow-style line."""
-    period = price.periods[-1]
+    """A config.yml ``models:`` entry reproducing a catalog price, as one flow-style
+    line: every period with its ``until`` date (so old calls keep old prices, and a
+    scheduled price change takes effect on its day), with tiers and service tiers."""
 
     def card(c: RateCard) -> str:
         s = _rates_yaml(c.rates)
@@ -141,10 +145,17 @@ def price_yaml(model: str, price: ModelPrice) -> str:
             s += ", tiers: [" + ", ".join(f"{{above: {t.above}, {_rates_yaml(t.rates)}}}" for t in c.tiers) + "]"
         return s
 
-    body = card(period.card)
-    if period.service_tiers:
-        body += ", service_tiers: {" + ", ".join(f"{n}: {{{card(c)}}}" for n, c in period.service_tiers.items()) + "}"
-    return f'"{model}": {{pricing: {{{body}}}}}  # from genai-prices, {datetime.now(timezone.utc).date()}'
+    def period(p: Any) -> str:
+        body = card(p.card)
+        if p.service_tiers:
+            body += ", service_tiers: {" + ", ".join(f"{n}: {{{card(c)}}}" for n, c in p.service_tiers.items()) + "}"
+        if p.until is not None:
+            body += f", until: {p.until.isoformat().replace('+00:00', 'Z')}"
+        return "{" + body + "}"
+
+    periods = [period(p) for p in price.periods]
+    pricing = periods[0] if len(periods) == 1 else "[" + ", ".join(periods) + "]"
+    return f'"{model}": {{pricing: {pricing}}}  # from genai-prices, {datetime.now(timezone.utc).date()}'
 
 
 def insert_models(text: str, provider: str, entries: list[str]) -> str:
@@ -235,9 +246,16 @@ def _sync(args: argparse.Namespace) -> int:
     except Exception as e:  # anything at all: config.yml is left untouched
         print(f"error: could not update {path} safely ({e}); paste this instead:\n" + "\n".join(entries), file=sys.stderr)
         return 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new_text, encoding="utf-8")
-    os.replace(tmp, path)
+    # Same directory (atomic rename), same permissions: config.yml may hold literal keys.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new_text)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     # Reload once more from disk: what we wrote is what the proxy will read.
     load_config(path)
     print(f"added {len(entries)} model(s) to providers.{args.provider}.models in {path}")

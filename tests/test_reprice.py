@@ -118,15 +118,25 @@ def test_pricing_show_check_and_sync(log_dir: Path):
     write_config(log_dir / "config.yml", "2.50")
     res = run("pricing", "show", "gpt-4o-2024-08-06", "--config", "config.yml", cwd=log_dir)
     assert res.returncode == 0 and "-> gpt-4o, from the config.yml" in res.stdout and "2.5" in res.stdout
+    # A deployment that answers with its own name: priced through the requested gpt-4o.
+    with (log_dir / "log.jsonl").open("a") as f:
+        f.write(json.dumps({**record("2026-11-17T10:00:00.000Z", 100, 0, 10, "0.00035"), "response_model": "acme-deploy-7"}) + "\n")
     res = run("pricing", "check", "--config", "config.yml", "--file", "log.jsonl", cwd=log_dir)
     assert res.returncode == 1 and "openai/mystery-model" in res.stdout
+    assert "acme-deploy-7" not in res.stdout  # priced, so not listed as unpriced
 
     # sync writes a catalog price into config.yml, keeping its comments
     cfg = log_dir / "config.yml"
     cfg.write_text(cfg.read_text().replace("catalog: {enabled: false}", "catalog: {enabled: true}"))
-    res = run("pricing", "sync", "gpt-4.1-mini", "--provider", "openai", "--config", "config.yml", "--write", cwd=log_dir)
+    cfg.chmod(0o600)
+    res = run("pricing", "sync", "gpt-4.1-mini", "o3", "--provider", "openai", "--config", "config.yml", "--write", cwd=log_dir)
     assert res.returncode == 0, res.stderr
     text = cfg.read_text()
     assert text.startswith("# my comment stays\n") and '"gpt-4.1-mini": {pricing: {input: 0.4' in text
+    assert cfg.stat().st_mode & 0o777 == 0o600  # a config holding keys stays private
+    # o3's price history comes along: calls before 2025-06-10 keep the old price
+    assert "until: 2025-06-10" in text
+    res = run("pricing", "show", "o3", "--config", "config.yml", cwd=log_dir)
+    assert "from the config.yml" in res.stdout and "before 2025-06-10" in res.stdout
     res = run("pricing", "show", "gpt-4.1-mini", "--config", "config.yml", cwd=log_dir)
     assert "from the config.yml" in res.stdout
