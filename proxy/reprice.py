@@ -8,6 +8,7 @@ each call's time. Files are streamed line by line: constant memory at any size.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import os
 import sys
@@ -157,12 +158,18 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
             with os.fdopen(fd, "wb") as out, src.open("rb") as f:
                 for line in reprice_lines(iter(f), book, stats, now):
                     out.write(line)
-                # Lines the proxy appended while we worked are copied as they are.
-                out.write(f.read())
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, os.stat(src).st_mode & 0o777)
-            os.replace(tmp, src)
+                # A running proxy writes each batch under a shared lock and follows a
+                # rename (logwriter.py): holding the exclusive lock while the last lines
+                # are copied and the new file swapped in, no line can fall in between.
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                try:
+                    out.write(f.read())  # lines the proxy appended while we worked, as they are
+                    out.flush()
+                    os.fsync(out.fileno())
+                    os.chmod(tmp, os.stat(src).st_mode & 0o777)
+                    os.replace(tmp, src)
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -140,3 +140,37 @@ def test_pricing_show_check_and_sync(log_dir: Path):
     assert "from the config.yml" in res.stdout and "before 2025-06-10" in res.stdout
     res = run("pricing", "show", "gpt-4.1-mini", "--config", "config.yml", cwd=log_dir)
     assert "from the config.yml" in res.stdout
+
+
+def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
+    """The proxy keeps appending through its open file while the log is rewritten and
+    swapped; every line written before, during and after must be in the new file."""
+    import threading
+
+    from proxy.catalog import pricebook_for
+    from proxy.config import load_config
+    from proxy.logwriter import JsonlWriter
+    from proxy.reprice import reprice_file
+
+    write_config(log_dir / "config.yml", "5.00")
+    src = log_dir / "log.jsonl"
+    before = len(src.read_text().splitlines())
+    writer = JsonlWriter(src, console_fd=None)
+    stop = threading.Event()
+    written = [0]
+
+    def proxy_traffic() -> None:
+        while not stop.is_set() and written[0] < 5000:
+            writer.write((json.dumps(record("2026-11-20T10:00:00.000Z", 10, 0, 1, "0.000035")) + "\n").encode())
+            written[0] += 1
+
+    t = threading.Thread(target=proxy_traffic)
+    t.start()
+    reprice_file(src, None, pricebook_for(load_config(log_dir / "config.yml")), in_place=True)
+    stop.set()
+    t.join()
+    for _ in range(3):  # and after the swap
+        writer.write((json.dumps(record("2026-11-21T10:00:00.000Z", 10, 0, 1, "0.000035")) + "\n").encode())
+        written[0] += 1
+    writer.close()
+    assert len(src.read_text().splitlines()) == before + written[0]
