@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,7 @@ class _Call:
                 warned = state.warned_unpriced
                 if warned is not None and (ctx.provider, model) not in warned:
                     warned.add((ctx.provider, model))
-                    log.warning("%s/%s Cost: Not calculated (no pricing configured)", ctx.provider, model)
+                    log.warning("%s/%s Cost: Not calculated (no pricing configured)", ctx.provider, _printable(model))
         if self.hold is not None:
             # Release the worst-case reservation and add the real cost (unknown or unpriced: 0).
             hold, self.hold = self.hold, None
@@ -226,13 +227,26 @@ class _Call:
             total = record["total_cost"]  # 0 for calls nobody bills, None when unpriced
             cost_text = f"${format(total.normalize(), 'f')}" if total is not None else "unpriced"
             console = (
-                f"{_console_time()} INFO 💵 Cost Tracking: {ctx.provider}/{record['response_model'] or ctx.model} | "
+                f"{_console_time()} INFO 💵 Cost Tracking: {ctx.provider}/{_printable(record['response_model'] or ctx.model)} | "
                 f"tokens in={record['input_tokens']} out={record['output_tokens']} "
                 f"(cache read={record['cache_read_tokens']} write={record['cache_write_tokens']}) | "
                 f"Cost: {cost_text} | {self.status} {latency:.0f}ms"
             )
         state.writer.write(dumps_record(record), console)
         state.window.add(record, ctx.timestamp)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str | None) -> str:
+    """Client-chosen text (a model name) made safe for a terminal line."""
+    return _UNPRINTABLE.sub("?", text[:200]) if text else "?"
+
+
+def _host(url: str) -> str:
+    """A webhook URL's host only: Slack-style webhook paths are secrets."""
+    return URL(url).host or "?"
 
 
 _console_second: tuple[int, str] = (0, "")
@@ -454,13 +468,15 @@ async def _relay_stream(
                 if out:
                     await response.write(b"".join(out))
                 continue
-            await response.write(chunk)
+            # Read the chunk before relaying it: if the client leaves on exactly the
+            # chunk that carries the usage, the usage is still ours.
             if sse:
                 for ev in parser.feed(chunk):
                     tap.on_event(ev.event, ev.data)
             else:
                 for element in parser.feed(chunk):
                     tap.on_element(element)
+            await response.write(chunk)
         if sse:
             for ev in parser.flush():
                 if tap.on_event(ev.event, ev.data) and filtering:
@@ -643,9 +659,9 @@ async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[
         async with session.post(url, data=dumps_json(payload), headers={"Content-Type": "application/json"},
                                 timeout=aiohttp.ClientTimeout(total=2)) as r:
             if r.status >= 300:
-                log.warning("budget webhook %s answered %s", url, r.status)
+                log.warning("budget webhook at %s answered %s", _host(url), r.status)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-        log.warning("budget webhook %s failed: %s", url, type(e).__name__)
+        log.warning("budget webhook at %s failed: %s", _host(url), type(e).__name__)
 
 
 def _budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:

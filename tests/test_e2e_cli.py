@@ -111,7 +111,7 @@ async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_pe
     mock.on("/v1/chat/completions", json_reply(lambda rec: chat_completion(rec.json["model"])))
     served = await serve(make_config(mock.url))
     async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
-        for model in ("gpt-4o", "my-finetune", "my-finetune", "other-unpriced", "my-finetune"):
+        for model in ("gpt-4o", "my-finetune", "my-finetune", "other-unpriced\n\x1b[31mFAKE LINE", "my-finetune"):
             await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
     mock.on("/v1/chat/completions", json_reply({"error": {"message": "nope"}}, status=400))
     async with AsyncOpenAI(base_url=f"{served.url}/openai/v1", api_key=CLIENT_OPENAI_KEY, max_retries=0) as c:
@@ -128,6 +128,8 @@ async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_pe
     warnings = [l for l in lines if "Cost: Not calculated (no pricing configured)" in l]
     assert len(warnings) == 2  # once per unpriced model, however many calls
     assert any("openai/my-finetune" in l for l in warnings) and any("openai/other-unpriced" in l for l in warnings)
+    # a client-chosen name cannot forge console lines or send terminal escapes
+    assert "\x1b" not in err and not any(l.startswith("FAKE LINE") or l.startswith("[31m") for l in lines)
 
 
 @pytest.mark.parametrize("stream", [False, True])
