@@ -92,7 +92,8 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
     state = ProxyState(config, build_pricebook(config), writer, window, warned_unpriced=set())
     app[APP_STATE] = state
     _setup_access(state, path, clock)
-    app.on_response_prepare.append(_add_budget_headers)
+    if state.budgets is not None:  # a signal per response costs; only when there are budgets
+        app.on_response_prepare.append(_add_budget_headers)
 
     async def on_startup(app: web.Application) -> None:
         # The tokenizer's vocabulary takes ~1 s and ~140 MB to load: do it now, in a
