@@ -824,10 +824,10 @@ def _dec(v: Any) -> Decimal:
     return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
 
 
-_CSV_FIELDS = ("time_utc", "request_id", "provider", "model", "response_model", "user_id", "key_id", "endpoint",
-               "status", "error", "is_streaming", "input_tokens", "output_tokens", "total_tokens",
-               "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "input_cost", "output_cost",
-               "total_cost", "latency_ms", "ttft_ms", "tags")
+_CSV_FIELDS = ("time_utc", "request_id", "provider", "model", "response_model", "user_id", "team", "key_id",
+               "session_id", "endpoint", "status", "error", "is_streaming", "input_tokens", "output_tokens",
+               "total_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "input_cost",
+               "output_cost", "total_cost", "pricing_source", "usage_source", "latency_ms", "ttft_ms", "tags")
 
 
 def _cell(v: Any) -> Any:

@@ -253,6 +253,8 @@ def test_csv_per_request_and_output_file(data: tuple[Path, list], tmp_path: Path
     assert "=cmd()" not in users and ("'=cmd()" in users or not any(r["user_id"] == "=cmd()" for r in sel))
     first = rows[0]["time_utc"]
     assert len(first) == 23 and first[10] == " "  # "2026-11-20 18:00:00.123"
+    # attribution and provenance columns a finance sheet filters on
+    assert {"team", "session_id", "pricing_source", "usage_source"} <= set(rows[0])
 
 
 def test_csv_group_by_user(data: tuple[Path, list]) -> None:
