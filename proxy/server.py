@@ -96,9 +96,9 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
         app.on_response_prepare.append(_add_budget_headers)
 
     async def on_startup(app: web.Application) -> None:
-        # The tokenizer's vocabulary takes ~1 s and ~140 MB to load: do it now, in a
-        # thread, rather than stall the first call that needs an estimate.
-        asyncio.get_running_loop().run_in_executor(None, warm_up)
+        # The tokenizer's vocabulary takes ~1 s and ~140 MB to load, holding the
+        # interpreter meanwhile: load it before listening rather than stall live calls.
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)
         state.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.read_timeout),
