@@ -3,8 +3,8 @@ cut, an OpenAI-compatible server that ignores ``include_usage``).
 
 Counts use the o200k BPE from ``bpe-openai`` when installed (its vocabulary ships
 inside the wheel: no download; ~140 MB in memory, loaded once at start-up), else a
-character heuristic. Both are exact or
-near-exact for OpenAI models and approximations for other families; the record says
+character heuristic. The BPE is exact for the text of OpenAI's current models and an
+approximation for other families; the heuristic is rough (±20%). The record says
 ``usage_source: "estimated"`` either way. Accuracy figures: README, "Estimated usage".
 """
 
