@@ -774,7 +774,7 @@ def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
       f" -> {'MET' if goals['rss_flat']['met'] else 'MISSED'}")
     w(f"  one log line per proxied call: {'MET' if lc['ok'] else 'MISSED'}")
     bg = R.get("background_cores", {})
-    w(f"background load from other processes (cores, max per phase): "
+    w("background load from other processes (cores, max per phase): "
       + ", ".join(f"{k} {v:.2f}" for k, v in bg.items()))
     if any(v > QUIET_CORES for v in bg.values()):
         w("  WARNING: other processes used the CPUs during the run; ratios are noisier than usual")

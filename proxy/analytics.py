@@ -119,19 +119,6 @@ class Totals:
         return bool(self.unpriced or self.unknown)
 
 
-def group_totals(records: Iterable[Mapping[str, Any]], key: str) -> tuple[Totals, dict[Any, Totals]]:
-    overall = Totals()
-    groups: dict[Any, Totals] = {}
-    for rec in records:
-        overall.add(rec)
-        g = rec.get(key)
-        t = groups.get(g)
-        if t is None:
-            t = groups[g] = Totals()
-        t.add(rec)
-    return overall, groups
-
-
 def parse_timestamp(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 

@@ -250,7 +250,7 @@ def pricebook(config: Any) -> Any:
     try:
         from .catalog import pricebook_for
     except ImportError:  # pragma: no cover - older tree
-        from .server import build_pricebook as pricebook_for
+        from .catalog import pricebook_for
     return pricebook_for(config)
 
 

@@ -67,10 +67,6 @@ class ProxyState:
     tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
 
 
-def build_pricebook(config: Config) -> PriceBook:
-    return pricebook_for(config)
-
-
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
     """Rebuild the 24-hour window from the log so /health survives restarts."""
     n = 0
@@ -89,7 +85,7 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
     if config.cost_tracking:
         load_window(path, window, time.time())
         writer = JsonlWriter(path)
-    state = ProxyState(config, build_pricebook(config), writer, window, warned_unpriced=set())
+    state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set())
     app[APP_STATE] = state
     _setup_access(state, path, clock)
     if state.budgets is not None:  # a signal per response costs; only when there are budgets

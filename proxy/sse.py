@@ -109,9 +109,6 @@ class SSEParser:
         self._buf.clear()
         return [ev] if ev is not None else []
 
-    @property
-    def pending(self) -> bytes:
-        return bytes(self._buf)
 
 
 _JSON_TOKEN = re.compile(rb'[{}\[\]"\\]')
