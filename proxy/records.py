@@ -7,6 +7,8 @@ added, so readers of older lines keep working.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +21,27 @@ from .pricing import Cost, ModelPrice
 from .usage import CallInfo, Usage
 
 SCHEMA_VERSION = 1
+
+# Client-chosen strings (model names, provider names from the path) are kept to this
+# many characters in a record: a 4 MB model name must not cost 4 MB per line.
+MAX_NAME_CHARS = 200
+
+# A record id unique across processes and restarts without a syscall per call: a
+# random per-process prefix and a counter. Readers drop a repeated id (a retried write).
+_ID_PREFIX = os.urandom(6).hex()
+_ids = itertools.count(1)
+
+
+def new_record_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):x}"
+
+
+def cap_name(text: str | None) -> str | None:
+    """A client-chosen name cut to ``MAX_NAME_CHARS``; the marker keeps a cut name
+    from ever equalling (and being priced as) a real, shorter one."""
+    if text is None or len(text) <= MAX_NAME_CHARS:
+        return text
+    return f"{text[:MAX_NAME_CHARS]}…[{len(text)} chars]"
 
 # Credentials a provider might echo back in an error message ("Incorrect API key
 # provided: sk-abc***wxyz"): masked or not, none of it goes into a record.
@@ -66,6 +89,7 @@ class CallContext:
     key_id: str | None = None
     ip_address: str | None = None
     metered: bool = False  # an endpoint that bills tokens (chat, messages, …)
+    billable: bool = False  # costs money, but its usage cannot be read (images, batches, …)
     tags: dict[str, str] = field(default_factory=dict)
     team: str | None = None
     session_id: str | None = None
@@ -89,9 +113,12 @@ def build_record(
     price: ModelPrice | None,
     cost: Cost | None,
     price_variant: str | None = None,
+    record_id: str | None = None,
 ) -> dict[str, Any]:
-    """``usage`` is the reply's (``info.usage``) or an estimate; None when unknown."""
-    if usage is None and (status >= 400 or not ctx.metered):
+    """``usage`` is the reply's (``info.usage``) or an estimate; None when unknown.
+    A billable endpoint whose usage cannot be read (images, audio, batches) keeps
+    null tokens and cost, so reports say "at least"."""
+    if usage is None and (status >= 400 or not (ctx.metered or ctx.billable)) and not info.usage_error:
         # Providers do not bill failed calls, and non-metered endpoints use no tokens:
         # zero is known here, unlike an aborted stream whose usage is simply unknown.
         usage = Usage()
@@ -116,16 +143,17 @@ def build_record(
     return {
         "schema_version": SCHEMA_VERSION,
         "timestamp": iso_utc(ctx.timestamp),
+        "record_id": record_id or new_record_id(),
         "request_id": info.request_id,
         "user_id": ctx.user_id,
         "team": ctx.team,
         "key_id": ctx.key_id,
         "session_id": ctx.session_id,
         "ip_address": ctx.ip_address,
-        "provider": ctx.provider,
+        "provider": cap_name(ctx.provider),
         "provider_type": ctx.family,
-        "model": ctx.model,
-        "response_model": info.response_model,
+        "model": cap_name(ctx.model),
+        "response_model": cap_name(info.response_model),
         "endpoint": ctx.endpoint,
         "is_streaming": ctx.is_streaming,
         **tokens,
@@ -144,6 +172,7 @@ def build_record(
         "latency_ms": round(latency_ms, 2),
         "ttft_ms": round(ttft_ms, 2) if ttft_ms is not None else None,
         "usage_source": usage_source,
+        "usage_error": info.usage_error,
         "raw_usage": info.raw_usage,
         "tags": ctx.tags,
         "budget_override": ctx.budget_override,
@@ -157,5 +186,37 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+# Valid in JSON text, but line breaks to str.splitlines(), many editors and JavaScript
+# line readers: written escaped so every splitter sees one record per line. In UTF-8
+# these byte sequences can only be these characters, so a byte replace is exact.
+_LINE_BREAKERS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
 def dumps_record(record: dict[str, Any]) -> bytes:
-    return orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
+    """One JSON line. Strings that orjson refuses (lone surrogates from a lenient
+    parse) are written through the standard library's escaping instead of failing."""
+    try:
+        line = orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        line = _dumps_lenient(record)
+    for raw, escaped in _LINE_BREAKERS:
+        if raw in line:
+            line = line.replace(raw, escaped)
+    return line
+
+
+def _dumps_lenient(record: dict[str, Any]) -> bytes:
+    import json
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, Decimal):
+            return float(obj)  # replaced below by the exact text
+        raise TypeError(type(obj).__name__)
+
+    exact = {k: (format(v.normalize(), "f") if isinstance(v, Decimal) else v) for k, v in record.items()}
+    text = json.dumps(exact, default=default, separators=(",", ":"), allow_nan=False)
+    # Costs travelled as strings; put them back as JSON numbers.
+    for k, v in record.items():
+        if isinstance(v, Decimal):
+            text = text.replace(f'"{k}":"{exact[k]}"', f'"{k}":{exact[k]}', 1)
+    return text.encode("ascii") + b"\n"

@@ -7,9 +7,12 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import aiohttp
 import orjson
@@ -20,6 +23,8 @@ from yarl import URL
 
 from .analytics import RollingWindow, cost_units, records_since, units_to_usd
 from .attribution import attribute, is_proxy_header
+from .bodies import OFFLOAD_BYTES, BodyDigest, UnreadableBody, digest_offloaded, parse_json
+from .bodies import digest as digest_body
 from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, worst_case_usage
 from .config import Config, ProviderConfig
 from .logwriter import JsonlWriter
@@ -28,7 +33,8 @@ from .estimate import estimate_input_tokens, warm_up
 from .keys import KeyStore
 from .pricing import PriceBook, price_call
 from .providers import ADAPTERS, Adapter, Endpoint
-from .records import CallContext, build_record, dumps_record, fingerprint, json_default, redact
+from .records import CallContext, build_record, cap_name, dumps_record, fingerprint, json_default, redact
+from .redaction import StreamRedactor, redact_bytes, redact_headers
 from .sse import JSONArrayStreamParser, SSEParser
 from .usage import CallInfo, Usage
 
@@ -65,12 +71,25 @@ class ProxyState:
     keys: KeyStore | None = None  # with auth: configured
     budgets: Any = None  # budgets.BudgetLedger, with budgets: or auth: configured
     tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
+    shutting_down: bool = False  # set at SIGTERM: calls cut from here on were cut by us
+    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+
+    def body_pool(self) -> ProcessPoolExecutor:
+        """One worker process for digesting huge request bodies, started on first need."""
+        if self._pool is None:
+            import multiprocessing
+
+            # spawn: a fork of a process with threads (the log writer) is not safe.
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
     """Rebuild the 24-hour window from the log so /health survives restarts."""
     n = 0
     for rec in records_since(path, now - window.seconds):
+        if rec.get("provider_type") == "unknown":
+            rec = {**rec, "provider": UNKNOWN_PROVIDER}
         window.add(rec)
         n += 1
     return n
@@ -102,7 +121,12 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
             skip_auto_headers=("User-Agent",),
         )
 
+    async def on_shutdown(app: web.Application) -> None:
+        state.shutting_down = True
+
     async def on_cleanup(app: web.Application) -> None:
+        if state._pool is not None:
+            state._pool.shutdown(wait=False, cancel_futures=True)
         if state.tasks:
             await asyncio.wait(list(state.tasks), timeout=3)  # webhook posts time out after 2 s
         if state.session is not None:
@@ -112,6 +136,7 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
             await asyncio.get_running_loop().run_in_executor(None, state.writer.close)
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/health", handle_health)
     app.router.add_route("*", "/{provider}/{tail:.*}", handle_proxy)
@@ -151,7 +176,8 @@ def _error_response(adapter: Adapter, status: int, message: str) -> web.Response
 class _Call:
     """Per-call bookkeeping shared by the buffered and streamed paths."""
 
-    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets", "body", "hold")
+    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets",
+                 "body", "input_estimate", "hold", "info", "finished", "pending")
 
     def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext, secrets: tuple[str | None, ...]) -> None:
         self.state, self.provider, self.adapter, self.endpoint, self.ctx = state, provider, adapter, endpoint, ctx
@@ -161,12 +187,23 @@ class _Call:
         self.error: str | None = None
         self.secrets = secrets
         self.body: Any = None
+        self.input_estimate: int | None = None  # precomputed for bodies digested off the loop
         self.hold: Any = None  # a budget reservation, settled in finish()
+        self.info = CallInfo()
+        self.finished = False
+        self.pending: asyncio.Future[bool] | None = None  # the record on its way to the kernel
+
+    def _input_tokens(self, model: str | None) -> int:
+        if self.input_estimate is not None:
+            return self.input_estimate
+        return estimate_input_tokens(self.body, model)
 
     def _usage(self, info: CallInfo, error: str | None) -> tuple[Usage | None, str | None]:
         """The reply's usage; or, when it never came, an estimate from the request and
         the text relayed so far (the provider bills a call it accepted either way)."""
         usage, text = info.usage, info.output_text
+        if info.usage_error:
+            return None, None  # the reply reported usage we cannot believe: cost unknown
         accepted = 200 <= self.status < 400 or self.status == 499
         if not (self.ctx.metered and accepted):
             return usage, "provider" if usage is not None else None
@@ -175,7 +212,7 @@ class _Call:
                 return None, None
             model = info.response_model or self.ctx.model
             output = text.tokens() if text is not None else 0
-            return Usage(input_tokens=estimate_input_tokens(self.body, model), output_tokens=output), "estimated"
+            return Usage(input_tokens=self._input_tokens(model), output_tokens=output), "estimated"
         if error and text is not None and not text.empty and info.finish_reason is None:
             # Cut short after usage began (Anthropic's message_start has only a
             # placeholder output count): the relayed text is the better output figure.
@@ -185,10 +222,53 @@ class _Call:
                 return usage, "estimated"
         return usage, "provider"
 
-    def finish(self, info: CallInfo) -> None:
+    def finish(self, info: CallInfo | None = None) -> asyncio.Future[bool] | None:
+        """Record the call, once: price it, settle its budget hold, hand the record to
+        the writer. Returns a future while the record waits for a slow disk. Nothing
+        raised in here may cost the client its reply, or the call its record."""
+        if self.finished:
+            return self.pending
+        self.finished = True
+        info = self.info if info is None else info
         state = self.state
+        units: int | None = None
+        line = console = None
+        try:
+            try:
+                record, console, units = self._record(info)
+                line = dumps_record(record)
+            except Exception as e:
+                log.error("metering failed on a %s call (%s): recorded without its cost", self.ctx.provider, type(e).__name__)
+                record, console = self._bare_record(f"metering failed: {type(e).__name__}"), None
+                line = dumps_record(record)
+        finally:
+            if self.hold is not None:
+                hold, self.hold = self.hold, None
+                state.budgets.settle(hold, units)
         if state.writer is None:
-            return
+            return None
+        self.pending = state.writer.write(line, console)
+        window_rec = record if self.ctx.family != "unknown" else {**record, "provider": UNKNOWN_PROVIDER}
+        state.window.add(window_rec, self.ctx.timestamp)
+        return self.pending
+
+    async def written(self) -> None:
+        """Finish the call and wait (briefly) until its record is in the kernel: called
+        before the reply's last byte goes out, so a SIGKILL after the client has its
+        reply loses no record."""
+        pending = self.finish()
+        if pending is not None and not pending.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), _WRITE_WAIT)
+            except asyncio.TimeoutError:
+                pass  # the disk is stuck: the record waits in memory, the reply need not
+
+    async def done(self, response: web.StreamResponse) -> web.StreamResponse:
+        await self.written()
+        return response
+
+    def _record(self, info: CallInfo) -> tuple[dict[str, Any], str | None, int | None]:
+        state = self.state
         error = self.error or info.error
         if error:
             error = redact(error, self.secrets)[:300]
@@ -203,15 +283,7 @@ class _Call:
             )
             price, cost, variant = priced.price, priced.cost, priced.variant
             if price is None:
-                model = info.response_model or ctx.model or "?"
-                warned = state.warned_unpriced
-                if warned is not None and (ctx.provider, model) not in warned:
-                    warned.add((ctx.provider, model))
-                    log.warning("%s/%s Cost: Not calculated (no pricing configured)", ctx.provider, _printable(model))
-        if self.hold is not None:
-            # Release the worst-case reservation and add the real cost (unknown or unpriced: 0).
-            hold, self.hold = self.hold, None
-            state.budgets.settle(hold, cost_units(cost.total_cost) if cost is not None else None)
+                self._warn_unpriced(info.response_model or ctx.model or "?")
         latency = (time.perf_counter() - self.t0) * 1000
         ttft = (self.ttft - self.t0) * 1000 if self.ttft is not None else None
         record = build_record(
@@ -220,7 +292,7 @@ class _Call:
         )
         console = None
         if ctx.metered or usage is not None:
-            # Unpriced: the once-per-model warning above carries the full explanation.
+            # Unpriced: the once-per-model warning carries the full explanation.
             total = record["total_cost"]  # 0 for calls nobody bills, None when unpriced
             cost_text = f"${format(total.normalize(), 'f')}" if total is not None else "unpriced"
             console = (
@@ -229,11 +301,34 @@ class _Call:
                 f"(cache read={record['cache_read_tokens']} write={record['cache_write_tokens']}) | "
                 f"Cost: {cost_text} | {self.status} {latency:.0f}ms"
             )
-        state.writer.write(dumps_record(record), console)
-        state.window.add(record, ctx.timestamp)
+        units = cost_units(cost.total_cost) if cost is not None else None
+        return record, console, units
+
+    def _bare_record(self, error: str) -> dict[str, Any]:
+        """The record of a call whose metering failed: who, what, when, and why no cost."""
+        latency = (time.perf_counter() - self.t0) * 1000
+        return build_record(self.ctx, CallInfo(usage_error=error), usage=None, status=self.status,
+                            error=redact(self.error or error, self.secrets)[:300], latency_ms=latency,
+                            ttft_ms=None, usage_source=None, price=None, cost=None)
+
+    def _warn_unpriced(self, model: str) -> None:
+        warned = self.state.warned_unpriced
+        key = (self.ctx.provider, model)
+        if warned is None or key in warned or len(warned) >= _MAX_WARNED:
+            return  # bounded: client-chosen names must not grow memory
+        warned.add(key)
+        log.warning("%s/%s Cost: Not calculated (no pricing configured)", _printable(self.ctx.provider), _printable(model))
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+UNKNOWN_PROVIDER = "(unknown)"  # /health counts calls to providers clients invent under this
+_MAX_WARNED = 1024
+# How long a reply waits for its record while the disk is slow before going out anyway.
+_WRITE_WAIT = 2.0
+# After a stream's final event, how long to wait for the upstream to end it before
+# writing the record and sending the rest (normally the end follows at once).
+_TAIL_WAIT = 1.0
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 
 def _printable(text: str | None) -> str:
@@ -287,12 +382,37 @@ def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Ad
     return headers
 
 
-def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in resp.headers.items():
-        if name.lower() not in _RESPONSE_DROP:
-            out.add(name, value)
-    return out
+def _response_headers(resp: aiohttp.ClientResponse, secret: str | None) -> CIMultiDict[str]:
+    return redact_headers(((n, v) for n, v in resp.headers.items() if n.lower() not in _RESPONSE_DROP), secret)
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    """True if any decoding of the path (upstreams differ in how often they decode)
+    has a ``.`` or ``..`` segment, with ``/`` or ``\\`` as separator: such a path can
+    climb out of the provider's base path, and metering could not classify it."""
+    path = raw_path
+    for _ in range(4):
+        if any(seg in (".", "..") for seg in _SEGMENT_SPLIT.split(path)):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # still encoded after four rounds: no honest client sends that
+
+
+_SEGMENT_SPLIT = re.compile(r"[/\\]")
+
+
+def forwarded_query(raw: str, strip_keys: bool) -> str:
+    """The query string for upstream. With a configured provider key, every ``key``
+    parameter goes, however its name is encoded (``%6Bey``, ``ke%79``, ``key+``):
+    the upstream decodes names before reading them, so this must too."""
+    if not raw or not strip_keys:
+        return raw
+    if "%" not in raw and "key" not in raw.lower():
+        return raw
+    return "&".join(p for p in raw.split("&") if unquote_plus(p.partition("=")[0]).strip().lower() != "key")
 
 
 async def handle_proxy(request: web.Request) -> web.StreamResponse:
@@ -300,83 +420,104 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     name = request.match_info["provider"]
     provider = state.config.providers.get(name)
     if provider is None:
-        # Still one record: a misconfigured client shows up in the log, not only in its own errors.
-        unknown = ProviderConfig(name=name, type="openai", base_url="")
-        ctx = CallContext(timestamp=time.time(), provider=name, family="unknown",
-                          endpoint="/" + request.match_info["tail"], ip_address=request.remote)
-        call = _Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())
-        return _refuse(call, 404, "unknown provider",
-                       f"unknown provider '{name}'; configured: {', '.join(state.config.providers)}")
+        return await _unknown_provider(state, request, name)
     adapter = ADAPTERS[provider.type]
     # Upstream gets the path as the client encoded it; metering classifies the decoded
     # path, which is what the provider will act on (so `complet%69ons` is still metered).
     raw_tail = "/" + request.rel_url.raw_path[1:].partition("/")[2]
     path = "/" + request.match_info["tail"]
     endpoint = adapter.endpoint(path, request.method)
-    started = time.time()
-
     client_key = adapter.client_key(request.headers, request.query)
-    key_id = _key_fingerprint(client_key) if client_key else None
     ctx = CallContext(
-        timestamp=started, provider=name, family=provider.type, endpoint=path,
-        key_id=key_id, ip_address=request.remote, metered=endpoint.kind is not None,
+        timestamp=time.time(), provider=name, family=provider.type, endpoint=cap_name(path) or path,
+        key_id=_key_fingerprint(client_key) if client_key else None, ip_address=request.remote,
+        metered=endpoint.kind is not None, billable=endpoint.billable,
     )
     call = _Call(state, provider, adapter, endpoint, ctx, (client_key, provider.api_key))
+    if has_dot_segment(raw_tail):
+        _identify(state, request, call, client_key, None)
+        return await call.done(_refuse(call, 400, "path has dot segments",
+                                       "The request path must not contain '.' or '..' segments, in any encoding."))
 
     try:
         body_bytes = await request.read()
     except RequestPayloadError as e:
         # A body that cannot be read (e.g. labelled gzip but not gzip): answer it in the
         # family's words, as the provider would, and record it.
-        return _refuse(call, 400, f"unreadable request body: {type(e.__cause__ or e).__name__}",
-                       "The request body could not be read (check its Content-Encoding).")
+        _identify(state, request, call, client_key, None)
+        return await call.done(_refuse(call, 400, f"unreadable request body: {type(e.__cause__ or e).__name__}",
+                                       "The request body could not be read (check its Content-Encoding)."))
     except asyncio.CancelledError:
-        call.status, call.error = 499, "client disconnected while sending its request"
-        call.finish(CallInfo())
+        _identify(state, request, call, client_key, None)
+        call.status = 499
+        call.error = ("proxy shut down while the client was sending its request" if state.shutting_down
+                      else "client disconnected while sending its request")
+        call.finish()
         raise
     except web.HTTPRequestEntityTooLarge:
-        call.status, call.error = 413, f"request body over {state.config.max_body_mb} MB"
-        call.finish(CallInfo())
-        too_large = _error_response(adapter, 413, call.error)
+        _identify(state, request, call, client_key, None)
+        too_large = _refuse(call, 413, f"request body over {state.config.max_body_mb} MB",
+                            f"request body over {state.config.max_body_mb} MB")
         # Close rather than linger reading the unwanted rest of the body: a lingering
         # connection also holds up graceful shutdown for its whole timeout.
         too_large.force_close()
-        return too_large
+        return await call.done(too_large)
 
-    body: Any = None
+    digest: BodyDigest | None = None
     if body_bytes and endpoint.kind is not None:
-        try:
-            body = orjson.loads(body_bytes)
-        except orjson.JSONDecodeError:
-            body = None  # not ours to judge: the provider answers it in its own words
-    ctx.model = adapter.requested_model(endpoint, body)
+        digest = await _digest(state, provider.type, endpoint, body_bytes)
+    body = digest.body if digest is not None else None
+    ctx.model = cap_name(adapter.requested_model(endpoint, body))
     ctx.is_streaming = adapter.wants_stream(endpoint, body)
     denied = _admit(state, request, adapter, endpoint, call, body, client_key)
     if denied is not None:
-        return denied
+        return await call.done(denied)
+    if digest is not None and digest.unreadable and state.budgets is not None:
+        # A body we cannot read is a call we cannot price: under budgets, not sent.
+        return await call.done(_refuse(call, 400, f"request body is not JSON: {digest.unreadable}",
+                                       "The request body is not valid JSON."))
     call.body = body
-    prepared = adapter.prepare(endpoint, body, ctx.is_streaming)
-    if prepared is not None:
-        body_bytes = orjson.dumps(prepared.body)
-    hide_usage_chunk = prepared.hide_usage_chunk if prepared else False
-
-    query = request.rel_url.raw_query_string  # as sent: decoding would turn %23 into a fragment
-    if provider.api_key and "key=" in query:
-        query = "&".join(p for p in query.split("&") if not p.startswith("key="))
+    if digest is not None:
+        call.input_estimate = digest.input_tokens
+        if digest.prepared is not None:
+            body_bytes = digest.prepared
+    hide_usage_chunk = digest.hide_usage_chunk if digest is not None else False
+    query = forwarded_query(request.rel_url.raw_query_string, bool(provider.api_key))
     url = provider.base_url + raw_tail + (f"?{query}" if query else "")
 
-    assert state.session is not None
-    info = CallInfo()
-    # Check-and-reserve against the budgets, then straight into the try whose finally
-    # settles it: nothing in between can fail or yield to another call.
-    denied = _reserve(state, request, adapter, endpoint, call, body, body_bytes)
+    # Check-and-reserve against the budgets, then straight into the try that settles
+    # it: nothing in between can fail or yield to another call.
+    denied = _reserve(state, request, adapter, endpoint, call, body, digest)
     if denied is not None:
-        return denied
+        return await call.done(denied)
+    try:
+        response = await _forward(request, call, URL(url, encoded=True), body_bytes, hide_usage_chunk)
+    except BaseException:
+        call.finish()
+        raise
+    return await call.done(response)
+
+
+async def _digest(state: ProxyState, family: str, endpoint: Endpoint, raw: bytes) -> BodyDigest:
+    if len(raw) <= OFFLOAD_BYTES:
+        return digest_body(family, endpoint, raw)
+    try:
+        pool = state.body_pool()
+        return await asyncio.get_running_loop().run_in_executor(pool, digest_offloaded, family, endpoint, raw)
+    except (OSError, RuntimeError, BrokenProcessPool) as e:
+        log.warning("body digest worker unavailable (%s): digesting on the event loop", type(e).__name__)
+        return digest_body(family, endpoint, raw)
+
+
+async def _forward(request: web.Request, call: _Call, url: URL, body_bytes: bytes, hide_usage_chunk: bool) -> web.StreamResponse:
+    """Send the call upstream and relay the reply; ``call.info`` gets what the reply says."""
+    state, provider, adapter, endpoint = call.state, call.provider, call.adapter, call.endpoint
+    assert state.session is not None
+    secret = provider.api_key
     try:
         try:
             upstream = await state.session.request(
-                request.method, URL(url, encoded=True),
-                headers=_forward_headers(request, provider, adapter),
+                request.method, url, headers=_forward_headers(request, provider, adapter),
                 data=body_bytes if body_bytes else None, allow_redirects=False,
             )
         except asyncio.TimeoutError:
@@ -395,25 +536,14 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
                 try:
                     return await _relay_stream(request, upstream, call, tap, sse, hide_usage_chunk)
                 finally:
-                    info = tap.result()
+                    call.info = _tap_result(tap, call)
             data = await upstream.read()
             call.ttft = time.perf_counter()
             if endpoint.kind is not None or upstream.status >= 400:
-                try:
-                    payload = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    payload = None
-                    if upstream.status < 400 and endpoint.kind is not None and data:
-                        call.error = "upstream reply is not JSON"
-                if upstream.status < 400:
-                    info = adapter.parse_reply(endpoint, payload)
-                else:
-                    err = payload.get("error") if isinstance(payload, dict) else None
-                    msg = (err.get("message") if isinstance(err, dict) else None) or data[:200].decode("utf-8", "replace")
-                    call.error = f"upstream {upstream.status}: {msg}"
-            if upstream.status >= 400 and provider.api_key and provider.api_key.encode() in data:
-                data = data.replace(provider.api_key.encode(), b"[redacted]")  # ours, never the client's to see
-            return web.Response(status=upstream.status, body=data, headers=_response_headers(upstream))
+                _read_reply(call, upstream.status, data)
+            if secret:
+                data = redact_bytes(data, secret.encode())  # ours, never the client's to see
+            return web.Response(status=upstream.status, body=data, headers=_response_headers(upstream, secret))
     except asyncio.TimeoutError:
         call.error = call.error or "upstream timed out mid-reply"
         if call.ttft is None:
@@ -429,13 +559,94 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             return _error_response(adapter, 502, f"upstream {provider.name} broke off its reply ({type(e).__name__})")
         raise
     except asyncio.CancelledError:
-        # handler_cancellation: the client went away; the upstream call is closed above.
-        call.error = call.error or "client disconnected before the reply finished"
+        # handler_cancellation: the client went away (or our shutdown ran out of time).
+        if state.shutting_down:
+            call.error = call.error or "proxy shut down before the reply finished"
+        else:
+            call.error = call.error or "client disconnected before the reply finished"
         if call.ttft is None:
             call.status = 499  # nginx's "client closed request": it got no reply at all
         raise
-    finally:
-        call.finish(info)
+
+
+def _read_reply(call: _Call, status: int, data: bytes) -> None:
+    """Usage and errors of a whole (non-streamed) reply; odd JSON never raises here."""
+    try:
+        payload = parse_json(data) if data else None
+    except UnreadableBody:
+        payload = None
+        if status < 400 and call.endpoint.kind is not None and data:
+            call.error = "upstream reply is not JSON"
+    try:
+        if status < 400:
+            call.info = call.adapter.parse_reply(call.endpoint, payload)
+        else:
+            err = payload.get("error") if isinstance(payload, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else None
+            if not isinstance(msg, str) or not msg:
+                msg = data[:200].decode("utf-8", "replace")
+            call.error = f"upstream {status}: {msg}"
+    except Exception as e:
+        call.info = CallInfo(usage_error=f"unreadable reply: {type(e).__name__}")
+
+
+def _tap_result(tap: Any, call: _Call) -> CallInfo:
+    try:
+        info: CallInfo = tap.result()
+        return info
+    except Exception as e:
+        return CallInfo(usage_error=f"unreadable stream: {type(e).__name__}")
+
+
+class _Relay:
+    """Feeds each chunk to the stream's parser and tap; returns the bytes to relay.
+    A tap that raises loses its metering for the call, never the client's bytes."""
+
+    __slots__ = ("parser", "tap", "sse", "filtering", "broken")
+
+    def __init__(self, tap: Any, sse: bool, filtering: bool) -> None:
+        # When re-framing, comment blocks (keep-alives) must be re-emitted too.
+        self.parser: Any = SSEParser(keep_comments=filtering, keep_raw=filtering) if sse else JSONArrayStreamParser()
+        self.tap, self.sse, self.filtering = tap, sse, filtering
+        self.broken: str | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        tap = self.tap
+        if self.filtering:
+            out = []
+            for ev in self.parser.feed(chunk):
+                keep = True
+                try:
+                    keep = tap.on_event(ev.event, ev.data)
+                except Exception as e:
+                    self.broken = type(e).__name__
+                if keep:
+                    out.append(ev.raw)
+            return b"".join(out)
+        try:
+            if self.sse:
+                for ev in self.parser.feed(chunk):
+                    tap.on_event(ev.event, ev.data)
+            else:
+                for element in self.parser.feed(chunk):
+                    tap.on_element(element)
+        except Exception as e:
+            self.broken = type(e).__name__
+        return chunk
+
+    def flush(self) -> bytes:
+        if not self.sse:
+            return b""
+        out = []
+        for ev in self.parser.flush():
+            keep = True
+            try:
+                keep = self.tap.on_event(ev.event, ev.data)
+            except Exception as e:
+                self.broken = type(e).__name__
+            if keep and self.filtering:
+                out.append(ev.raw)
+        return b"".join(out)
 
 
 async def _relay_stream(
@@ -446,42 +657,61 @@ async def _relay_stream(
     sse: bool,
     hide_usage_chunk: bool,
 ) -> web.StreamResponse:
-    """Pass the stream through as it arrives; the tap reads a copy of every event."""
-    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
-    filtering = sse and hide_usage_chunk
-    # When re-framing, comment blocks (keep-alives) must be re-emitted too.
-    parser: Any = SSEParser(keep_comments=filtering, keep_raw=filtering) if sse else JSONArrayStreamParser()
+    """Pass the stream through as it arrives; the tap reads a copy of every event.
+
+    Once the stream's final event is in, what is left is held until the upstream ends
+    the stream, the record is written, and only then do the last bytes go out: a client
+    never holds a complete reply whose record could still be lost."""
+    secret = call.provider.api_key
+    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, secret))
+    relay = _Relay(tap, sse, sse and hide_usage_chunk)
+    redactor = StreamRedactor(secret.encode()) if secret else None
+    content = upstream.content
+    held: list[bytes] | None = None
     try:
-        async for chunk in upstream.content.iter_any():
+        while True:
+            if held is None:
+                chunk = await content.readany()
+            else:
+                try:
+                    chunk = await asyncio.wait_for(content.readany(), _TAIL_WAIT)
+                except asyncio.TimeoutError:
+                    # An upstream that lingers after its final event: record, release, go on.
+                    await _record_stream(call, tap, relay)
+                    await response.write(b"".join(held))
+                    held = None
+                    continue
+            if not chunk:
+                break
             if call.ttft is None:
                 call.ttft = time.perf_counter()
                 # Headers go out with the first bytes: an upstream that stalls or breaks
                 # before sending any still gets the client a clean 504/502, not a 200
                 # followed by a second status line inside the body.
                 await response.prepare(request)
-            if filtering:
-                # Re-frame at event boundaries so the extra usage chunk can be left out.
-                out = [ev.raw for ev in parser.feed(chunk) if tap.on_event(ev.event, ev.data)]
-                if out:
-                    await response.write(b"".join(out))
-                continue
             # Read the chunk before relaying it: if the client leaves on exactly the
             # chunk that carries the usage, the usage is still ours.
-            if sse:
-                for ev in parser.feed(chunk):
-                    tap.on_event(ev.event, ev.data)
-            else:
-                for element in parser.feed(chunk):
-                    tap.on_element(element)
-            await response.write(chunk)
-        if sse:
-            for ev in parser.flush():
-                if tap.on_event(ev.event, ev.data) and filtering:
-                    await response.write(ev.raw)
+            out = relay.feed(chunk)
+            if redactor is not None:
+                out = redactor.feed(out)
+            if held is not None:
+                held.append(out)
+            elif tap.complete and not call.finished:
+                held = [out]
+            elif out:
+                await response.write(out)
+        tail = relay.flush()
+        if redactor is not None:
+            tail = redactor.feed(tail) + redactor.flush()
         if not tap.complete and upstream.status < 400:
             call.error = "upstream stream ended before its final event"
         if not response.prepared:
             await response.prepare(request)
+        await _record_stream(call, tap, relay)
+        if held:
+            await response.write(b"".join(held))
+        if tail:
+            await response.write(tail)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         call.error = "client disconnected mid-stream"
@@ -494,6 +724,28 @@ async def _relay_stream(
         if request.transport is not None:
             request.transport.abort()
     return response
+
+
+async def _record_stream(call: _Call, tap: Any, relay: _Relay) -> None:
+    if call.finished:
+        return
+    info = _tap_result(tap, call)
+    if relay.broken and info.usage_error is None:
+        info = CallInfo(usage_error=f"unreadable stream event: {relay.broken}", request_id=info.request_id)
+    call.info = info
+    await call.written()
+
+
+async def _unknown_provider(state: ProxyState, request: web.Request, name: str) -> web.StreamResponse:
+    # Still one record: a misconfigured client shows up in the log, not only in its own errors.
+    unknown = ProviderConfig(name=name, type="openai", base_url="")
+    ctx = CallContext(timestamp=time.time(), provider=cap_name(name) or name, family="unknown",
+                      endpoint=cap_name("/" + request.match_info["tail"]) or "/", ip_address=request.remote)
+    call = _Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())
+    _identify(state, request, call, None, None)
+    # The names of the configured providers are not the business of an unauthenticated caller.
+    return await call.done(_refuse(call, 404, "unknown provider",
+                                   f"Unknown provider {_printable(name[:64])!r}: the first path segment must name a provider configured on this proxy."))
 
 
 # --- proxy keys, attribution and budgets (config `auth:` / `budgets:`) -------------------
@@ -542,10 +794,10 @@ def _refuse(call: _Call, status: int, error: str, message: str, headers: dict[st
     return resp
 
 
-def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,
-           body: Any, client_key: str | None) -> web.Response | None:
-    """Authenticate the proxy key (with auth:), attribute the call, check the key's
-    model allowlist. A response when the call stops here (401/403)."""
+def _identify(state: ProxyState, request: web.Request, call: _Call, client_key: str | None, body: Any) -> Any:
+    """Who is calling: the proxy key's entry (with auth:) and the call's attribution.
+    Also run for calls refused before their body is read (413, aborted uploads), so
+    their records still say whose they were."""
     ctx = call.ctx
     entry = None
     keys = state.keys
@@ -553,9 +805,18 @@ def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: 
         keys.refresh()
         entry = keys.lookup(client_key)
     owner = entry.owner if entry is not None and not entry.revoked else None
-    att = attribute(request.headers, adapter.request_user(body), owner, ctx.key_id)
+    att = attribute(request.headers, call.adapter.request_user(body), owner, ctx.key_id)
     ctx.user_id, ctx.team, ctx.session_id, ctx.tags = att.user_id, att.team, att.session_id, att.tags
-    if keys is None:
+    return entry
+
+
+def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,
+           body: Any, client_key: str | None) -> web.Response | None:
+    """Authenticate the proxy key (with auth:), attribute the call, check the key's
+    model allowlist. A response when the call stops here (401/403)."""
+    ctx = call.ctx
+    entry = _identify(state, request, call, client_key, body)
+    if state.keys is None:
         return None
     if entry is None or entry.revoked:
         why = "no proxy key" if not client_key else ("revoked proxy key" if entry is not None else "unknown proxy key")
@@ -567,31 +828,41 @@ def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: 
                            "This key may only call model endpoints (chat, messages, responses, embeddings, generateContent).")
         if endpoint.kind is not None and not entry.allows(ctx.model):
             return _refuse(call, 403, f"auth: model {ctx.model!r} not allowed for this key",
-                           f"Model {ctx.model!r} is not allowed for this key; allowed: {', '.join(entry.models)}.")
+                           f"Model {_printable(ctx.model)!r} is not allowed for this key; allowed: {', '.join(entry.models)}.")
     return None
 
 
-def _worst_case_units(state: ProxyState, ctx: CallContext, endpoint: Endpoint, body: Any, raw: bytes) -> int:
+def _worst_case_units(state: ProxyState, call: _Call, body: Any, digest: BodyDigest | None) -> int | None:
     """The most this call can cost: estimated input at the input rate (as a cache write
     if it asks for caching; no cache-read discount) plus its whole output cap at the
-    output rate, for the requested service tier. An unpriced model reserves 0."""
+    output rate, for the requested service tier. None: the model has no price."""
+    ctx, endpoint = call.ctx, call.endpoint
     budgets = state.config.budgets
     cap = budgets.default_max_output_tokens if budgets is not None else 4096
-    usage = worst_case_usage(body, raw, endpoint.kind, estimate_input_tokens(body, ctx.model), cap)
+    flags = b""
+    if digest is not None and digest.asks_cache:
+        flags = b'cache_control "1h"' if digest.asks_cache_1h else b"cache_control"
+    usage = worst_case_usage(body, flags, endpoint.kind, call._input_tokens(ctx.model), cap)
     tier = body.get("service_tier") if isinstance(body, dict) and isinstance(body.get("service_tier"), str) else None
     priced = price_call(
         state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model, response_model=None,
         usage=usage, when=ctx.timestamp_dt, service_tier=tier,
     )
-    return (cost_units(priced.cost.total_cost) or 0) if priced.cost is not None else 0
+    if priced.cost is None:
+        return None
+    return cost_units(priced.cost.total_cost) or 0
 
 
 def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,
-             body: Any, raw: bytes) -> web.Response | None:
+             body: Any, digest: BodyDigest | None) -> web.Response | None:
     """Check every budget that applies and reserve the call's worst case, in one
-    synchronous step (atomic under asyncio). A 429 response when a budget refuses."""
+    synchronous step (atomic under asyncio). A response when the call stops here:
+    429 over budget, 403 for a model that cannot be priced under a budget.
+
+    Endpoints that cost money but report no usage (images, audio, batches) reserve
+    nothing but are still refused once a budget is spent."""
     ledger = state.budgets
-    if ledger is None or endpoint.kind is None:
+    if ledger is None or not (endpoint.kind is not None or endpoint.billable):
         return None
     ctx = call.ctx
     cfg = state.config.budgets
@@ -603,14 +874,20 @@ def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint
             override = True
     entry = request.get(_KEY_ENTRY)
     extra = (entry.limit,) if entry is not None and entry.limit is not None else ()
-    worst = _worst_case_units(state, ctx, endpoint, body, raw)
+    worst = _worst_case_units(state, call, body, digest) if endpoint.kind is not None else 0
     subject = Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags)
-    decision = ledger.reserve(subject, worst, extra, override)  # no await: check + reserve are one step
+    decision = ledger.reserve(subject, worst or 0, extra, override)  # no await: check + reserve are one step
     if decision.hold is None:
         refused = decision.refused
         assert refused is not None
-        return _refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst),
+        return _refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst or 0),
                        {"x-should-retry": "false"})  # the SDKs' retry loop would only hit the same wall
+    if worst is None and decision.tightest is not None and not override and not getattr(cfg, "allow_unpriced", False):
+        # A budget applies and this model has no price: its cost could not be held
+        # against the budget, nor counted after. Refused unless configured otherwise.
+        ledger.settle(decision.hold, 0)
+        return _refuse(call, 403, f"unpriced model under a budget: {ctx.model!r}",
+                       _unpriced_message(ctx.provider, ctx.model), {"x-should-retry": "false"})
     call.hold = decision.hold
     if decision.overridden:
         ctx.budget_override = True
@@ -628,6 +905,16 @@ def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint
     for s in decision.new_warnings:
         _budget_alert(state, s)
     return None
+
+
+def _unpriced_message(provider: str, model: str | None) -> str:
+    try:
+        from .budgets import unpriced_refusal_message  # type: ignore[attr-defined]
+
+        return str(unpriced_refusal_message(provider, model))
+    except ImportError:
+        return (f"Model {_printable(model)!r} of provider {provider!r} has no price, and a budget applies to this call. "
+                f"Give it one under providers.{provider}.models in config.yml, or set budgets.allow_unpriced: true.")
 
 
 def _header_text(text: str) -> str:

@@ -1,0 +1,67 @@
+"""Keep the configured provider key out of everything relayed to a client.
+
+A provider may echo the key it was called with (an error message, a debug header, an
+error event inside a 200 stream). Streams arrive cut at arbitrary points, so the key
+can be split across two reads: the redactor holds back the few bytes at the end of a
+read that could begin the key, and releases them once the next read shows they don't.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from multidict import CIMultiDict
+
+REPLACEMENT = b"[redacted]"
+
+
+class StreamRedactor:
+    __slots__ = ("_secret", "_first", "_keep", "_tail")
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._first = secret[:1]
+        self._keep = len(secret) - 1
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` (after anything held back) is safe to send now."""
+        data = self._tail + chunk if self._tail else chunk
+        if self._secret in data:
+            data = data.replace(self._secret, REPLACEMENT)
+        held = self._partial(data)
+        if held:
+            self._tail = data[-held:]
+            return data[:-held]
+        self._tail = b""
+        return data
+
+    def flush(self) -> bytes:
+        """The bytes held back at the end of the stream (not the key: it never completed)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+    def _partial(self, data: bytes) -> int:
+        # The longest suffix of ``data`` that is a proper prefix of the secret.
+        secret = self._secret
+        i = data.find(self._first, max(0, len(data) - self._keep))
+        while i != -1:
+            if secret.startswith(data[i:]):
+                return len(data) - i
+            i = data.find(self._first, i + 1)
+        return 0
+
+
+def redact_bytes(data: bytes, secret: bytes | None) -> bytes:
+    if secret and secret in data:
+        return data.replace(secret, REPLACEMENT)
+    return data
+
+
+def redact_headers(headers: Iterable[tuple[str, str]], secret: str | None) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if secret and secret in value:
+            value = value.replace(secret, REPLACEMENT.decode())
+        out.add(name, value)
+    return out
