@@ -12,9 +12,10 @@ import hashlib
 import logging
 from datetime import datetime, time, timezone
 from decimal import Decimal
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .pricing import ModelPrice, PriceBook, PricePeriod, RateCard, Rates, Tier
+from .pricing import ModelPrice, PriceBook, PricePeriod, RateCard, Rates, Tier, name_candidates, normalize_model
 
 if TYPE_CHECKING:
     from .config import Config
@@ -49,6 +50,66 @@ def pricebook_for(config: "Config") -> PriceBook:
         {"*": config.aliases, **{name: p.aliases for name, p in config.providers.items()}},
         fallback=catalog,
     )
+
+
+@lru_cache(maxsize=1)
+def _snapshot() -> tuple[Any, frozenset[str]] | None:
+    try:
+        from genai_prices import data_snapshot
+    except ImportError:
+        return None
+    snapshot = data_snapshot.get_snapshot()
+    return snapshot, frozenset(p.id for p in snapshot.providers)
+
+
+# Model names come from clients: the memo is bounded so they cannot grow memory.
+@lru_cache(maxsize=4096)
+def context_window(provider: str, model: str, family: str | None = None) -> int | None:
+    """The catalog's context window of ``model`` (input and output tokens together),
+    or None when the catalog is not installed, does not list the model or gives no
+    window. ``provider`` is a catalog provider id (``openai``, ``groq``…) or one of our
+    families; a configured provider name the catalog does not know falls back to
+    ``family``, as price lookups do."""
+    found = _snapshot()
+    if found is None or not model:
+        return None
+    snapshot, known = found
+    provider_id = provider if provider in known else FAMILY_PROVIDER.get(family or "") or FAMILY_PROVIDER.get(provider)
+    if provider_id is None:
+        return None
+    try:
+        _, info = snapshot.find_provider_model(model, None, provider_id, None)
+    except LookupError:
+        return None
+    window = getattr(info, "context_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
+def model_output_limit(config: "Config", provider: str, family: str | None, model: str | None, input_tokens: int) -> int | None:
+    """The most output one choice of a call without an output cap can produce, for
+    reserving against budgets; None when unknown (the caller then uses
+    ``budgets.default_max_output_tokens``).
+
+    ``providers.<provider>.models.<model>.max_output_tokens`` in config.yml wins; else
+    what the catalog's context window leaves after ``input_tokens`` (the estimate), as
+    the output cannot outgrow the window. Names resolve as prices do (aliases, dated
+    snapshots). ``catalog.enabled: false`` keeps the catalog out of this too."""
+    if not model:
+        return None
+    prov = config.providers.get(provider)
+    aliases = {normalize_model(k): v for k, v in {**config.aliases, **(prov.aliases if prov is not None else {})}.items()}
+    candidates = name_candidates(model, aliases)
+    if prov is not None and prov.max_output:
+        for cand in candidates:
+            if cand in prov.max_output:
+                return prov.max_output[cand]
+    if not config.catalog:
+        return None
+    for cand in candidates:
+        window = context_window(provider, cand, family)
+        if window is not None:
+            return max(0, window - max(0, input_tokens))
+    return None
 
 
 def catalog_version() -> str | None:

@@ -58,7 +58,11 @@ def serve(argv: Sequence[str]) -> int:
     from .server import DEFAULT_LOG, create_app
 
     log_path = args.log_file or os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG
-    app = create_app(config, log_path)
+    try:
+        app = create_app(config, log_path)
+    except OSError as e:
+        print(f"error: cannot open the cost log {log_path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     base = f"http://{args.host}:{args.port}"
     log.info("llm-cost-proxy on %s, logging to %s%s", base, log_path, "" if config.cost_tracking else " (cost tracking off)")
     for name, p in config.providers.items():

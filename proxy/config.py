@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .pricing import ModelPrice, PriceSpecError, parse_model_price
+from .pricing import ModelPrice, PriceSpecError, normalize_model, parse_model_price
 from .providers import ADAPTERS
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -32,6 +32,13 @@ class ProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     models: Mapping[str, ModelPrice] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # models.<model>.max_output_tokens: the most output one choice of an uncapped call
+    # can produce, reserved against budgets. Keys are normalized (pricing.normalize_model)
+    # so a lookup matches the way a price lookup does.
+    max_output: Mapping[str, int] = field(default_factory=dict)
+
+
+_MODEL_KEYS = ("pricing", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +180,29 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
     if api_key is not None and not isinstance(api_key, str):
         raise ConfigError(path, f"{key}.api_key", "expected a string (use ${ENV_VAR} to read it from the environment)")
     models: dict[str, ModelPrice] = {}
+    max_output: dict[str, int] = {}
     for model, mspec in _mapping(spec.get("models"), path, f"{key}.models").items():
         mkey = f"{key}.models.{model}"
         mspec = _mapping(mspec, path, mkey)
-        if "pricing" not in mspec:
-            raise ConfigError(path, f"{mkey}.pricing", "missing: give {input: …, output: …} in USD per 1M tokens")
-        try:
-            models[str(model)] = parse_model_price(str(model), mspec["pricing"], f"{mkey}.pricing")
-        except PriceSpecError as e:
-            raise ConfigError(path, e.key, e.reason) from None
+        for k in mspec:
+            if k not in _MODEL_KEYS:
+                raise ConfigError(path, f"{mkey}.{k}", f"unknown setting; known: {', '.join(_MODEL_KEYS)}")
+        if "max_output_tokens" in mspec:
+            limit = mspec["max_output_tokens"]
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ConfigError(path, f"{mkey}.max_output_tokens",
+                                  f"expected a whole number of tokens (the model's output limit, e.g. 16384), got {limit!r}")
+            max_output[normalize_model(str(model))] = limit
+        elif "pricing" not in mspec:
+            raise ConfigError(path, f"{mkey}.pricing", "missing: give {input: …, output: …} in USD per 1M tokens "
+                              "(an entry may instead set only max_output_tokens, leaving the price to the catalog)")
+        # Without pricing, an entry only sets the output limit: the price comes from the
+        # catalog (or the model stays unpriced).
+        if "pricing" in mspec:
+            try:
+                models[str(model)] = parse_model_price(str(model), mspec["pricing"], f"{mkey}.pricing")
+            except PriceSpecError as e:
+                raise ConfigError(path, e.key, e.reason) from None
     return ProviderConfig(
         name=name,
         type=family,
@@ -189,4 +210,5 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
         api_key=api_key or None,
         models=models,
         aliases=_aliases(spec.get("aliases"), path, f"{key}.aliases"),
+        max_output=max_output,
     )

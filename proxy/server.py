@@ -25,10 +25,11 @@ from .analytics import RollingWindow, cost_units, records_since, units_to_usd
 from .attribution import attribute, is_proxy_header
 from .bodies import OFFLOAD_BYTES, BodyDigest, UnreadableBody, digest_offloaded, parse_json
 from .bodies import digest as digest_body
-from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, worst_case_usage
+from .budgets import (BudgetState, Subject, ledger_for, money, refusal_message, replay_log,
+                      unpriced_refusal_message, worst_case_usage)
 from .config import Config, ProviderConfig
 from .logwriter import JsonlWriter
-from .catalog import pricebook_for
+from .catalog import model_output_limit, pricebook_for
 from .estimate import estimate_input_tokens, warm_up
 from .keys import KeyStore
 from .pricing import PriceBook, price_call
@@ -842,7 +843,9 @@ def _worst_case_units(state: ProxyState, call: _Call, body: Any, digest: BodyDig
     flags = b""
     if digest is not None and digest.asks_cache:
         flags = b'cache_control "1h"' if digest.asks_cache_1h else b"cache_control"
-    usage = worst_case_usage(body, flags, endpoint.kind, call._input_tokens(ctx.model), cap)
+    n_in = call._input_tokens(ctx.model)
+    limit = model_output_limit(state.config, ctx.provider, ctx.family, ctx.model, n_in)
+    usage = worst_case_usage(body, flags, endpoint.kind, n_in, cap, limit)
     tier = body.get("service_tier") if isinstance(body, dict) and isinstance(body.get("service_tier"), str) else None
     priced = price_call(
         state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model, response_model=None,
@@ -882,12 +885,12 @@ def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint
         assert refused is not None
         return _refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst or 0),
                        {"x-should-retry": "false"})  # the SDKs' retry loop would only hit the same wall
-    if worst is None and decision.tightest is not None and not override and not getattr(cfg, "allow_unpriced", False):
+    if worst is None and decision.tightest is not None and not override and not (cfg is not None and cfg.allow_unpriced):
         # A budget applies and this model has no price: its cost could not be held
         # against the budget, nor counted after. Refused unless configured otherwise.
         ledger.settle(decision.hold, 0)
         return _refuse(call, 403, f"unpriced model under a budget: {ctx.model!r}",
-                       _unpriced_message(ctx.provider, ctx.model), {"x-should-retry": "false"})
+                       unpriced_refusal_message(ctx.provider, _printable(ctx.model)), {"x-should-retry": "false"})
     call.hold = decision.hold
     if decision.overridden:
         ctx.budget_override = True
@@ -905,16 +908,6 @@ def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint
     for s in decision.new_warnings:
         _budget_alert(state, s)
     return None
-
-
-def _unpriced_message(provider: str, model: str | None) -> str:
-    try:
-        from .budgets import unpriced_refusal_message  # type: ignore[attr-defined]
-
-        return str(unpriced_refusal_message(provider, model))
-    except ImportError:
-        return (f"Model {_printable(model)!r} of provider {provider!r} has no price, and a budget applies to this call. "
-                f"Give it one under providers.{provider}.models in config.yml, or set budgets.allow_unpriced: true.")
 
 
 def _header_text(text: str) -> str:
