@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import re
+import tempfile
 import time
 import zlib
 from calendar import monthrange
@@ -168,8 +169,79 @@ class RollingWindow:
         return overall, by_provider
 
 
-def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Records from raw lines; a torn or corrupt line is counted in ``bad``, never raised."""
+# --- repeated lines --------------------------------------------------------------------
+#
+# Writers before record ids retried a batch whose write had failed part-way by writing
+# the whole batch again: the lines that had made it appear twice, byte for byte, and
+# the cut line runs into the retry's first line (that merged line does not parse and
+# is counted as corrupt, like any torn line). Both copies of a line come from one
+# batch -- what one pass of the event loop logged, plus any backlog held while the
+# disk refused writes -- so they are never more than one batch apart: a few lines to
+# a few thousand. Remembering the last DEDUPE_WINDOW lines therefore catches them, in
+# bounded memory whatever the log's size; only a backlog held through a long outage
+# could outgrow the window, and its repeats past it would be counted. Newer records
+# carry a unique ``record_id``: a record whose id was seen in that window is the same
+# call written twice, whatever its bytes.
+
+DEDUPE_WINDOW = 100_000
+
+
+class Dedupe:
+    """Which of the recent lines and record ids were already seen.
+
+    Keeps 64-bit hashes (Python's keyed SipHash of the bytes), not the lines: 100,000
+    of them cost a few MB, and a false match among them is a 1-in-10^14 event. The
+    hashes are keyed per process, so a Dedupe never leaves the process that made it.
+    ``_select`` inlines both checks; a change here goes there too."""
+
+    __slots__ = ("window", "duplicates", "_lines", "_line_order", "_ids", "_id_order")
+
+    def __init__(self, window: int = DEDUPE_WINDOW) -> None:
+        self.window = window
+        self.duplicates = 0
+        self._lines: set[int] = set()
+        self._line_order: deque[int] = deque()
+        self._ids: set[int] = set()
+        self._id_order: deque[int] = deque()
+
+    def seen_line(self, line: bytes) -> bool:
+        """True for a repeat (counted in ``duplicates``); otherwise remembers the line."""
+        h = hash(line)
+        seen = self._lines
+        if h in seen:
+            self.duplicates += 1
+            return True
+        seen.add(h)
+        order = self._line_order
+        order.append(h)
+        if len(order) > self.window:
+            seen.discard(order.popleft())  # entries are unique: a repeat is never added
+        return False
+
+    def seen_record(self, rec: Mapping[str, Any]) -> bool:
+        """True when the record's ``record_id`` was seen; records without one never are."""
+        rid = rec.get("record_id")
+        if type(rid) is not str or not rid:
+            return False
+        h = hash(rid)
+        seen = self._ids
+        if h in seen:
+            self.duplicates += 1
+            return True
+        seen.add(h)
+        order = self._id_order
+        order.append(h)
+        if len(order) > self.window:
+            seen.discard(order.popleft())
+        return False
+
+
+def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None,
+               dedupe: Dedupe | None = None) -> Iterator[dict[str, Any]]:
+    """Records from raw lines; a torn or corrupt line is counted in ``bad``, never raised.
+    A repeated line or record id is skipped (see ``Dedupe``); pass one ``dedupe`` to
+    carry what was seen from one file into the next."""
+    dd = Dedupe() if dedupe is None else dedupe
     for line in lines:
         if not line.strip():
             continue
@@ -180,7 +252,8 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None) -> Iterator
                 bad[0] += 1
             continue
         if isinstance(rec, dict):
-            yield rec
+            if not dd.seen_line(line) and not dd.seen_record(rec):
+                yield rec
         elif bad is not None:
             bad[0] += 1
 
@@ -195,9 +268,10 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None) -> Iterator
 # dimensions the report needs to a row of integer counters. Every view a report shows
 # (overall, by provider, by model, by hour, any --group-by) is a roll-up of that cube,
 # so a record is touched once however many sections are printed. Big plain files are
-# split by byte range across processes; partial results merge by addition, so the
-# answer is the same for any split. Nothing is cached beside the log, so nothing can
-# ever disagree with it.
+# split by byte range across processes; partial results merge by addition, and each
+# range first reads the lines just before it to recognise repeats (see _primed), so
+# the answer is the same for any split. The one thing kept beside the log, the
+# roll-up index, is checked against the log's bytes before use (see below).
 # =====================================================================================
 
 UTC = timezone.utc
@@ -386,6 +460,9 @@ def records_since(path: str | os.PathLike[str], since: float, slack: float = LAT
         paths = order_files(log_files([str(path)]))
     except FileNotFoundError:
         return
+    # One memory across files: a batch cut short just before a rotation was retried
+    # into the new file, so its repeats start the next file.
+    dedupe = Dedupe()
     for p in paths:
         try:
             if p.stat().st_mtime < since:
@@ -394,7 +471,7 @@ def records_since(path: str | os.PathLike[str], since: float, slack: float = LAT
                 if not is_gzip(p):
                     _seek_since(f, os.fstat(f.fileno()).st_size, seek_to)
                 fresh = (line for line in f if (ts := _line_ts(line)) is None or ts >= since_text)
-                for rec in iter_jsonl(fresh):
+                for rec in iter_jsonl(fresh, dedupe=dedupe):
                     ts = canonical_ts(rec.get("timestamp"))
                     if ts is not None and ts >= since_text.decode():
                         rec["timestamp"] = ts
@@ -645,6 +722,7 @@ class ScanResult:
     habits: dict[tuple, list[int]] = field(default_factory=dict)
     spans: dict[tuple, list[str]] = field(default_factory=dict)  # cell -> [first ts, last ts]
     bad_lines: int = 0
+    duplicate_lines: int = 0  # repeats of a recent line or record id, skipped (see Dedupe)
     broken_files: list[str] = field(default_factory=list)
     lines: int = 0  # lines read, in or out of the window
     first_ts: str | None = None
@@ -681,6 +759,7 @@ class ScanResult:
             else:
                 sp[0], sp[1] = min(sp[0], a), max(sp[1], b)
         self.bad_lines += o.bad_lines
+        self.duplicate_lines += o.duplicate_lines
         self.broken_files += o.broken_files
         self.lines += o.lines
         if o.first_ts and (self.first_ts is None or o.first_ts < self.first_ts):
@@ -886,10 +965,17 @@ H_OK, H_SHORT, H_SHORT_IN, H_SHORT_OUT, H_SHORT_COST, H_LONG, H_LONG_IN, H_LONG_
 
 # --- the scan ------------------------------------------------------------------------------
 
-def _select(lines: Iterable[bytes], plan: _Plan, res: ScanResult) -> Iterator[tuple[dict[str, Any], str]]:
+def _select(lines: Iterable[bytes], plan: _Plan, res: ScanResult,
+            dedupe: Dedupe | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """Records in the window that pass the filters, with their canonical timestamps.
-    Corrupt lines are counted in ``res.bad_lines``; lines outside the window are
-    skipped unparsed (so a corrupt one there is not counted)."""
+    Corrupt lines are counted in ``res.bad_lines``, repeats (``Dedupe``) in
+    ``res.duplicate_lines``; lines outside the window are skipped unparsed (so a
+    corrupt one there is not counted, and a repeat of one, having the same bytes and
+    so the same time, is skipped with it)."""
+    dd = Dedupe() if dedupe is None else dedupe
+    # Dedupe.seen_line and seen_record, inlined: this loop is the hot path.
+    line_seen, line_order, id_seen, id_order, window = dd._lines, dd._line_order, dd._ids, dd._id_order, dd.window
+    dups = 0
     loads = orjson.loads
     DecodeError = orjson.JSONDecodeError
     head, at = _LINE_HEAD, _TS_AT
@@ -916,6 +1002,24 @@ def _select(lines: Iterable[bytes], plan: _Plan, res: ScanResult) -> Iterator[tu
             if type(rec) is not dict:
                 bad += 1
                 continue
+            h = hash(line)
+            if h in line_seen:
+                dups += 1
+                continue
+            line_seen.add(h)
+            line_order.append(h)
+            if len(line_order) > window:
+                line_seen.discard(line_order.popleft())
+            rid = rec.get("record_id")
+            if type(rid) is str and rid:
+                h = hash(rid)
+                if h in id_seen:
+                    dups += 1
+                    continue
+                id_seen.add(h)
+                id_order.append(h)
+                if len(id_order) > window:
+                    id_seen.discard(id_order.popleft())
             ts = rec.get("timestamp")
             if not (type(ts) is str and len(ts) == 24 and ts[19] == "." and ts[23] == "Z" and ts[10] == "T"):
                 ts = canonical_ts(ts)
@@ -930,6 +1034,8 @@ def _select(lines: Iterable[bytes], plan: _Plan, res: ScanResult) -> Iterator[tu
     finally:
         res.lines += n
         res.bad_lines += bad
+        dd.duplicates += dups
+        res.duplicate_lines += dups
 
 
 _MEASURE_FIELDS = ("status", "error", "total_cost", "input_cost", "output_cost", *_TOKEN_FIELDS)
@@ -938,7 +1044,7 @@ _MEASURE_FIELDS = ("status", "error", "total_cost", "input_cost", "output_cost",
 _measures = operator.itemgetter(*_MEASURE_FIELDS)
 
 
-def _accumulate(lines: Iterable[bytes], plan: _Plan, res: ScanResult) -> None:
+def _accumulate(lines: Iterable[bytes], plan: _Plan, res: ScanResult, dedupe: Dedupe | None = None) -> None:
     q = plan.query
     cells = res.cells
     keyf = plan.key
@@ -951,7 +1057,7 @@ def _accumulate(lines: Iterable[bytes], plan: _Plan, res: ScanResult) -> None:
     first = last = None
     measures = _measures
     want_spans, spans = plan.spans, res.spans
-    for rec, ts in _select(lines, plan, res):
+    for rec, ts in _select(lines, plan, res, dedupe):
         if first is None or ts < first:
             first = ts
         if last is None or ts > last:
@@ -1090,6 +1196,29 @@ def _lines_in_range(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
         yield line
 
 
+# A byte range is read with the lines just before it in mind (see Dedupe): the first
+# copy of a repeat near its start may lie in the range before. 1 MiB, some 1,500
+# lines, is many times an ordinary batch and costs a few percent of a range's time.
+# Limits, kept so that an index segment depends on its own file's bytes only: copies
+# farther apart than this that fall in different ranges are both counted, and so are
+# copies in two files (a cut batch retried after a rotation); the streaming readers
+# (records_since, iter_selected) read files in one pass and catch those too.
+_DEDUPE_OVERLAP = 1 << 20
+
+
+def _primed(f: IO[bytes], plan: _Plan, start: int) -> Dedupe:
+    """A Dedupe that has seen the lines up to ``_DEDUPE_OVERLAP`` bytes before ``start``,
+    judged as the range's own lines are, so any split gives the same answer."""
+    dd = Dedupe()
+    if start > 0:
+        begin = max(0, start - _DEDUPE_OVERLAP)
+        f.seek(begin)  # (_lines_in_range seeks itself only past byte 0)
+        scratch = _new_result(plan)
+        for _ in _select(_lines_in_range(f, begin, start), plan, scratch, dd):
+            pass
+    return dd
+
+
 def _scan_task(task: tuple[str, int, int | None]) -> ScanResult:
     plan = _WORKER_PLAN
     assert plan is not None
@@ -1097,8 +1226,11 @@ def _scan_task(task: tuple[str, int, int | None]) -> ScanResult:
     res = _new_result(plan)
     try:
         with open_log(Path(path)) as f:
-            lines = f if end is None else _lines_in_range(f, start, end)
-            _accumulate(lines, plan, res)
+            if end is None:
+                _accumulate(f, plan, res)
+            else:
+                dedupe = _primed(f, plan, start)
+                _accumulate(_lines_in_range(f, start, end), plan, res, dedupe)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
         # A truncated or damaged gzip: keep what was read, say so.
         res.broken_files.append(f"{path}: {type(e).__name__}: {e}")
@@ -1152,7 +1284,7 @@ def default_jobs() -> int:
 #   * any mismatch drops the file's index and rebuilds it from the log.
 # Lines appended since the last run are read raw and indexed for the next one.
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: repeated lines skipped (an index of version 1 counted them)
 _SEGMENT = 16 << 20  # bytes per indexed segment
 _MIN_SEGMENT = 4 << 20  # a shorter tail is read raw each run rather than indexed
 _INDEX_DIMS = ("provider", "provider_type", "model", "response_model", "endpoint", "status")
@@ -1201,15 +1333,24 @@ def _load_index(log: Path) -> dict[str, Any] | None:
 
 def _save_index(log: Path, stat: list[int], segments: list[dict[str, Any]]) -> None:
     path = index_path(log)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp: str | None = None
     try:
-        tmp.write_bytes(orjson.dumps({"v": INDEX_VERSION, "stat": stat, "segments": segments}))
+        # The roll-ups tell what the log tells (who spent what on which model): the
+        # index gets the log's read/write bits, never the umask's. mkstemp creates it
+        # 0600, so it is never more open than that before the chmod either.
+        mode = os.stat(log).st_mode & 0o666
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(orjson.dumps({"v": INDEX_VERSION, "stat": stat, "segments": segments}))
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new index
     except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass  # a read-only log directory: reports still work, just without the index
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        # Otherwise a read-only log directory: reports still work, just without the index.
 
 
 def _sha1_range(path: str, a: int, b: int) -> tuple[str, bool]:
@@ -1257,6 +1398,7 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
     complete = True
     try:
         with open_log(Path(path)) as f:
+            dedupe = _primed(f, plan, a) if not gz else Dedupe()
             if not gz and a:
                 f.seek(a - 1)
                 f.readline()  # the line that began before a belongs to the previous segment
@@ -1274,7 +1416,7 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
                     complete = line.endswith(b"\n")
                     yield line
 
-            _accumulate(owned(), plan, res)
+            _accumulate(owned(), plan, res, dedupe)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
         res.broken_files.append(f"{path}: {type(e).__name__}: {e}")
         complete = False
@@ -1285,7 +1427,7 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
         end_byte = os.path.getsize(path)
     cells = [[*k, *row, *res.spans[k]] for k, row in res.cells.items()]
     return {"a": start, "b": end_byte, "sha1": digest.hexdigest(), "lines": res.lines, "bad": res.bad_lines,
-            "first": res.first_ts, "last": res.last_ts, "cells": cells,
+            "dup": res.duplicate_lines, "first": res.first_ts, "last": res.last_ts, "cells": cells,
             "complete": complete and not res.broken_files, "broken": res.broken_files}
 
 
@@ -1316,6 +1458,7 @@ def _use_segment(seg: Mapping[str, Any], plan: _Plan, res: ScanResult) -> None:
             res.last_ts = last
     res.lines += seg["lines"]
     res.bad_lines += seg["bad"]
+    res.duplicate_lines += seg["dup"]
 
 
 def _scan_indexed(paths: Sequence[Path], plan: _Plan, jobs: int) -> ScanResult:
@@ -1373,9 +1516,10 @@ def _scan_indexed(paths: Sequence[Path], plan: _Plan, jobs: int) -> ScanResult:
         for seg in segs:
             res.broken_files += seg.get("broken", [])
             first, last = seg["first"], seg["last"]
-            if first is None:  # nothing readable in it: count its lines and bad ones
+            if first is None:  # nothing readable in it: count its lines, bad ones and repeats
                 res.lines += seg["lines"]
                 res.bad_lines += seg["bad"]
+                res.duplicate_lines += seg["dup"]
             elif (lo is not None and last < lo) or (hi is not None and first >= hi):
                 continue
             elif (lo is None or first >= lo) and (hi is None or last < hi):
@@ -1452,12 +1596,13 @@ def iter_selected(paths: Sequence[Path], query: Query, res: ScanResult | None = 
     plan = _compile(replace(query, dims=()))
     res = res if res is not None else _new_result(plan)
     lo = query.start
+    dedupe = Dedupe()  # one pass over the files in order: a repeat across a rotation is caught too
     for p in paths:
         if lo is not None and p.stat().st_mtime < lo - 86400:
             continue
         try:
             with open_log(p) as f:
-                for rec, ts in _select(f, plan, res):
+                for rec, ts in _select(f, plan, res, dedupe):
                     if res.first_ts is None or ts < res.first_ts:
                         res.first_ts = ts
                     if res.last_ts is None or ts > res.last_ts:

@@ -22,6 +22,7 @@ import orjson
 from . import analytics as A
 from .analytics import Totals, units_to_usd
 from .cli import command
+from .text import printable
 
 UTC = timezone.utc
 DEFAULT_LOG = "logs/cost-tracking.jsonl"
@@ -417,14 +418,21 @@ def warn_bad(res: A.ScanResult) -> None:
     if res.bad_lines:
         s = "s" if res.bad_lines != 1 else ""
         print(f"warning: skipped {res.bad_lines:,} corrupt or incomplete line{s}", file=sys.stderr)
+    if res.duplicate_lines:
+        s = "s" if res.duplicate_lines != 1 else ""
+        print(f"warning: skipped {res.duplicate_lines:,} duplicate line{s} (a call written twice by a retried "
+              "write; counted once)", file=sys.stderr)
     for broken in dict.fromkeys(res.broken_files):
-        print(f"warning: {broken} (read up to the damage)", file=sys.stderr)
+        print(f"warning: {printable(broken, 400)} (read up to the damage)", file=sys.stderr)
 
 
 # --- text tables -----------------------------------------------------------------------------
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool], indent: str = "  ") -> str:
-    rows = [list(r) for r in rows]
+    # Every cell, not only the ones known to come from records: a table is the one
+    # place all text output passes, so no new column can forget it.
+    headers = [printable(h) for h in headers]
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in rows:
         for i, c in enumerate(r):
@@ -463,10 +471,10 @@ def header_lines(r: Report, title: str) -> list[str]:
     e = end.astimezone(r.tz).strftime("%Y-%m-%d %H:%M")
     lines = [f"{title}: {s} to {e} {_tz_name(r.tz)} ({r.window.label})"]
     extra = f" (+{len(r.files) - 1} more)" if len(r.files) > 1 else ""
-    lines.append(f"Log: {r.files[0]}{extra}")
+    lines.append(f"Log: {printable(str(r.files[0]), 400)}{extra}")
     if r.filters:
         lines.append("Filters: " + "  ".join(
-            f"{k}={','.join(v) if isinstance(v, list) else v}" if k != "errors_only" else "errors only"
+            printable(f"{k}={','.join(v) if isinstance(v, list) else v}", 400) if k != "errors_only" else "errors only"
             for k, v in r.filters.items()))
     return lines
 
@@ -659,6 +667,7 @@ def suggestions(r: Report) -> list[str]:
     for (provider, family, model), h in sorted(r.res.habits.items()):
         ok = h[A.H_OK]
         family_name = name_candidates(model, {})[-1]
+        shown = f"{printable(provider)}/{printable(model)}"  # lookups below use the names as logged
         # Short replies on a big model: would the smaller sibling have done?
         if book is not None and h[A.H_SHORT] >= 20 and h[A.H_SHORT] * 4 >= ok:
             table_ = getattr(book, "_models", {}).get(provider, {})
@@ -672,9 +681,9 @@ def suggestions(r: Report) -> list[str]:
                 if est < actual:
                     saved = actual - est
                     tips.append((int(saved * 10**10), (
-                        f"{provider}/{model}: {h[A.H_SHORT]:,} of {ok:,} successful calls "
+                        f"{shown}: {h[A.H_SHORT]:,} of {ok:,} successful calls "
                         f"({_share(h[A.H_SHORT], ok)}) returned at most {A.SHORT_REPLY_TOKENS} tokens and cost "
-                        f"{fmt_usd(actual)}; at {sib}'s list price they would cost about {fmt_usd(est)} "
+                        f"{fmt_usd(actual)}; at {printable(sib)}'s list price they would cost about {fmt_usd(est)} "
                         f"(save ~{fmt_usd(saved)}), if it answers them well enough.")))
                     break
         # Long prompts that are rarely read from cache.
@@ -682,7 +691,7 @@ def suggestions(r: Report) -> list[str]:
             share = _share(h[A.H_LONG_CACHED], h[A.H_LONG_IN])
             hint = "mark the stable prefix with cache_control" if family == "anthropic" else \
                 "keep the stable part (system prompt, tools, documents) first and identical"
-            tip = (f"{provider}/{model}: {h[A.H_LONG]:,} calls sent prompts of {A.LONG_PROMPT_TOKENS:,}+ tokens "
+            tip = (f"{shown}: {h[A.H_LONG]:,} calls sent prompts of {A.LONG_PROMPT_TOKENS:,}+ tokens "
                    f"but only {share} of that input came from cache; if these prompts repeat, {hint}")
             weight = 0
             if book is not None:
@@ -805,13 +814,13 @@ def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -
             units += A.cost_units(cost) or 0
             cost_text = fmt_usd(_dec(cost))
         model = rec.get("model") or rec.get("response_model") or "-"
-        status = str(rec.get("status"))
+        status = printable(str(rec.get("status")), 20)
         if rec.get("error") and status.startswith("2"):
             status += " (error)"
         out.write(f"{_fmt_ts(A.canonical_ts(rec.get('timestamp')), tz, True):19}  "
-                  f"{(str(rec.get('provider')) + '/' + str(model))[:40]:40}  "
+                  f"{printable(str(rec.get('provider')) + '/' + str(model), 40):40}  "
                   f"{_num(rec.get('input_tokens')):>9}  {_num(rec.get('output_tokens')):>8}  {cost_text:>12}  "
-                  f"{str(rec.get('user_id') or '-')[:16]:16}  {status}\n")
+                  f"{printable(str(rec.get('user_id') or '-'), 16):16}  {status}\n")
     out.write(f"{n:,} requests, {'at least ' if incomplete else ''}{fmt_usd(units_to_usd(units))}\n")
 
 
@@ -911,6 +920,7 @@ def report_json(r: Report) -> dict[str, Any]:
         "by_model": [{"model": k[0], "provider": k[1], **totals_json(v)} for k, v in
                      sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))],
         "corrupt_lines": res.bad_lines,
+        "duplicate_lines": res.duplicate_lines,
     }
     if r.group_dims:
         body["groups"] = [{**{d: x for d, x in zip(r.group_dims, k)}, **totals_json(v)}

@@ -21,7 +21,7 @@ from typing import IO, Any, Iterator
 
 import orjson
 
-from .analytics import cost_units, parse_timestamp, units_to_usd
+from .analytics import Dedupe, cost_units, parse_timestamp, units_to_usd
 from .cli import command
 from .pricing import PriceBook, price_call
 from .records import dumps_record, iso_utc
@@ -95,6 +95,7 @@ class RepriceStats:
     newly_priced: int = 0
     now_unpriced: int = 0
     corrupt: int = 0
+    duplicates: int = 0  # repeats of a recent line or record id (a retried write): counted once
     old_units: int = 0
     new_units: int = 0
 
@@ -108,8 +109,12 @@ def _open(path: Path) -> IO[bytes]:
 
 
 def reprice_lines(lines: Iterator[bytes], book: PriceBook, stats: RepriceStats, now: float) -> Iterator[bytes]:
-    """Lines in, lines out; unchanged and unreadable lines pass through byte for byte."""
+    """Lines in, lines out; unchanged and unreadable lines pass through byte for byte.
+    A repeated line (see analytics.Dedupe) is counted once but still written, re-priced
+    like its first copy: the output stays a faithful copy, and its repeats stay
+    byte-identical (or keep their record id), so readers still count them once."""
     stamp = iso_utc(now)
+    dedupe = Dedupe()
     for line in lines:
         if not line.strip():
             continue
@@ -123,25 +128,30 @@ def reprice_lines(lines: Iterator[bytes], book: PriceBook, stats: RepriceStats, 
             stats.corrupt += 1
             yield line
             continue
-        stats.records += 1
+        if dedupe.seen_line(line) or dedupe.seen_record(rec):
+            stats.duplicates += 1
+            tally = RepriceStats()  # re-priced as usual, counted nowhere
+        else:
+            tally = stats
+        tally.records += 1
         old = cost_units(rec.get("total_cost"))
         new_rec = reprice_record(rec, book)
         if new_rec is None:
-            stats.old_units += old or 0
-            stats.new_units += old or 0
+            tally.old_units += old or 0
+            tally.new_units += old or 0
             yield line
             continue
         new = cost_units(new_rec["total_cost"])
-        stats.old_units += old or 0
-        stats.new_units += new or 0
+        tally.old_units += old or 0
+        tally.new_units += new or 0
         if old != new:
-            stats.changed += 1
+            tally.changed += 1
             if old is None:
-                stats.newly_priced += 1
+                tally.newly_priced += 1
             elif new is None:
-                stats.now_unpriced += 1
+                tally.now_unpriced += 1
         else:
-            stats.relabelled += 1
+            tally.relabelled += 1
         new_rec["repriced_at"] = stamp
         yield dumps_record(new_rec)
 
@@ -194,6 +204,8 @@ def format_stats(stats: RepriceStats) -> str:
     ]
     if stats.corrupt:
         lines.append(f"warning: {stats.corrupt} unreadable line(s) copied unchanged")
+    if stats.duplicates:
+        lines.append(f"note: {stats.duplicates} repeated line(s) (a retried write) counted once, copied re-priced")
     return "\n".join(lines)
 
 

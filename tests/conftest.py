@@ -142,14 +142,25 @@ class ProxyHandle:
         await self.stop()
         return parse_log(self.raw_log())
 
-    async def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:
-        """Without stopping: wait until the log holds at least ``n`` lines."""
+    async def wait_raw_log(self, n: int, timeout: float = 5.0) -> str:
+        """Without stopping: the log's text once it holds at least ``n`` whole lines.
+        Records reach the file from a writer thread after the reply has gone out, so a
+        read right after a call may miss the last ones; on timeout this fails the test
+        rather than hand back a short log that would let a check pass unseen."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.raw_log()
-            if text.count("\n") >= n or time.monotonic() > deadline:
-                return parse_log(text)
+            whole = text[: text.rfind("\n") + 1]  # a batch still being written is not read
+            if whole.count("\n") >= n:
+                return whole
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g}s waiting for {n} log records in "
+                                     f"{self.log_path}: it holds {whole.count(chr(10))}")
             await asyncio.sleep(0.01)
+
+    async def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:
+        """Without stopping: the parsed, checked records once there are at least ``n``."""
+        return parse_log(await self.wait_raw_log(n, timeout))
 
 
 @pytest.fixture

@@ -159,3 +159,27 @@ def test_old_rotated_file_skipped_by_mtime_only_when_safe(tmp_path: Path) -> Non
     os.utime(log, (NOW.timestamp(), NOW.timestamp()))
     assert scan([log], q, use_index=False).totals().requests == sum(
         1 for r in recs if r["timestamp"] >= A.iso_ms(q.start, ceil=True))
+
+
+@pytest.mark.parametrize("mode,umask", [(0o600, 0o022), (0o644, 0o077), (0o640, 0o000)], ids=["600", "644", "640"])
+def test_index_takes_the_log_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int, umask: int) -> None:
+    """Whatever the umask: the roll-ups tell what the log tells."""
+    monkeypatch.setattr(A, "_SEGMENT", 60_000)
+    monkeypatch.setattr(A, "_MIN_SEGMENT", 10_000)
+    recs = make_records(800, seed=51, days=2)
+    log = write_log(tmp_path / "log.jsonl", recs)
+    os.chmod(log, mode)
+    old = os.umask(umask)
+    try:
+        assert scan([log], Query(), jobs=1).totals().requests == len(recs)
+        index = A.index_path(log)
+        assert index.stat().st_mode & 0o777 == mode
+        # A later change of the log's mode is followed when the index is next rewritten.
+        os.chmod(log, 0o600 if mode != 0o600 else 0o640)
+        with open(log, "ab") as f:
+            f.write(dumps(make_records(1, seed=52, days=0.1)[0]))
+        assert scan([log], Query(), jobs=1).totals().requests == len(recs) + 1
+        assert index.stat().st_mode & 0o777 == log.stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [index.name, log.name]  # no temporary file left

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -452,28 +453,256 @@ def test_missing_log_is_a_clear_error(tmp_path: Path) -> None:
     assert p.returncode == 2 and "no log found at logs/cost-tracking.jsonl" in p.stderr
 
 
-def test_index_never_disagrees_with_the_log(tmp_path: Path) -> None:
+# --- the roll-up index -------------------------------------------------------------------
+# In process, with segments of 60 kB instead of 16 MB, so that a few thousand records
+# fill dozens of indexed segments and every check the index makes really runs.
+
+SEG = 60_000
+
+
+@pytest.fixture
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import analytics as A
+
+    monkeypatch.setattr(A, "_SEGMENT", SEG)
+    monkeypatch.setattr(A, "_MIN_SEGMENT", SEG // 6)
+    monkeypatch.setenv("ANALYZE_COSTS_NOW", NOW.isoformat())
+
+
+def report_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    from proxy import report
+
+    assert report.main(list(args)) == 0
+    return json.loads(capsys.readouterr().out, parse_float=Decimal)
+
+
+def records_of(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line, parse_float=Decimal) for line in data.splitlines()]
+
+
+def by_day(records: list[dict[str, Any]]) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = defaultdict(Decimal)
+    for r in records:
+        out[r["timestamp"][:10]] += r["total_cost"] or 0
+    return dict(out)
+
+
+def check_scan(path: Path, records: list[dict[str, Any]], jobs: int = 1) -> Any:
+    """The indexed scan of ``path`` equals the raw scan and the numbers of ``records``."""
+    from proxy import analytics as A
+
+    q = A.Query(dims=("provider", "model", "day"))
+    res = A.scan([path], q, jobs=jobs)
+    raw = A.scan([path], q, jobs=1, use_index=False)
+    assert res.cells == raw.cells and (res.first_ts, res.last_ts) == (raw.first_ts, raw.last_ts)
+    exp = expect(records)
+    t = res.totals()
+    assert (t.requests, t.errors, t.total_cost, t.unpriced, t.unknown, t.tokens["total_tokens"]) == (
+        exp["requests"], exp["errors"], exp["cost"], exp["unpriced"], exp["unknown"], exp["tokens"])
+    assert {k[0]: v.total_cost for k, v in res.rollup(["day"]).items()} == by_day(records)
+    return res
+
+
+def flip_digit(data: bytes, at: int) -> tuple[bytes, int]:
+    """One digit of a cost near ``at`` changed: same size, other bytes, other total."""
+    i = data.index(b'"total_cost":0.0', at) + len(b'"total_cost":0.0')
+    new = b"9" if data[i:i + 1] != b"9" else b"8"
+    return data[:i] + new + data[i + 1:], i
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """New bytes through the same inode, its mtime put back: only ctime tells."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy import analytics as A
+
     recs = make_records(3000, seed=11, days=10)
     log = write_log(tmp_path / "cost-tracking.jsonl", recs)
-    args = ["--file", str(log), "--since", "all", "--format", "json", "--group-by", "day"]
-    first = as_json(run(*args))
-    assert (tmp_path / ".cost-tracking.jsonl.rollup").exists() or log.stat().st_size < 4 << 20
-    check_totals(first["totals"], expect(recs))
-    more = make_records(50, seed=12, days=0.5)
+    check_scan(log, recs, jobs=2)
+    index = orjson.loads(A.index_path(log).read_bytes())
+    segs = index["segments"]
+    assert len(segs) > 10 and segs[0]["a"] == 0 and all(x["b"] == y["a"] for x, y in zip(segs, segs[1:]))
+    # The index is what answers: with the file untouched, a forged roll-up is believed.
+    forged = json.loads(json.dumps(index))
+    forged["segments"][0]["cells"][0][len(A._INDEX_DIMS) + 2 + A.REQ] += 1000
+    A.index_path(log).write_bytes(orjson.dumps(forged))
+    assert A.scan([log], A.Query(dims=("provider",)), jobs=1).totals().requests == len(recs) + 1000
+    A.index_path(log).write_bytes(orjson.dumps(index))
+
+    # Appended lines are read raw and indexed for the next run.
+    more = make_records(400, seed=12, days=0.5)
     with open(log, "ab") as f:
         f.write(b"".join(dumps(r) for r in more))
-    check_totals(as_json(run(*args))["totals"], expect(recs + more))
-    # Same size, same inode, one digit changed in the middle: the index must notice.
-    raw = log.read_bytes()
-    i = raw.index(b'"total_cost":0.0', len(raw) // 2) + len(b'"total_cost":0.0')
-    new_digit = b"9" if raw[i:i + 1] != b"9" else b"8"
-    with open(log, "r+b") as f:
-        f.seek(i)
-        f.write(new_digit)
-    edited = [orjson.loads(line) for line in log.read_bytes().splitlines()]
-    want = sum(Decimal(repr(r["total_cost"])) for r in edited if r["total_cost"] is not None)
-    assert as_json(run(*args))["totals"]["total_cost"] == want
-    assert as_json(run(*args, "--no-index"))["totals"]["total_cost"] == want
+    check_scan(log, recs + more)
+    grown = orjson.loads(A.index_path(log).read_bytes())["segments"]
+    assert len(grown) > len(segs) and grown[:len(segs)] == segs
+
+    # One digit changed in an indexed segment, size, inode and mtime kept: the SHA-1
+    # check must catch it and rebuild the index from the log.
+    data, at = flip_digit(log.read_bytes(), len(log.read_bytes()) // 3)
+    rewrite_in_place(log, data)
+    hit = next(s for s in grown if s["a"] <= at < s["b"])
+    edited = records_of(data)
+    assert sum(r["total_cost"] or 0 for r in edited) != sum(r["total_cost"] or 0 for r in recs + more)
+    check_scan(log, edited)
+    rebuilt = orjson.loads(A.index_path(log).read_bytes())["segments"]
+    new_hit = next(s for s in rebuilt if s["a"] <= at < s["b"])
+    assert new_hit["sha1"] != hit["sha1"]
+    assert new_hit["sha1"] == hashlib.sha1(data[new_hit["a"]:new_hit["b"]]).hexdigest()
+    # The report itself, with the rebuilt index and without any.
+    args = ["--file", str(log), "--since", "all", "--format", "json", "--group-by", "day"]
+    for extra in ([], ["--no-index"]):
+        body = report_in_process(capsys, *args, *extra)
+        check_totals(body["totals"], expect(edited))
+        assert {g["day"]: g["total_cost"] for g in body["groups"]} == by_day(edited)
+
+
+def test_index_of_a_gzip_file_follows_its_bytes(tmp_path: Path, small_segments: None) -> None:
+    from proxy import analytics as A
+
+    recs = make_records(1500, seed=13, days=6)
+    plain = b"".join(dumps(r) for r in recs)
+    gz = tmp_path / "cost-tracking.jsonl.1.gz"
+    gz.write_bytes(gzip.compress(plain, mtime=0))
+    check_scan(gz, recs)
+    [seg] = orjson.loads(A.index_path(gz).read_bytes())["segments"]
+    assert seg["sha1"] == hashlib.sha1(gz.read_bytes()).hexdigest()  # the compressed bytes
+    # The same compressed size with one digit changed inside.
+    for at in range(len(plain) // 2, len(plain), 997):
+        edited, _ = flip_digit(plain, at)
+        packed = gzip.compress(edited, mtime=0)
+        if len(packed) == gz.stat().st_size:
+            break
+    else:
+        pytest.fail("no same-size edit found")
+    rewrite_in_place(gz, packed)
+    check_scan(gz, records_of(edited))
+    [new] = orjson.loads(A.index_path(gz).read_bytes())["segments"]
+    assert new["sha1"] == hashlib.sha1(packed).hexdigest() != seg["sha1"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterable[Path]:
+    """A tmpfs of our own, so the test can make its directory truly read-only (root
+    ignores permission bits, not a read-only mount)."""
+    where = tmp_path / "mnt"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip() or p.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def remount(where: Path, mode: str) -> None:
+    p = subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot remount the tmpfs {mode}: {p.stderr.strip()}")
+
+
+def test_read_only_log_directory_answers_without_writing_an_index(tmpfs: Path, small_segments: None,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy import analytics as A
+
+    recs = make_records(2000, seed=14, days=5)
+    log = write_log(tmpfs / "cost-tracking.jsonl", recs)
+    fresh = write_log(tmpfs / "other.jsonl", recs[:700])  # never indexed
+    check_scan(log, recs)
+    old_index = A.index_path(log).read_bytes()
+    # Changed (a digit flipped, lines appended) and then the directory made read-only:
+    # the stale index is detected, rebuilt in memory, and cannot be saved.
+    data, _ = flip_digit(log.read_bytes(), len(log.read_bytes()) // 2)
+    more = make_records(300, seed=15, days=0.3)
+    data += b"".join(dumps(r) for r in more)
+    log.write_bytes(data)
+    remount(tmpfs, "ro")
+    try:
+        with pytest.raises(OSError):
+            (tmpfs / "probe").write_bytes(b"")
+        for _ in range(2):  # the second run cannot rely on a saved rebuild either
+            check_scan(log, records_of(data), jobs=2)
+            assert A.index_path(log).read_bytes() == old_index
+        check_scan(fresh, recs[:700])
+        assert not A.index_path(fresh).exists()
+        body = report_in_process(capsys, "--file", str(log), "--since", "all", "--format", "json")
+        check_totals(body["totals"], expect(records_of(data)))
+        assert sorted(p.name for p in tmpfs.iterdir()) == sorted([log.name, fresh.name, A.index_path(log).name])
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], capture_output=True)
+
+
+# --- what a person sees ----------------------------------------------------------------------
+
+HOSTILE_MODEL = "evil\x1b[2J\x1b[Hmodel\u202egnp.exe\u2028next\x9b31m"
+_C0_BUT_NEWLINE = {chr(c) for c in range(0x20)} - {"\n"}
+UNSAFE = (_C0_BUT_NEWLINE | {"\x7f"} | {chr(c) for c in range(0x80, 0xA0)} | {"\u2028", "\u2029", "\u200e", "\u200f",
+          "\u061c"} | {chr(c) for c in range(0x202A, 0x202F)} | {chr(c) for c in range(0x2066, 0x206A)})
+
+
+def hostile_log(path: Path) -> list[dict[str, Any]]:
+    recs = make_records(60, seed=21, days=1)
+    for i, r in enumerate(recs[:20]):
+        r["model"] = r["response_model"] = HOSTILE_MODEL
+        r["provider"] = "prov\x1b]0;owned\x07"
+        r["user_id"] = "\u2066mallory\u2069\u200f"
+        r["endpoint"] = "/v1/x\r\nInjected: line"
+        r["tags"] = {"feature": "t\u2029ag\x7f", "team": "x" * 5000}
+        r["request_id"] = f"id-\x1b[31m{i}"
+    write_log(path, recs)
+    return recs
+
+
+def test_printable_replaces_controls_separators_and_bidi() -> None:
+    from proxy.text import printable
+
+    assert printable(HOSTILE_MODEL) == "evil?[2J?[Hmodel?gnp.exe?next?31m"
+    assert printable("ユーザー café 🙂") == "ユーザー café 🙂"  # other scripts kept
+    assert printable(None) == "" and printable("\t\n\r\x00\u061c\u200e\u2066") == "???????"
+    assert printable("\ud800x") == "?x"  # a lone surrogate cannot even be printed
+    long = printable("a" * 1000)
+    assert len(long) == 200 and long.endswith("…") and len(printable("a" * 1000, 40)) == 40
+    assert not set(printable("".join(chr(c) for c in range(0x3000)))) & UNSAFE
+
+
+@pytest.mark.parametrize("fmt,extra", [
+    ("summary", ["--all"]),
+    ("summary", ["--group-by", "user,tag:feature,tag:team,endpoint", "--top", "5"]),
+    ("detailed", []),
+    ("daily", ["--latency", "--top", "3"]),
+], ids=["summary-all", "summary-groups", "detailed", "daily"])
+def test_text_reports_neutralise_control_and_bidi_characters(tmp_path: Path, fmt: str, extra: list[str]) -> None:
+    log = tmp_path / "cost.jsonl"
+    recs = hostile_log(log)
+    (tmp_path / "config.yml").write_text(CONFIG)
+    p = run("--file", str(log), "--since", "all", "--config", str(tmp_path / "config.yml"), "--format", fmt, *extra)
+    bad = sorted({hex(ord(c)) for c in p.stdout + p.stderr if c in UNSAFE})
+    assert bad == [], bad
+    assert "evil?[2J?[Hmodel?gnp.exe?next?31m"[:20] in p.stdout  # shown, neutralised, not dropped
+    if fmt != "detailed":
+        assert "?mallory?" in p.stdout or "--group-by" not in extra
+        assert max(len(line) for line in p.stdout.splitlines()) < 1200  # a 5,000-character tag is cut
+    assert len(recs) == 60
+
+
+def test_machine_outputs_keep_the_values_as_logged(tmp_path: Path) -> None:
+    log = tmp_path / "cost.jsonl"
+    hostile_log(log)
+    body = as_json(run("--file", str(log), "--since", "all", "--format", "json", "--group-by", "user"))
+    assert HOSTILE_MODEL in {m["model"] for m in body["by_model"]}
+    assert "\u2066mallory\u2069\u200f" in {g["user"] for g in body["groups"]}
+    rows = list(csv.reader(io.StringIO(run("--file", str(log), "--since", "all", "--format", "csv").stdout)))
+    assert sum(1 for row in rows if HOSTILE_MODEL in row) == 20
 
 
 # --- sections ---------------------------------------------------------------------------

@@ -123,9 +123,9 @@ async def test_every_source_reaches_the_record_cleaned_and_none_goes_upstream(mo
         async with s.post(url, json={"contents": [{"parts": [{"text": "hi"}]}]},
                           headers={"x-goog-api-key": CLIENT_GEMINI_KEY, "x-project": "gem"}) as r:
             assert r.status == 200
-    raw = proxy.raw_log()
+    raw = await proxy.wait_raw_log(5)
     records = await proxy.records()
-    assert len(raw.splitlines()) == 5
+    assert len(raw.splitlines()) == 5 and raw == proxy.raw_log()  # and nothing came after
     first = records[0]
     assert first["user_id"] == 'eve {"forged":true}'
     assert first["session_id"] == "sess-42" and first["team"] is None

@@ -157,8 +157,9 @@ async def test_proxy_key_in_provider_key_out(tmp_path, mock, start_proxy, caplog
                     (None, PROXY_ANTHROPIC_KEY, None), (None, None, PROXY_GEMINI_KEY)]
     assert dict(mock.requests[3].query) == {"alt": "json"}  # Gemini's ?key= was taken out
     assert key not in seen_by_upstream(mock) and key[4:] not in seen_by_upstream(mock)
-    raw = proxy.raw_log()
+    raw = await proxy.wait_raw_log(4)  # every record, the last one's line included
     records = await proxy.records()
+    assert raw == proxy.raw_log()  # nothing came after: all that was checked is all there is
     assert [(r["user_id"], r["team"], r["key_id"]) for r in records] == [("alice", "research", kid)] * 4  # the owner, not x-user-id
     assert records[1]["status"] == 401 and "[redacted]" in records[1]["error"]
     for secret in (key, PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, PROXY_GEMINI_KEY):

@@ -9,8 +9,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from decimal import Decimal
 
+import anthropic
 import pytest
 
+from conftest import CLIENT_ANTHROPIC_KEY, dec, make_config
+from mock_upstream import anthropic_message, anthropic_stream_events, json_reply, sse, stream_reply
 from proxy.catalog import Catalog, pricebook_for
 from proxy.config import ConfigError, parse_config
 from proxy.pricing import PriceBook, name_candidates, parse_model_price, price_call
@@ -229,3 +232,66 @@ def test_catalog_variants_apply_before_a_scheduled_price_change():
                             genai_request_timestamp=NOW, price_context={"service_tier": tier})
         ours = total(b, model, u, family="gemini", provider="gemini", tier=tier)
         assert ours == theirs.total_price.quantize(Decimal("1e-10")), (model, tier)
+
+
+# --- price variants end to end: the reply's service tier and speed, through the proxy ---------
+
+# USD per 1M. Standard and fast give input and output only: their cache rates are
+# Anthropic's fixed multiples of their own input rate. Batch gives every rate.
+# (A variant inherits the rates the base card states explicitly, so the base here
+# states none: stated standard cache rates would price a fast call's cache at them.)
+STANDARD = {"input": 3, "output": 15}
+BATCH = {"input": Decimal("1.5"), "output": Decimal("7.5"), "cached_input": Decimal("0.15"),
+         "cache_write": Decimal("1.875"), "cache_write_1h": 3}
+FAST = {"input": 18, "output": 90}
+ANTHROPIC_CACHE_MULTIPLES = {"cached_input": Decimal("0.1"), "cache_write": Decimal("1.25"), "cache_write_1h": 2}
+VARIANT_MODELS = {"claude-sonnet-4-5": {"pricing": {**STANDARD, "service_tiers": {"batch": BATCH, "fast": FAST}}}}
+# 50 uncached, 2,000 written to the 1-hour cache, 1,000 to the 5-minute one, 10,000 read, 400 out.
+USAGE = {"input_tokens": 50, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 10000,
+         "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000}, "output_tokens": 400}
+
+
+def expected(rates: dict) -> tuple[Decimal, Decimal]:
+    r = {k: Decimal(str(v)) for k, v in rates.items()}
+    for k, mult in ANTHROPIC_CACHE_MULTIPLES.items():
+        r.setdefault(k, r["input"] * mult)
+    inp = (50 * r["input"] + 10000 * r["cached_input"] + 1000 * r["cache_write"] + 2000 * r["cache_write_1h"]) / 1_000_000
+    return inp, 400 * r["output"] / 1_000_000
+
+
+@pytest.mark.parametrize("reply,variant,rates", [
+    ({"service_tier": "batch"}, "batch", BATCH),
+    ({"service_tier": "standard", "speed": "fast"}, "fast", FAST),
+    ({"service_tier": "batch", "speed": "fast"}, "fast", FAST),  # the speed is the more specific
+    ({"service_tier": "priority"}, None, STANDARD),  # a tier without its own rates: the standard ones
+    ({"service_tier": "standard"}, None, STANDARD),
+], ids=["batch", "fast", "fast-batch", "unpriced-tier", "standard"])
+async def test_price_variant_from_the_reply(mock, start_proxy, reply, variant, rates):
+    mock.on("/v1/messages", json_reply(anthropic_message(usage={**USAGE, **reply})))
+    proxy = await start_proxy(make_config(mock.url, variants={"type": "anthropic", "base_url": mock.url,
+                                                              "models": VARIANT_MODELS}))
+    async with anthropic.AsyncAnthropic(base_url=f"{proxy.url}/variants", api_key=CLIENT_ANTHROPIC_KEY, max_retries=0) as c:
+        await c.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    [rec] = await proxy.records()
+    inp, out = expected(rates)
+    assert rec["price_variant"] == variant
+    assert (rec["service_tier"], rec["speed"]) == (reply["service_tier"], reply.get("speed"))
+    assert (dec(rec["input_cost"]), dec(rec["output_cost"]), dec(rec["total_cost"])) == (inp, out, inp + out)
+
+
+async def test_price_variant_of_a_streamed_batch_reply(mock, start_proxy):
+    evs = anthropic_stream_events(model="claude-sonnet-4-5-20250929")
+    evs[0][1]["message"]["usage"]["service_tier"] = "batch"  # message_start carries the tier
+    mock.on("/v1/messages", stream_reply(mock, sse(evs)))
+    proxy = await start_proxy(make_config(mock.url, variants={"type": "anthropic", "base_url": mock.url,
+                                                              "models": VARIANT_MODELS}))
+    async with anthropic.AsyncAnthropic(base_url=f"{proxy.url}/variants", api_key=CLIENT_ANTHROPIC_KEY, max_retries=0) as c:
+        async with c.messages.stream(model="claude-sonnet-4-5", max_tokens=10,
+                                     messages=[{"role": "user", "content": "hi"}]) as s:
+            await s.get_final_message()
+    [rec] = await proxy.records()
+    # The stream's usage: 100 uncached, 3,000 written to the 5-minute cache, 200 out.
+    r = {k: Decimal(str(v)) for k, v in BATCH.items()}
+    inp = (100 * r["input"] + 3000 * r["cache_write"]) / 1_000_000
+    assert rec["price_variant"] == "batch" and rec["service_tier"] == "batch"
+    assert dec(rec["total_cost"]) == inp + 200 * r["output"] / 1_000_000
