@@ -1,6 +1,6 @@
 """The provider-neutral usage record every adapter produces.
 
-One meaning for every provider (see shared/provider-usage.md §8):
+One meaning for every provider (see docs/providers.md §8):
 ``input_tokens`` is *all* input, cache reads and writes included; ``output_tokens``
 is *all* output, reasoning and Gemini thoughts included. Cache and reasoning
 counts are subsets of those totals, never additions to them.
@@ -47,5 +47,10 @@ class CallInfo:
     speed: str | None = None
     # An error reported inside a 200 reply (stream error events, failed responses).
     error: str | None = None
+    # Why the reply's usage is not believed, e.g. "implausible usage: prompt_tokens=-5"
+    # (a negative, fractional, string or absurd count, or a usage that is not an object).
+    # ``usage`` is then None and the call stays unpriced, never estimated: the provider
+    # did report usage, only not one we can bill. ``raw_usage`` still holds what was sent.
+    usage_error: str | None = None
     # The text relayed to the client, for estimating usage a reply did not report.
     output_text: Any = None

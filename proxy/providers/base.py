@@ -6,12 +6,15 @@ facts. It never does I/O, so each one is tested with plain payloads.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import orjson
 
 from ..estimate import OutputText
-from ..usage import CallInfo
+from ..usage import CallInfo, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,22 @@ class Endpoint:
     kind: str | None  # e.g. "chat", "messages", "generate"; None: not metered
     model: str | None = None  # a model named in the path (Gemini)
     stream: bool = False  # the path itself asks for a stream (Gemini)
+    # Costs money although its reply reports no usage we read (images, audio, batches):
+    # kind stays None, but budgets must still refuse it, and its record says "cost
+    # unknown" so reports give totals as "at least". Free endpoints: Endpoint(None).
+    billable: bool = False
+
+
+_SLASHES = re.compile(r"//+")
+
+
+def clean_path(path: str) -> str:
+    """``path`` with one leading slash, no repeated or trailing ones: ``/v1//chat/completions/``
+    reaches the same upstream handler as ``/v1/chat/completions``, so it must meter the same."""
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    path = path.rstrip("/")
+    return path if path.startswith("/") else "/" + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +104,7 @@ class Adapter(ABC):
         if isinstance(body, dict):
             model = body.get("model")
             if isinstance(model, str):
-                return model
+                return valid_text(model)  # not cut here: the shell marks a cut name as cut
         return None
 
     def request_user(self, body: Any) -> str | None:
@@ -109,16 +128,192 @@ class Adapter(ABC):
         """An error payload in this family's own shape."""
 
 
-def as_int(value: Any) -> int:
-    """Token counts may be missing, null or (from lax servers) floats or strings."""
-    if value is None or isinstance(value, bool):
+# A count above this in any one field is not a bill but garbage (10^30, 1e308): the
+# largest context windows are ~10^7 tokens, so no single call comes near it.
+MAX_TOKENS = 10**9
+# Strings read from a reply (model, ids, tiers, finish reasons) are cut to this length:
+# an upstream must not be able to make every record megabytes long.
+MAX_TEXT_CHARS = 200
+# raw_usage deeper than this is cut: orjson refuses to write beyond ~250 levels, and
+# merging cumulative stream usage recurses; real usage objects are 2-3 levels deep.
+MAX_RAW_DEPTH = 16
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1  # what orjson can write
+
+
+class ImplausibleUsage(ValueError):
+    """A token count no real reply carries: the whole usage is not believed."""
+
+    def __init__(self, field: str, value: Any) -> None:
+        super().__init__(f"implausible usage: {field}={short_repr(value)}")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD. Only the lenient JSON fallback
+    (bodies.parse_json) produces them, and a record holding one is written escaped but
+    refused by orjson when read back: log readers would drop the call as corrupt."""
+    if text.isascii():
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)  # the same object when there is none
+
+
+def as_text(value: Any) -> str | None:
+    """A string field of a reply; anything else (a number for ``model``, an object for
+    ``service_tier``) is unreadable, not an error."""
+    if isinstance(value, str):
+        value = value[:MAX_TEXT_CHARS]
+        if not value.isascii():
+            value = _LONE_SURROGATE.sub("\ufffd", value)
+        return value or None
+    return None
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def as_count(value: Any, field: str) -> int:
+    """A token count: missing or null is 0; a whole number in [0, MAX_TOKENS] (also as
+    a float like 12.0) is taken. Anything else (negative, fractional, a string even
+    "12", a bool, NaN, inf, huge) raises ImplausibleUsage: lax parsing would turn such
+    garbage into 0 or into negative money."""
+    if value is None:
         return 0
-    if isinstance(value, int):
+    t = type(value)  # not isinstance: bool is an int
+    if t is int:
+        if 0 <= value <= MAX_TOKENS:
+            return value
+    elif t is float:
+        if 0.0 <= value <= MAX_TOKENS and value.is_integer():  # NaN fails the comparison
+            return int(value)
+    raise ImplausibleUsage(field, value)
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """A bounded description of any JSON value, safe for deep or huge ones (whose
+    plain repr recurses or, for ints beyond 4300 digits, raises)."""
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list):
+        return "[...]"
+    if type(value) is int and value.bit_length() > 128:
+        return f"{'-' if value < 0 else ''}<{value.bit_length()}-bit int>"
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)  # repr escapes surrogates
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as orjson can always write it, for raw_usage: ints beyond 64 bits and
+    non-finite floats become their string form, lone surrogates U+FFFD, containers
+    nested past MAX_RAW_DEPTH a marker. Returns ``value`` itself when nothing needs
+    changing, which is every real reply: that check runs on every call, so it is a
+    loop without a function call per field."""
+    return value if _writable(value, 0) else _made_safe(value, 0)
+
+
+def _writable(value: Any, depth: int) -> bool:
+    t = type(value)
+    if t is dict:
+        if depth >= MAX_RAW_DEPTH:
+            return False
+        for k, v in value.items():
+            if type(k) is not str or not (k.isascii() or _LONE_SURROGATE.search(k) is None):
+                return False
+            tv = type(v)
+            if tv is int:
+                if not _INT64_MIN <= v <= _UINT64_MAX:
+                    return False
+            elif tv is str:
+                if not v.isascii() and _LONE_SURROGATE.search(v) is not None:
+                    return False
+            elif tv is float:
+                if v - v != 0.0:  # inf - inf and nan - nan are nan
+                    return False
+            elif tv is dict or tv is list:
+                if not _writable(v, depth + 1):
+                    return False
+            elif v is not None and tv is not bool:
+                return False
+        return True
+    if t is list:
+        return depth < MAX_RAW_DEPTH and all(_writable(v, depth + 1) for v in value)
+    if t is str:
+        return value.isascii() or _LONE_SURROGATE.search(value) is None
+    if t is int:
+        return _INT64_MIN <= value <= _UINT64_MAX
+    if t is float:
+        return value - value == 0.0
+    return value is None or t is bool
+
+
+def _made_safe(value: Any, depth: int) -> Any:
+    t = type(value)
+    if t is str:
+        return valid_text(value)
+    if t is bool or value is None:
         return value
+    if t is int:
+        if _INT64_MIN <= value <= _UINT64_MAX:
+            return value
+        try:
+            return str(value)
+        except ValueError:  # more digits than Python will print
+            return short_repr(value)
+    if t is float:
+        return value if value - value == 0.0 else str(value)
+    if t is dict:
+        if depth >= MAX_RAW_DEPTH:
+            return "{...}"
+        out = None
+        for k, v in value.items():
+            safe = _made_safe(v, depth + 1)
+            key = valid_text(k) if type(k) is str else short_repr(k)
+            if safe is not v or key is not k:
+                if out is None:
+                    out = {}
+                    for k2, v2 in value.items():  # the entries before this one, unchanged
+                        if k2 is k:
+                            break
+                        out[k2] = v2
+                out[key] = safe
+            elif out is not None:
+                out[k] = v
+        return value if out is None else out
+    if t is list:
+        if depth >= MAX_RAW_DEPTH:
+            return "[...]"
+        items = None
+        for i, v in enumerate(value):
+            safe = _made_safe(v, depth + 1)
+            if safe is not v:
+                if items is None:
+                    items = list(value)
+                items[i] = safe
+        return value if items is None else items
+    return short_repr(value)  # not a JSON type at all (a caller's tuple, Decimal…)
+
+
+def fill_usage(info: CallInfo, raw: Any, build: Callable[[dict[str, Any]], Usage]) -> None:
+    """Set ``info``'s usage from a reported usage object: built by ``build`` if every
+    count is plausible, else None with ``usage_error`` saying why. ``raw_usage`` keeps
+    what was reported either way (made writable), so the record shows the garbage."""
+    info.raw_usage = json_safe(raw)
+    if not isinstance(raw, dict):
+        info.usage = None
+        info.usage_error = f"implausible usage: usage={short_repr(raw)}"
+        return
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
+        info.usage = build(raw)
+        info.usage_error = None
+    except ImplausibleUsage as e:
+        info.usage = None
+        info.usage_error = str(e)
 
 
 def dig(obj: Any, *keys: str) -> Any:
@@ -129,16 +324,20 @@ def dig(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def merge_usage(current: dict[str, Any] | None, update: Any) -> dict[str, Any] | None:
-    """Streaming usage is cumulative: the last value wins, field by field. Never add."""
-    if not isinstance(update, dict):
+def merge_usage(current: Any, update: Any, depth: int = 0) -> Any:
+    """Streaming usage is cumulative: the last value wins, field by field. Never add.
+    A non-object update (garbage) replaces what came before, so fill_usage judges it;
+    a null one changes nothing."""
+    if update is None:
         return current
-    merged = dict(current) if current else {}
+    if not isinstance(update, dict) or depth >= MAX_RAW_DEPTH:
+        return update
+    merged = dict(current) if isinstance(current, dict) else {}
     for key, value in update.items():
         if value is None:
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_usage(merged[key], value)
+            merged[key] = merge_usage(merged[key], value, depth + 1)
         else:
             merged[key] = value
     return merged
@@ -146,6 +345,13 @@ def merge_usage(current: dict[str, Any] | None, update: Any) -> dict[str, Any] |
 
 def error_message(error: Any) -> str:
     if isinstance(error, dict):
-        msg = error.get("message") or error.get("type") or error.get("code") or "error"
-        return str(msg)[:300]
-    return str(error)[:300]
+        error = error.get("message") or error.get("type") or error.get("code") or "error"
+    if isinstance(error, str):
+        return valid_text(error[:300])
+    if isinstance(error, (dict, list)):
+        # str() of a deeply nested value raises RecursionError; orjson stops at ~250 levels.
+        try:
+            return orjson.dumps(error)[:300].decode("utf-8", "replace")
+        except orjson.JSONEncodeError:
+            return short_repr(error)
+    return valid_text(short_repr(error, 300))

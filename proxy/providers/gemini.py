@@ -9,9 +9,28 @@ import orjson
 
 from ..estimate import OutputText
 from ..usage import CallInfo, Usage
-from .base import Adapter, Endpoint, StreamTap, as_int, error_message, merge_usage
+from .base import (
+    Adapter,
+    Endpoint,
+    StreamTap,
+    as_count,
+    as_dict,
+    as_list,
+    as_text,
+    clean_path,
+    error_message,
+    fill_usage,
+    merge_usage,
+)
 
-_METHOD = re.compile(r"models/([^/:]+):(generateContent|streamGenerateContent)$")
+# models/NAME:method, also tunedModels/NAME:method and Vertex's
+# projects/…/publishers/google/models/NAME:method.
+_METHOD = re.compile(r"(?:^|/)(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
+# Methods that cost money but whose replies report no usage we read (batches, Imagen
+# and Veo's predict); countTokens and the rest are free.
+_BILLABLE = frozenset(
+    {"batchGenerateContent", "batchEmbedContents", "asyncBatchEmbedContent", "predict", "predictLongRunning"}
+)
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
@@ -29,34 +48,40 @@ _STATUS = {
 def gemini_usage(raw: dict[str, Any]) -> Usage:
     """Thoughts are billed as output but left out of candidatesTokenCount; tool-use
     prompt tokens are input but left out of promptTokenCount."""
-    thoughts = as_int(raw.get("thoughtsTokenCount"))
+    thoughts = as_count(raw.get("thoughtsTokenCount"), "thoughtsTokenCount")
     return Usage(
-        input_tokens=as_int(raw.get("promptTokenCount")) + as_int(raw.get("toolUsePromptTokenCount")),
-        output_tokens=as_int(raw.get("candidatesTokenCount")) + thoughts,
-        cache_read_tokens=as_int(raw.get("cachedContentTokenCount")),
+        input_tokens=as_count(raw.get("promptTokenCount"), "promptTokenCount")
+        + as_count(raw.get("toolUsePromptTokenCount"), "toolUsePromptTokenCount"),
+        output_tokens=as_count(raw.get("candidatesTokenCount"), "candidatesTokenCount") + thoughts,
+        cache_read_tokens=as_count(raw.get("cachedContentTokenCount"), "cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 
 
-def _read_chunk(payload: dict[str, Any], info: CallInfo, raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    info.response_model = payload.get("modelVersion") or info.response_model
-    info.request_id = payload.get("responseId") or info.request_id
+def _read_chunk(payload: dict[str, Any], info: CallInfo, raw: Any) -> Any:
+    info.response_model = as_text(payload.get("modelVersion")) or info.response_model
+    info.request_id = as_text(payload.get("responseId")) or info.request_id
     candidates = payload.get("candidates")
     if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-        info.finish_reason = candidates[0].get("finishReason") or info.finish_reason
+        info.finish_reason = as_text(candidates[0].get("finishReason")) or info.finish_reason
         if info.output_text is not None:
             for cand in candidates:
-                for part in (cand.get("content") or {}).get("parts") or () if isinstance(cand, dict) else ():
-                    if isinstance(part, dict):
-                        info.output_text.add(part.get("text"))
+                if isinstance(cand, dict):
+                    for part in as_list(as_dict(cand.get("content")).get("parts")):
+                        if isinstance(part, dict):
+                            info.output_text.add(part.get("text"))
     if payload.get("error"):
         info.error = error_message(payload["error"])
     meta = payload.get("usageMetadata")
-    # Some chunks have no usageMetadata; that must not reset what came before.
-    if isinstance(meta, dict) and meta:
+    # Some chunks have no usageMetadata, or an empty one; that must not reset what came before.
+    if meta:
         raw = merge_usage(raw, meta)
-        info.service_tier = meta.get("trafficType") or info.service_tier
+        if isinstance(meta, dict):
+            info.service_tier = as_text(meta.get("trafficType")) or info.service_tier
     return raw
+
+
+_FREE = Endpoint(None)
 
 
 class GeminiAdapter(Adapter):
@@ -64,10 +89,30 @@ class GeminiAdapter(Adapter):
     key_headers = ("x-goog-api-key", "authorization")
 
     def endpoint(self, path: str, method: str) -> Endpoint:
-        m = _METHOD.search(path)
-        if method != "POST" or m is None:
-            return Endpoint(None)
-        return Endpoint("generate", model=m.group(1), stream=m.group(2) == "streamGenerateContent")
+        if method != "POST":
+            return _FREE
+        m = _METHOD.search(clean_path(path))
+        if m is None:
+            return _FREE
+        collection, name, verb = m.groups()
+        # A tuned model keeps its collection in the name: it must never be priced as
+        # (or pass an allowlist as) a base model that happens to share its name.
+        model = name if collection == "models" else f"{collection}/{name}"
+        if verb == "generateContent":
+            return Endpoint("generate", model=model)
+        if verb == "streamGenerateContent":
+            return Endpoint("generate", model=model, stream=True)
+        if verb == "embedContent":
+            # Input only, like OpenAI's embeddings (and budgets reserve no output for
+            # this kind). Vertex's EmbedContentResponse carries usageMetadata with
+            # promptTokenCount (same meaning as docs/providers.md §5.2), read like a
+            # generate reply's. A reply without it (the Gemini API's has carried only
+            # the vector) stays usage-less, so the proxy estimates it from the request
+            # text as it does any metered reply that reports nothing.
+            return Endpoint("embeddings", model=model)
+        if verb in _BILLABLE:
+            return Endpoint(None, model=model, billable=True)
+        return _FREE
 
     def auth_header(self, api_key: str) -> tuple[str, str]:
         return "x-goog-api-key", api_key
@@ -76,7 +121,8 @@ class GeminiAdapter(Adapter):
         return super().client_key(headers, query) or query.get("key") or None
 
     def parse_reply(self, endpoint: Endpoint, payload: Any) -> CallInfo:
-        info = CallInfo(output_text=OutputText())
+        # An embedding has no output text to estimate from.
+        info = CallInfo(output_text=OutputText() if endpoint.kind != "embeddings" else None)
         # A streamed reply read whole (no alt=sse) is a JSON array of chunks.
         chunks = payload if isinstance(payload, list) else [payload]
         raw = None
@@ -84,8 +130,7 @@ class GeminiAdapter(Adapter):
             if isinstance(chunk, dict):
                 raw = _read_chunk(chunk, info, raw)
         if raw is not None:
-            info.raw_usage = raw
-            info.usage = gemini_usage(raw)
+            fill_usage(info, raw, gemini_usage)
         return info
 
     def stream_tap(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamTap:
@@ -100,7 +145,7 @@ class _GenerateTap(StreamTap):
 
     def __init__(self) -> None:
         super().__init__()
-        self._raw: dict[str, Any] | None = None
+        self._raw: Any = None
 
     def _take(self, data: str | bytes) -> None:
         try:
@@ -122,6 +167,5 @@ class _GenerateTap(StreamTap):
 
     def result(self) -> CallInfo:
         if self._raw is not None:
-            self.info.raw_usage = self._raw
-            self.info.usage = gemini_usage(self._raw)
+            fill_usage(self.info, self._raw, gemini_usage)
         return self.info

@@ -13,10 +13,15 @@ from .base import (
     Endpoint,
     PreparedBody,
     StreamTap,
-    as_int,
+    as_count,
+    as_dict,
+    as_text,
+    clean_path,
     dig,
     error_message,
+    fill_usage,
     merge_usage,
+    valid_text,
 )
 
 _ERROR_TYPES = {
@@ -36,55 +41,76 @@ _RESPONSES_LIFECYCLE = frozenset(
 
 
 def chat_usage(raw: dict[str, Any]) -> Usage:
-    """Chat and legacy Completions ``usage`` (also Embeddings, which has only prompt tokens)."""
-    prompt = as_int(raw.get("prompt_tokens"))
-    completion = as_int(raw.get("completion_tokens"))
-    total = as_int(raw.get("total_tokens"))
+    """Chat and legacy Completions ``usage`` (also Embeddings, which has only prompt tokens).
+    Raises ImplausibleUsage for a count no real reply carries (see base.as_count)."""
+    prompt = as_count(raw.get("prompt_tokens"), "prompt_tokens")
+    completion = as_count(raw.get("completion_tokens"), "completion_tokens")
+    total = as_count(raw.get("total_tokens"), "total_tokens")
     # Compatible servers (Gemini's) have left thinking out of completion_tokens while
     # counting it in total_tokens: the gap is output billed at the output rate.
     output = max(completion, total - prompt) if total else completion
-    details = raw.get("prompt_tokens_details") or {}
-    cached = as_int(details.get("cached_tokens")) or as_int(raw.get("cached_tokens"))
+    details = as_dict(raw.get("prompt_tokens_details"))
+    cached = as_count(details.get("cached_tokens"), "prompt_tokens_details.cached_tokens") or as_count(
+        raw.get("cached_tokens"), "cached_tokens"
+    )
     return Usage(
         input_tokens=prompt,
         output_tokens=output,
         cache_read_tokens=cached,
-        cache_write_tokens=as_int(details.get("cache_write_tokens")),
-        reasoning_tokens=as_int(dig(raw, "completion_tokens_details", "reasoning_tokens")),
+        cache_write_tokens=as_count(details.get("cache_write_tokens"), "prompt_tokens_details.cache_write_tokens"),
+        reasoning_tokens=as_count(
+            dig(raw, "completion_tokens_details", "reasoning_tokens"), "completion_tokens_details.reasoning_tokens"
+        ),
     )
 
 
 def responses_usage(raw: dict[str, Any]) -> Usage:
-    details = raw.get("input_tokens_details") or {}
+    details = as_dict(raw.get("input_tokens_details"))
     return Usage(
-        input_tokens=as_int(raw.get("input_tokens")),
-        output_tokens=as_int(raw.get("output_tokens")),
-        cache_read_tokens=as_int(details.get("cached_tokens")),
-        cache_write_tokens=as_int(details.get("cache_write_tokens")),
-        reasoning_tokens=as_int(dig(raw, "output_tokens_details", "reasoning_tokens")),
+        input_tokens=as_count(raw.get("input_tokens"), "input_tokens"),
+        output_tokens=as_count(raw.get("output_tokens"), "output_tokens"),
+        cache_read_tokens=as_count(details.get("cached_tokens"), "input_tokens_details.cached_tokens"),
+        cache_write_tokens=as_count(details.get("cache_write_tokens"), "input_tokens_details.cache_write_tokens"),
+        reasoning_tokens=as_count(
+            dig(raw, "output_tokens_details", "reasoning_tokens"), "output_tokens_details.reasoning_tokens"
+        ),
     )
 
 
 def _read_response_object(resp: dict[str, Any], info: CallInfo) -> None:
     """Fill ``info`` from a Responses API ``response`` object."""
-    info.request_id = resp.get("id") or info.request_id
-    info.response_model = resp.get("model") or info.response_model
-    info.service_tier = resp.get("service_tier") or info.service_tier
-    status = resp.get("status")
-    reason = dig(resp, "incomplete_details", "reason")
+    info.request_id = as_text(resp.get("id")) or info.request_id
+    info.response_model = as_text(resp.get("model")) or info.response_model
+    info.service_tier = as_text(resp.get("service_tier")) or info.service_tier
+    status = as_text(resp.get("status"))
+    reason = as_text(dig(resp, "incomplete_details", "reason"))
     info.finish_reason = reason or status or info.finish_reason
     if resp.get("error"):
         info.error = error_message(resp["error"])
     raw = resp.get("usage")
-    if isinstance(raw, dict):
-        info.raw_usage = raw
-        info.usage = responses_usage(raw)
+    if raw is not None:  # null until the response finishes
+        fill_usage(info, raw, responses_usage)
         output = resp.get("output")
-        if isinstance(output, list):
+        if info.usage is not None and isinstance(output, list):
             searches = sum(
                 1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
             )
             info.usage.web_search_requests = searches
+
+
+_CHAT, _COMPLETIONS = Endpoint("chat"), Endpoint("completions")
+_EMBEDDINGS, _RESPONSES = Endpoint("embeddings"), Endpoint("responses")
+_FREE, _BILLABLE_ENDPOINT = Endpoint(None), Endpoint(None, billable=True)
+# POSTs that cost money but whose replies carry no usage we read (the creating call of
+# a batch or fine-tune; sub-paths such as /batches/{id}/cancel are free).
+_BILLABLE = tuple(
+    "/" + p
+    for p in (
+        "images/generations", "images/edits", "images/variations",
+        "audio/speech", "audio/transcriptions", "audio/translations",
+        "batches", "fine_tuning/jobs", "videos",
+    )
+)
 
 
 class OpenAIAdapter(Adapter):
@@ -94,23 +120,25 @@ class OpenAIAdapter(Adapter):
     def endpoint(self, path: str, method: str) -> Endpoint:
         if method != "POST":
             return Endpoint(None)
-        p = path.rstrip("/")
-        if p.endswith("chat/completions"):
-            return Endpoint("chat")
-        if p.endswith("completions"):
-            return Endpoint("completions")
-        if p.endswith("embeddings"):
-            return Endpoint("embeddings")
-        if p.endswith("responses"):
-            return Endpoint("responses")
-        return Endpoint(None)
+        p = clean_path(path)
+        if p.endswith("/chat/completions"):
+            return _CHAT
+        if p.endswith("/completions"):
+            return _COMPLETIONS
+        if p.endswith("/embeddings"):
+            return _EMBEDDINGS
+        if p.endswith("/responses"):
+            return _RESPONSES
+        if p.endswith(_BILLABLE):
+            return _BILLABLE_ENDPOINT
+        return _FREE
 
     def auth_header(self, api_key: str) -> tuple[str, str]:
         return "Authorization", f"Bearer {api_key}"
 
     def request_user(self, body: Any) -> str | None:
         if isinstance(body, dict) and isinstance(body.get("user"), str):
-            return body["user"] or None
+            return valid_text(body["user"]) or None
         return None
 
     def prepare(self, endpoint: Endpoint, body: Any, stream: bool) -> PreparedBody | None:
@@ -134,24 +162,24 @@ class OpenAIAdapter(Adapter):
         if endpoint.kind == "responses":
             _read_response_object(payload, info)
             return info
-        info.request_id = payload.get("id")
-        info.response_model = payload.get("model")
-        info.service_tier = payload.get("service_tier")
+        info.request_id = as_text(payload.get("id"))
+        info.response_model = as_text(payload.get("model"))
+        info.service_tier = as_text(payload.get("service_tier"))
         choices = payload.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            info.finish_reason = choices[0].get("finish_reason")
+            info.finish_reason = as_text(choices[0].get("finish_reason"))
         if payload.get("error"):
             info.error = error_message(payload["error"])
         raw = payload.get("usage")
-        if isinstance(raw, dict):
-            info.raw_usage = raw
-            info.usage = chat_usage(raw)
+        if raw is not None:
+            fill_usage(info, raw, chat_usage)
         elif isinstance(choices, list):
             # A compatible server that reports no usage: keep the text to estimate from.
             info.output_text = text = OutputText()
             for choice in choices:
                 if isinstance(choice, dict):
-                    _choice_text(choice.get("message") or choice, text)
+                    message = choice.get("message")
+                    _choice_text(message if isinstance(message, dict) else choice, text)
         return info
 
     def stream_tap(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamTap:
@@ -179,7 +207,7 @@ def _choice_text(part: dict[str, Any], text: OutputText) -> None:
     if isinstance(calls, list):
         for call in calls:
             if isinstance(call, dict):
-                fn = call.get("function") or {}
+                fn = as_dict(call.get("function"))
                 text.add(fn.get("name"))
                 text.add(fn.get("arguments"))
 
@@ -189,7 +217,7 @@ class _ChatTap(StreamTap):
 
     def __init__(self, hide_usage_chunk: bool) -> None:
         super().__init__()
-        self._raw: dict[str, Any] | None = None
+        self._raw: Any = None
         self._hide = hide_usage_chunk
 
     def on_event(self, event: str | None, data: str) -> bool:
@@ -206,9 +234,9 @@ class _ChatTap(StreamTap):
             return True
         info = self.info
         if info.request_id is None:
-            info.request_id = chunk.get("id")
-        info.response_model = chunk.get("model") or info.response_model
-        info.service_tier = chunk.get("service_tier") or info.service_tier
+            info.request_id = as_text(chunk.get("id"))
+        info.response_model = as_text(chunk.get("model")) or info.response_model
+        info.service_tier = as_text(chunk.get("service_tier")) or info.service_tier
         if chunk.get("error"):
             info.error = error_message(chunk["error"])
             self.complete = True  # an error chunk ends the stream: no [DONE] follows
@@ -216,21 +244,19 @@ class _ChatTap(StreamTap):
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict):
-                    if choice.get("finish_reason"):
-                        info.finish_reason = choice["finish_reason"]
+                    info.finish_reason = as_text(choice.get("finish_reason")) or info.finish_reason
                     delta = choice.get("delta")
                     _choice_text(delta if isinstance(delta, dict) else choice, self.text)
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
+        if usage is not None:
             self._raw = merge_usage(self._raw, usage)
-            if self._hide and not choices:
+            if self._hide and not choices and isinstance(usage, dict):
                 return False
         return True
 
     def result(self) -> CallInfo:
         if self._raw is not None:
-            self.info.raw_usage = self._raw
-            self.info.usage = chat_usage(self._raw)
+            fill_usage(self.info, self._raw, chat_usage)
         return self.info
 
 
@@ -254,7 +280,7 @@ class _ResponsesTap(StreamTap):
             return True
         if not isinstance(payload, dict):
             return True
-        kind = payload.get("type") or event
+        kind = as_text(payload.get("type")) or event
         if kind == "error":
             self.info.error = error_message(payload)
         if kind in _RESPONSES_TERMINAL or kind == "error":
