@@ -37,11 +37,13 @@ def new_record_id() -> str:
 
 
 def cap_name(text: str | None) -> str | None:
-    """A client-chosen name cut to ``MAX_NAME_CHARS``; the marker keeps a cut name
-    from ever equalling (and being priced as) a real, shorter one."""
+    """A client-chosen name cut to ``MAX_NAME_CHARS``, marker included: the marker
+    keeps a cut name from ever equalling (and being priced as) a real, shorter one, and
+    a name cut once is not cut again (it still says its original length)."""
     if text is None or len(text) <= MAX_NAME_CHARS:
         return text
-    return f"{text[:MAX_NAME_CHARS]}…[{len(text)} chars]"
+    marker = f"…[{len(text)} chars]"
+    return text[: MAX_NAME_CHARS - len(marker)] + marker
 
 # Credentials a provider might echo back in an error message ("Incorrect API key
 # provided: sk-abc***wxyz"): masked or not, none of it goes into a record.
@@ -206,17 +208,19 @@ def dumps_record(record: dict[str, Any]) -> bytes:
 
 
 def _dumps_lenient(record: dict[str, Any]) -> bytes:
-    import json
+    # A lone surrogate (from a leniently parsed request) cannot be UTF-8: readers
+    # would reject the line. U+FFFD keeps the line, and everything else in it, valid.
+    return orjson.dumps(_valid_strings(record), default=json_default, option=orjson.OPT_APPEND_NEWLINE)
 
-    def default(obj: Any) -> Any:
-        if isinstance(obj, Decimal):
-            return float(obj)  # replaced below by the exact text
-        raise TypeError(type(obj).__name__)
 
-    exact = {k: (format(v.normalize(), "f") if isinstance(v, Decimal) else v) for k, v in record.items()}
-    text = json.dumps(exact, default=default, separators=(",", ":"), allow_nan=False)
-    # Costs travelled as strings; put them back as JSON numbers.
-    for k, v in record.items():
-        if isinstance(v, Decimal):
-            text = text.replace(f'"{k}":"{exact[k]}"', f'"{k}":{exact[k]}', 1)
-    return text.encode("ascii") + b"\n"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_valid_strings(k): _valid_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_strings(v) for v in value]
+    return value

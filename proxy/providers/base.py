@@ -309,11 +309,19 @@ def fill_usage(info: CallInfo, raw: Any, build: Callable[[dict[str, Any]], Usage
         info.usage_error = f"implausible usage: usage={short_repr(raw)}"
         return
     try:
-        info.usage = build(raw)
-        info.usage_error = None
+        usage = build(raw)
     except ImplausibleUsage as e:
         info.usage = None
         info.usage_error = str(e)
+        return
+    # Cache and reasoning counts are parts of the totals (docs/providers.md): a part
+    # larger than its whole is a reply we cannot price honestly.
+    if usage.cache_read_tokens + usage.cache_write_tokens > usage.input_tokens:
+        info.usage, info.usage_error = None, "implausible usage: cached tokens exceed input tokens"
+    elif usage.reasoning_tokens > usage.output_tokens:
+        info.usage, info.usage_error = None, "implausible usage: reasoning tokens exceed output tokens"
+    else:
+        info.usage, info.usage_error = usage, None
 
 
 def dig(obj: Any, *keys: str) -> Any:
