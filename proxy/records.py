@@ -188,22 +188,27 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-# Valid in JSON text, but line breaks to str.splitlines(), many editors and JavaScript
-# line readers: written escaped so every splitter sees one record per line. In UTF-8
-# these byte sequences can only be these characters, so a byte replace is exact.
-_LINE_BREAKERS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+# Valid in JSON text but not harmless in it: U+2028/U+2029/U+0085 break lines for
+# str.splitlines(), editors and JavaScript line readers; the other C1 controls (U+009B
+# is a CSI to some terminals) and bidi overrides garble `cat` and `tail -f` of the log.
+# Written as \u escapes. In UTF-8 these byte sequences can only be these characters
+# (each starts with a lead byte), so a byte-level replace is exact.
+_RISKY = re.compile(rb"\xc2[\x80-\x9f]|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]|\xd8\x9c")
+
+
+def _escape(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode("utf-8"))
 
 
 def dumps_record(record: dict[str, Any]) -> bytes:
     """One JSON line. Strings that orjson refuses (lone surrogates from a lenient
-    parse) are written through the standard library's escaping instead of failing."""
+    parse) are written with U+FFFD in their place instead of failing."""
     try:
         line = orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:
         line = _dumps_lenient(record)
-    for raw, escaped in _LINE_BREAKERS:
-        if raw in line:
-            line = line.replace(raw, escaped)
+    if not line.isascii():
+        line = _RISKY.sub(_escape, line)
     return line
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -140,7 +141,8 @@ def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/health", handle_health)
-    app.router.add_route("*", "/{provider}/{tail:.*}", handle_proxy)
+    # [\s\S], not ".": a path with an encoded line break (%0A) is a call like any other.
+    app.router.add_route("*", r"/{provider}/{tail:[\s\S]*}", handle_proxy)
     return app
 
 
@@ -248,6 +250,7 @@ class _Call:
                 state.budgets.settle(hold, units)
         if state.writer is None:
             return None
+        line, console = _scrub(line, console, self.secrets)
         self.pending = state.writer.write(line, console)
         window_rec = record if self.ctx.family != "unknown" else {**record, "provider": UNKNOWN_PROVIDER}
         state.window.add(window_rec, self.ctx.timestamp)
@@ -318,7 +321,32 @@ class _Call:
         if warned is None or key in warned or len(warned) >= _MAX_WARNED:
             return  # bounded: client-chosen names must not grow memory
         warned.add(key)
-        log.warning("%s/%s Cost: Not calculated (no pricing configured)", _printable(self.ctx.provider), _printable(model))
+        log.warning("%s/%s Cost: Not calculated (no pricing configured)", _printable(self.ctx.provider),
+                    _printable(redact(model, self.secrets)))
+
+
+def _cut_by_us(state: ProxyState, request: web.Request) -> bool:
+    """A cancelled call was cut by our shutdown, not by its client. aiohttp marks the
+    request before cancelling its handler: with the connection's error (an OSError) when
+    the client left, with CancelledError when its shutdown grace period ran out. So a
+    client that gives up during the grace period is still the client's doing."""
+    if not state.shutting_down:
+        return False
+    return not isinstance(request.content.exception(), OSError)
+
+
+def _scrub(line: bytes, console: str | None, secrets: tuple[str | None, ...]) -> tuple[bytes, str | None]:
+    """An upstream may echo a key into any field a record keeps (model, id, tier,
+    usage), not only into its error: no key goes to the log or the console. Short
+    placeholder keys ("EMPTY", "ollama") are no secret, and may be part of a model name."""
+    for s in secrets:
+        if s and len(s) >= 16:
+            escaped = orjson.dumps(s)[1:-1]  # the key as it appears inside a JSON string
+            if escaped in line:
+                line = line.replace(escaped, b"[redacted]")
+            if console is not None and s in console:
+                console = console.replace(s, "[redacted]")
+    return line, console
 
 
 UNKNOWN_PROVIDER = "(unknown)"  # /health counts calls to providers clients invent under this
@@ -368,13 +396,17 @@ def _key_fingerprint(key: str) -> str:
     return fp
 
 
-def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Adapter) -> CIMultiDict[str]:
+def _forward_headers(request: web.Request, provider: ProviderConfig, adapter: Adapter, proxy_key: str | None = None) -> CIMultiDict[str]:
+    """``proxy_key``: the proxy key the client presented (with auth:). It never goes
+    upstream, whatever header carries it (Azure's ``api-key``, a cookie)."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         low = name.lower()
         if low in _HOP or (low[:2] == "x-" and is_proxy_header(low)):
             continue
         if provider.api_key and low in _ANY_KEY_HEADER:
+            continue
+        if proxy_key and proxy_key in value:
             continue
         headers.add(name, value)
     if provider.api_key:
@@ -405,15 +437,23 @@ def has_dot_segment(raw_path: str) -> bool:
 _SEGMENT_SPLIT = re.compile(r"[/\\]")
 
 
-def forwarded_query(raw: str, strip_keys: bool) -> str:
+def forwarded_query(raw: str, strip_keys: bool, proxy_key: str | None = None) -> str:
     """The query string for upstream. With a configured provider key, every ``key``
     parameter goes, however its name is encoded (``%6Bey``, ``ke%79``, ``key+``):
-    the upstream decodes names before reading them, so this must too."""
-    if not raw or not strip_keys:
+    the upstream decodes names before reading them, so this must too. A parameter
+    holding the client's proxy key (with auth:) goes whatever its name."""
+    if not raw or not (strip_keys or proxy_key):
         return raw
-    if "%" not in raw and "key" not in raw.lower():
+    if "%" not in raw and "key" not in raw.lower() and not (proxy_key and proxy_key in raw):
         return raw
-    return "&".join(p for p in raw.split("&") if unquote_plus(p.partition("=")[0]).strip().lower() != "key")
+
+    def keep(param: str) -> bool:
+        name, _, value = param.partition("=")
+        if strip_keys and unquote_plus(name).strip().lower() == "key":
+            return False
+        return not (proxy_key and proxy_key in unquote_plus(param))
+
+    return "&".join(p for p in raw.split("&") if keep(p))
 
 
 async def handle_proxy(request: web.Request) -> web.StreamResponse:
@@ -432,16 +472,21 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     ctx = CallContext(
         timestamp=time.time(), provider=name, family=provider.type, endpoint=cap_name(path) or path,
         key_id=_key_fingerprint(client_key) if client_key else None, ip_address=request.remote,
-        metered=endpoint.kind is not None, billable=endpoint.billable,
+        metered=endpoint.kind is not None, billable=endpoint.billable, model=cap_name(endpoint.model),
     )
     call = _Call(state, provider, adapter, endpoint, ctx, (client_key, provider.api_key))
     if has_dot_segment(raw_tail):
         _identify(state, request, call, client_key, None)
         return await call.done(_refuse(call, 400, "path has dot segments",
                                        "The request path must not contain '.' or '..' segments, in any encoding."))
+    if state.keys is not None:
+        # Authenticate before reading the body: an unknown caller's 64 MB is not ours to parse.
+        denied = _authenticate(state, request, call, client_key)
+        if denied is not None:
+            return await call.done(denied)
 
     try:
-        body_bytes = await request.read()
+        body_bytes = await _read_body(request, state.config.max_body_mb * 1024 * 1024)
     except RequestPayloadError as e:
         # A body that cannot be read (e.g. labelled gzip but not gzip): answer it in the
         # family's words, as the provider would, and record it.
@@ -451,7 +496,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         _identify(state, request, call, client_key, None)
         call.status = 499
-        call.error = ("proxy shut down while the client was sending its request" if state.shutting_down
+        call.error = ("proxy shut down while the client was sending its request" if _cut_by_us(state, request)
                       else "client disconnected while sending its request")
         call.finish()
         raise
@@ -483,7 +528,10 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         if digest.prepared is not None:
             body_bytes = digest.prepared
     hide_usage_chunk = digest.hide_usage_chunk if digest is not None else False
-    query = forwarded_query(request.rel_url.raw_query_string, bool(provider.api_key))
+    proxy_key = client_key if state.keys is not None else None
+    query = forwarded_query(request.rel_url.raw_query_string, bool(provider.api_key), proxy_key)
+    if proxy_key and body_bytes and proxy_key.encode() in body_bytes:
+        body_bytes = redact_bytes(body_bytes, proxy_key.encode())  # a proxy key never leaves the proxy
     url = provider.base_url + raw_tail + (f"?{query}" if query else "")
 
     # Check-and-reserve against the budgets, then straight into the try that settles
@@ -499,15 +547,114 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     return await call.done(response)
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The request body. A huge one is read as it arrives and joined once, in a thread
+    (``bytes.join`` releases the interpreter lock for big joins): aiohttp's ``read()``
+    copies it whole three times on the event loop (~25 ms a copy for 28 MB)."""
+    size = request.content_length
+    if size is None or size <= OFFLOAD_BYTES:
+        return await request.read()
+    if size > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+    chunks: list[bytes] = []
+    got = 0
+    while chunk := await request.content.readany():
+        got += len(chunk)
+        if got > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=got)
+        chunks.append(chunk)
+    return await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks)
+
+
 async def _digest(state: ProxyState, family: str, endpoint: Endpoint, raw: bytes) -> BodyDigest:
     if len(raw) <= OFFLOAD_BYTES:
         return digest_body(family, endpoint, raw)
+    spilled = None
     try:
         pool = state.body_pool()
-        return await asyncio.get_running_loop().run_in_executor(pool, digest_offloaded, family, endpoint, raw)
+        loop = asyncio.get_running_loop()
+        # Handed over through shared memory, written from a thread: pickling the body into
+        # the worker's pipe copies it with the interpreter lock held (~40 ms for 28 MB),
+        # stalling every other call; a file write releases the lock.
+        spilled = await loop.run_in_executor(None, _spill, raw)
+        if spilled is not None:
+            return await loop.run_in_executor(pool, _digest_spilled, family, endpoint, spilled)
+        return await loop.run_in_executor(pool, digest_offloaded, family, endpoint, raw)
     except (OSError, RuntimeError, BrokenProcessPool) as e:
         log.warning("body digest worker unavailable (%s): digesting on the event loop", type(e).__name__)
         return digest_body(family, endpoint, raw)
+    finally:
+        if spilled is not None:
+            try:
+                os.unlink(spilled)
+            except OSError:
+                pass
+
+
+_SHM = "/dev/shm"
+
+
+def _spill(raw: bytes) -> str | None:
+    """``raw`` in a new file in shared memory (never on disk); None when there is none
+    or it is full (the body is then pickled to the worker as before)."""
+    if not os.path.isdir(_SHM):
+        return None
+    try:
+        fd, path = tempfile.mkstemp(prefix="lcp-body-", dir=_SHM)  # 0600: the caller's prompt
+    except OSError:
+        return None
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return None
+    os.close(fd)
+    return path
+
+
+def _digest_spilled(family: str, endpoint: Endpoint, path: str) -> BodyDigest:
+    """The worker-process entry point for a spilled body."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return digest_offloaded(family, endpoint, raw)
+
+
+def _upload(body: bytes) -> Any:
+    """The body as sent upstream. A huge one is written in slices: handed over as bytes
+    (or as io.BytesIO), aiohttp copies it whole on the event loop (~25 ms a copy for
+    28 MB), stalling every other call."""
+    if not body:
+        return None
+    return _SlicedBody(body) if len(body) > OFFLOAD_BYTES else body
+
+
+class _SlicedBody(aiohttp.payload.Payload):
+    """Bytes written to the connection a slice at a time, flow-controlled (each write
+    waits for the socket to drain); a Content-Length like plain bytes, and replayable
+    if aiohttp retries on a stale pooled connection."""
+
+    _autoclose = True  # memory only, nothing to close
+    _SLICE = 1 << 18
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/octet-stream")
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        for i in range(0, len(view), self._SLICE):
+            await writer.write(view[i : i + self._SLICE])
 
 
 async def _forward(request: web.Request, call: _Call, url: URL, body_bytes: bytes, hide_usage_chunk: bool) -> web.StreamResponse:
@@ -518,8 +665,9 @@ async def _forward(request: web.Request, call: _Call, url: URL, body_bytes: byte
     try:
         try:
             upstream = await state.session.request(
-                request.method, url, headers=_forward_headers(request, provider, adapter),
-                data=body_bytes if body_bytes else None, allow_redirects=False,
+                request.method, url,
+                headers=_forward_headers(request, provider, adapter, call.secrets[0] if state.keys is not None else None),
+                data=_upload(body_bytes), allow_redirects=False,
             )
         except asyncio.TimeoutError:
             call.status, call.error = 504, "upstream timed out"
@@ -561,7 +709,7 @@ async def _forward(request: web.Request, call: _Call, url: URL, body_bytes: byte
         raise
     except asyncio.CancelledError:
         # handler_cancellation: the client went away (or our shutdown ran out of time).
-        if state.shutting_down:
+        if _cut_by_us(state, request):
             call.error = call.error or "proxy shut down before the reply finished"
         else:
             call.error = call.error or "client disconnected before the reply finished"
@@ -809,6 +957,15 @@ def _identify(state: ProxyState, request: web.Request, call: _Call, client_key: 
     att = attribute(request.headers, call.adapter.request_user(body), owner, ctx.key_id)
     ctx.user_id, ctx.team, ctx.session_id, ctx.tags = att.user_id, att.team, att.session_id, att.tags
     return entry
+
+
+def _authenticate(state: ProxyState, request: web.Request, call: _Call, client_key: str | None) -> web.Response | None:
+    """With auth: a 401 for a missing, unknown or revoked proxy key, from the headers alone."""
+    entry = _identify(state, request, call, client_key, None)
+    if entry is None or entry.revoked:
+        why = "no proxy key" if not client_key else ("revoked proxy key" if entry is not None else "unknown proxy key")
+        return _refuse(call, 401, f"auth: {why}", _BAD_KEY)
+    return None
 
 
 def _admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: _Call,

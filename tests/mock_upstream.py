@@ -446,3 +446,65 @@ def gemini_stream_chunks(model: str = "gemini-2.5-flash") -> list[dict]:
         gemini_response(model, {}, "s", None),
         gemini_response(model, FLASH_USAGE, ".", "STOP"),
     ]
+
+
+def cut_stream(pieces: Iterable[Piece], content_type: str = "text/event-stream") -> Handler:
+    """A streamed reply that writes ``pieces`` and then drops the connection, with no
+    end of the chunked body: the upstream cut mid-stream."""
+
+    async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+        await resp.prepare(request)
+        for piece in pieces:
+            if isinstance(piece, (int, float)):
+                await asyncio.sleep(piece)
+            else:
+                await resp.write(piece)
+        await asyncio.sleep(0.01)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # nothing more to send on a dropped connection
+
+    return handler
+
+
+class ThreadedUpstream:
+    """A plain HTTP/1.1 upstream served by threads, off the test's event loop: a huge
+    body read there (or a client's huge body sent from the loop) would stall the very
+    loop the proxy under test runs on, and measure the harness instead of the proxy.
+    ``respond(path, body)`` runs in the connection's thread and returns (status, JSON)."""
+
+    def __init__(self, respond: Callable[[str, bytes], tuple[int, Any]]) -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the proxy's connection pool expects
+            disable_nagle_algorithm = True  # no 40 ms delayed-ACK stall between header and body
+
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.received.append((self.path, len(body)))
+                status, payload = respond(self.path, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.received: list[tuple[str, int]] = []  # (path, body length), in arrival order
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
