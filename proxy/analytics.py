@@ -206,33 +206,23 @@ class Dedupe:
 
     def seen_line(self, line: bytes) -> bool:
         """True for a repeat (counted in ``duplicates``); otherwise remembers the line."""
-        h = hash(line)
-        seen = self._lines
-        if h in seen:
-            self.duplicates += 1
-            return True
-        seen.add(h)
-        order = self._line_order
-        order.append(h)
-        if len(order) > self.window:
-            seen.discard(order.popleft())  # entries are unique: a repeat is never added
-        return False
+        return self._repeat(hash(line), self._lines, self._line_order)
 
     def seen_record(self, rec: Mapping[str, Any]) -> bool:
         """True when the record's ``record_id`` was seen; records without one never are."""
         rid = rec.get("record_id")
         if type(rid) is not str or not rid:
             return False
-        h = hash(rid)
-        seen = self._ids
+        return self._repeat(hash(rid), self._ids, self._id_order)
+
+    def _repeat(self, h: int, seen: set[int], order: deque[int]) -> bool:
         if h in seen:
             self.duplicates += 1
             return True
         seen.add(h)
-        order = self._id_order
         order.append(h)
         if len(order) > self.window:
-            seen.discard(order.popleft())
+            seen.discard(order.popleft())  # entries are unique: a repeat is never added
         return False
 
 
