@@ -314,7 +314,7 @@ def fill_usage(info: CallInfo, raw: Any, build: Callable[[dict[str, Any]], Usage
         info.usage = None
         info.usage_error = str(e)
         return
-    # Cache and reasoning counts are parts of the totals (docs/providers.md): a part
+    # Cache and reasoning counts are parts of the totals (docs/providers.md §8): a part
     # larger than its whole is a reply we cannot price honestly.
     if usage.cache_read_tokens + usage.cache_write_tokens > usage.input_tokens:
         info.usage, info.usage_error = None, "implausible usage: cached tokens exceed input tokens"
