@@ -1,6 +1,6 @@
 """The JSONL record: one line per call. Pure functions only.
 
-Schema (``schema_version`` 1) is documented in the README; fields are only ever
+Schema (``schema_version`` 1) is documented in docs/records.md; fields are only ever
 added, so readers of older lines keep working.
 """
 
