@@ -103,6 +103,8 @@ def generate_log(path: Path, n: int, seed: int = 7, end: float | None = None, da
             cached = (inp // 128) * 128 if (inp > 1024 and rng.random() < 0.35) else 0
             cached = min(cached, inp)
             reasoning = out // 2 if model.startswith(("gpt-5", "o")) else 0
+            tokens: dict[str, int | None]
+            costs: tuple[orjson.Fragment | None, orjson.Fragment | None, orjson.Fragment | None]
             if status >= 400:
                 tokens = dict(input_tokens=0, output_tokens=0, total_tokens=0, cache_read_tokens=0,
                               cache_write_tokens=0, cache_write_1h_tokens=0, reasoning_tokens=0, web_search_requests=0)

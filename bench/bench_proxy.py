@@ -576,9 +576,9 @@ async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[st
             big_timing: dict[str, dict[str, float]] = {}
             rss_bare_before = proc_status(pids["bare"]).get("VmRSS", 0)
             for t in (direct, bare):
-                r = await call_stream(session, t, big=big)
-                if r:
-                    big_timing[t.name] = {"seconds": r[1], "bytes": r[2], "MB_per_s": r[2] / r[1] / 1e6}
+                got = await call_stream(session, t, big=big)
+                if got:
+                    big_timing[t.name] = {"seconds": got[1], "bytes": got[2], "MB_per_s": got[2] / got[1] / 1e6}
             for _ in range(P["big_streams"] - 1):
                 await call_stream(session, bare, big=big)
             await asyncio.sleep(0.2)
@@ -590,9 +590,9 @@ async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[st
             after_each: list[int] = []
             proxy_big: list[tuple[float, int]] = []
             for _ in range(P["big_streams"]):
-                r = await call_stream(session, proxy, big=big)
-                if r:
-                    proxy_big.append((r[1], r[2]))
+                got = await call_stream(session, proxy, big=big)
+                if got:
+                    proxy_big.append((got[1], got[2]))
                 await asyncio.sleep(0.1)
                 after_each.append(proc_status(pids["proxy"]).get("VmRSS", 0))
             stop.set()
@@ -711,7 +711,8 @@ def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
     w = print
     mode = "quick" if quick else "full"
     w("")
-    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, event loop {event_loop_name()})")
+    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+      f"aiohttp {aiohttp.__version__}, event loop {event_loop_name()})")
     w(f"proxy code: commit {_git_head()}{' + uncommitted changes under proxy/' if _proxy_dirty() else ''}")
     w("=" * 92)
     w(f"{'Latency, non-streaming (sequential)':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'bare-dir':>9s} {'proxy-dir':>9s}")

@@ -8,11 +8,11 @@ with), so adding a million records gives the exact decimal total, never float dr
 from __future__ import annotations
 
 import glob
-import logging
 import gzip
 import hashlib
 import heapq
 import io
+import logging
 import math
 import operator
 import os
@@ -145,8 +145,10 @@ class RollingWindow:
             self._buckets.append((b, slot))
         else:
             # An out-of-order record (long call finishing late): find its bucket.
-            slot = next((s for k, s in self._buckets if k == b), None)
-            if slot is None:
+            found = next((s for k, s in self._buckets if k == b), None)
+            if found is not None:
+                slot = found
+            else:
                 slot = {}
                 self._buckets.append((b, slot))
                 self._buckets = deque(sorted(self._buckets, key=lambda x: x[0]))
@@ -343,19 +345,19 @@ def log_files(patterns: Sequence[str], rotated: bool = True) -> list[Path]:
             matches = [Path(pat)] if os.path.isfile(pat) else []
             if rotated:
                 base = os.path.basename(pat)
-                for p in sorted(glob.glob(glob.escape(pat) + "[.-]*")):
-                    if _ROTATED.fullmatch(os.path.basename(p)[len(base):]) and os.path.isfile(p):
-                        matches.append(Path(p))
+                for sib in sorted(glob.glob(glob.escape(pat) + "[.-]*")):
+                    if _ROTATED.fullmatch(os.path.basename(sib)[len(base):]) and os.path.isfile(sib):
+                        matches.append(Path(sib))
         if not matches:
             raise FileNotFoundError(pat)
         found.extend(matches)
     seen: set[str] = set()
-    out = []
-    for p in found:
-        real = os.path.realpath(p)
+    out: list[Path] = []
+    for path in found:
+        real = os.path.realpath(path)
         if real not in seen:
             seen.add(real)
-            out.append(p)
+            out.append(path)
     return out
 
 
@@ -367,7 +369,7 @@ def is_gzip(path: Path) -> bool:
 def open_log(path: Path) -> IO[bytes]:
     """A binary line reader, decompressing gzip (found by its magic bytes, not its name)."""
     if is_gzip(path):
-        return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)  # type: ignore[arg-type]
+        return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -462,9 +464,9 @@ def records_since(path: str | os.PathLike[str], since: float, slack: float = LAT
                     _seek_since(f, os.fstat(f.fileno()).st_size, seek_to)
                 fresh = (line for line in f if (ts := _line_ts(line)) is None or ts >= since_text)
                 for rec in iter_jsonl(fresh, dedupe=dedupe):
-                    ts = canonical_ts(rec.get("timestamp"))
-                    if ts is not None and ts >= since_text.decode():
-                        rec["timestamp"] = ts
+                    canon = canonical_ts(rec.get("timestamp"))
+                    if canon is not None and canon >= since_text.decode():
+                        rec["timestamp"] = canon
                         yield rec
         except (OSError, EOFError, zlib.error) as e:
             logging.getLogger("proxy").warning("cannot read %s: %s", p, e)
@@ -634,7 +636,10 @@ class Query:
             for k, v in self.tags:
                 by_key.setdefault(k, set()).add(v)
             # Same key repeated: alternatives; different keys: all must hold.
-            tests.extend((lambda r, k=k, vs=vs: tag_value(r, k) in vs) for k, vs in by_key.items())
+            def has_tag(k: str, vs: set[str]) -> Callable[[Mapping[str, Any]], bool]:
+                return lambda r: tag_value(r, k) in vs
+
+            tests.extend(has_tag(k, vs) for k, vs in by_key.items())
         if not tests:
             return None
         if len(tests) == 1:
@@ -776,7 +781,7 @@ class ScanResult:
     def rollup(self, dims: Sequence[str]) -> dict[tuple, Totals]:
         """Totals per combination of ``dims`` (any of the cube's record dims and time dims)."""
         rows: dict[tuple, list[int]] = {}
-        idx = []
+        idx: list[tuple[str, Any]] = []  # ("r", position in the key) or ("t", time dim)
         for d in dims:
             if d in TIME_DIMS:
                 if not self.time_width:
@@ -790,12 +795,12 @@ class ScanResult:
             parts = []
             for kind, what in idx:
                 if kind == "r":
-                    parts.append(key[what])  # type: ignore[index]
+                    parts.append(key[what])
                 else:
                     mk = (key[t_pos], what)
-                    label = memo.get(mk)  # type: ignore[arg-type]
+                    label = memo.get(mk)
                     if label is None:
-                        label = memo[mk] = self.time_label(key[t_pos], what)  # type: ignore[index,arg-type]
+                        label = memo[mk] = self.time_label(key[t_pos], what)
                     parts.append(label)
             k = tuple(parts)
             mine = rows.get(k)
@@ -1474,7 +1479,7 @@ def _scan_indexed(paths: Sequence[Path], plan: _Plan, jobs: int) -> ScanResult:
         info = {"path": p, "stat": stat, "gz": gz, "segs": segs, "new": [], "changed": data is None or
                 data.get("stat") != stat, "verified": True}
         files[key] = info
-        if segs and data.get("stat") != stat:
+        if segs and data and data.get("stat") != stat:  # segs come from data
             for seg in segs:
                 tasks.append(("verify", key, seg["a"], seg["b"], seg["sha1"], gz))
         start = segs[-1]["b"] if segs else 0

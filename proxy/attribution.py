@@ -108,12 +108,12 @@ def header_tags(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         low = name.lower()
         if not low.startswith(TAG_PREFIX):
             continue
-        tag = clean_tag_name(low[len(TAG_PREFIX) :])
-        if tag is None or tag in tags:
+        header_tag = clean_tag_name(low[len(TAG_PREFIX) :])
+        if header_tag is None or header_tag in tags:
             continue
         cleaned = clean_value(value)
         if cleaned is not None:
-            tags[tag] = cleaned
+            tags[header_tag] = cleaned
     return tags
 
 

@@ -388,7 +388,7 @@ class BudgetLedger:
         self.warn_at = warn_at
         self.clock = clock
         dims: list[tuple[str, str | None, str | None]] = []
-        for d in [*(l.dim for l in self.limits), *extra_dims]:
+        for d in [*(lim.dim for lim in self.limits), *extra_dims]:
             if d not in dims:
                 dims.append(d)
         self.dims = tuple(dims)
@@ -459,7 +459,7 @@ class BudgetLedger:
         # true spend) and on the dimensions of any extra (per-key) limits.
         counters: list[Counter] = []
         seen: set[tuple[str, str | None, str | None]] = set()
-        for dim in (*self.dims, *(l.dim for l in extra_limits)):
+        for dim in (*self.dims, *(lim.dim for lim in extra_limits)):
             if dim in seen:
                 continue
             seen.add(dim)
@@ -685,8 +685,8 @@ def replay_log(ledger: BudgetLedger, path: str | os.PathLike[str], now: float | 
         ts = rec["timestamp"]  # canonical UTC text: compares as time
         units = cost_units(rec.get("total_cost")) or 0
         hit = False
-        for dim, field_name, is_global, tag, lo, hi in plan:
-            if not (lo <= ts < hi):
+        for dim, field_name, is_global, tag, lo_ts, hi_ts in plan:
+            if not (lo_ts <= ts < hi_ts):
                 continue
             if is_global:
                 value: Any = "*"
@@ -752,7 +752,8 @@ def budgets_main(argv: list[str]) -> int:
     from .config import ConfigError
     from .keys import KeyStore, default_log_path
 
-    ap = argparse.ArgumentParser(prog="python -m proxy budgets", description="Each budget's limit, spend, remaining and reset time, from the log.")
+    ap = argparse.ArgumentParser(prog="python -m proxy budgets",
+                                 description="Each budget's limit, spend, remaining and reset time, from the log.")
     ap.add_argument("--config", default="config.yml")
     ap.add_argument("--log-file", default=None, help="JSONL log (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
     ap.add_argument("--json", action="store_true", help="one JSON object per budget")
@@ -770,7 +771,7 @@ def budgets_main(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if budgets is None and not key_limits:
-        print(f"{args.config} has no budgets (add a budgets: section; see README, 'Teams, keys and budgets')", file=sys.stderr)
+        print(f"{args.config} has no budgets (add a budgets: section; see docs/budgets.md)", file=sys.stderr)
         return 1
     ledger = ledger_for(budgets, auth)
     log_path = args.log_file or default_log_path()
@@ -795,9 +796,10 @@ def budgets_main(argv: list[str]) -> int:
         flag = "EXHAUSTED" if s.fraction >= 1 else ("warning" if s.fraction >= ledger.warn_at else "")
         rows.append([s.name, money(s.limit.units), money(s.spent), money(s.remaining), pct, resets, flag])
     print(_table(rows, ["BUDGET", "LIMIT", "SPENT", "REMAINING", "USED", "RESETS", ""]))
-    each = [l for l in (budgets.limits if budgets else ()) if l.match is None and l.scope != "global"]
+    each = [lim for lim in (budgets.limits if budgets else ()) if lim.match is None and lim.scope != "global"]
     if each:
-        print(f"\n{len(each)} limit(s) apply to each {'/'.join(sorted({l.scope for l in each}))} separately; only values with spend this period are listed.")
+        scopes = "/".join(sorted({lim.scope for lim in each}))
+        print(f"\n{len(each)} limit(s) apply to each {scopes} separately; only values with spend this period are listed.")
     print(f"(from {read} log records in {took:.2f}s; periods in {budgets.timezone if budgets else 'UTC'})", file=sys.stderr)
     return 0
 

@@ -26,7 +26,7 @@ log = logging.getLogger("proxy")
 FAMILY_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
 
 # Catalog price keys we bill, mapped to our rate names. Audio, image and storage
-# rates are not priced by this proxy (see README, "What is not priced").
+# rates are not priced by this proxy (see docs/pricing.md, "What is not priced").
 _KEYS = {
     "input_mtok": "input",
     "output_mtok": "output",

@@ -94,8 +94,7 @@ def serve(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Importing a tool's module registers its command; kept out of `serve`'s start-up path.
-    from . import budgets, keys, pricing_commands, reprice  # noqa: F401
-    from . import report  # noqa: F401  (registers `report`)
+    from . import budgets, keys, pricing_commands, report, reprice  # noqa: F401  (each registers its command)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][1](argv[1:])
     return serve(argv)

@@ -129,7 +129,8 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
     if auth is not None:
         for pname, prov in providers.items():
             if not prov.api_key:
-                raise ConfigError(path, f"providers.{pname}.api_key", "required with auth: clients present proxy keys, and the proxy sends this key upstream")
+                raise ConfigError(path, f"providers.{pname}.api_key",
+                                  "required with auth: clients present proxy keys, and the proxy sends this key upstream")
     budgets = parse_budgets(root.get("budgets"), path, enabled)
 
     server = _mapping(root.get("server"), path, "server")

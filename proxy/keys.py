@@ -88,12 +88,14 @@ def parse_auth(value: Any, path: str) -> AuthConfig | None:
         kf = Path(path).parent / kf
     admins = value.get("admin_keys") or []
     if not isinstance(admins, list):
-        raise ConfigError(path, "auth.admin_keys", "expected a list of \"sha256:<hex>\" hashes (from `python -m proxy keys create --admin`)")
+        raise ConfigError(path, "auth.admin_keys",
+                          "expected a list of \"sha256:<hex>\" hashes (from `python -m proxy keys create --admin`)")
     hashes = set()
     for i, h in enumerate(admins):
         text = h[7:] if isinstance(h, str) and h.startswith("sha256:") else None
         if text is None or not _HEX64.fullmatch(text):
-            shown = "a key, not its hash: never put a key in config.yml" if isinstance(h, str) and h.startswith(KEY_PREFIX) else repr(h)[:20]
+            is_key = isinstance(h, str) and h.startswith(KEY_PREFIX)
+            shown = "a key, not its hash: never put a key in config.yml" if is_key else repr(h)[:20]
             raise ConfigError(path, f"auth.admin_keys[{i}]", f"expected \"sha256:\" and 64 lower-case hex digits, got {shown}")
         hashes.add(text)
     if kf.exists():
@@ -170,7 +172,8 @@ def _entry(raw: Any, path: Path, key: str) -> KeyEntry:
     for name in ("user", "team"):
         v = raw.get(name)
         if v is not None and (not isinstance(v, str) or clean_value(v) != v):
-            raise ConfigError(path, f"{key}.{name}", f"expected a plain name (printable, at most 128 characters, not starting with = + - @), got {v!r}")
+            raise ConfigError(path, f"{key}.{name}",
+                              f"expected a plain name (printable, at most 128 characters, not starting with = + - @), got {v!r}")
     models = raw.get("models")
     if models is not None:
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
@@ -216,10 +219,10 @@ def load_keys(path: Path) -> list[KeyEntry]:
         raise ConfigError(path, "keys", "expected `keys:` with a list of entries")
     entries = [_entry(raw, path, f"keys[{i}]") for i, raw in enumerate(data.get("keys") or [])]
     seen: set[str] = set()
-    for i, e in enumerate(entries):
-        if e.key_id in seen:
-            raise ConfigError(path, f"keys[{i}].id", f"duplicate key id {e.key_id}")
-        seen.add(e.key_id)
+    for i, entry in enumerate(entries):
+        if entry.key_id in seen:
+            raise ConfigError(path, f"keys[{i}].id", f"duplicate key id {entry.key_id}")
+        seen.add(entry.key_id)
     return entries
 
 
@@ -431,7 +434,8 @@ def _revoke(args: argparse.Namespace, path: Path) -> int:
             return 0
         entries[i] = _with_entry(entries[i], revoked=_now_iso())
         save_keys(path, entries)
-    print(f"revoked key {entries[i].key_id} ({entries[i].user or entries[i].team or '-'}); a running proxy refuses it from its next request")
+    owner = entries[i].user or entries[i].team or "-"
+    print(f"revoked key {entries[i].key_id} ({owner}); a running proxy refuses it from its next request")
     return 0
 
 
@@ -465,7 +469,7 @@ def _list(args: argparse.Namespace, path: Path, auth: Any, budgets: Any) -> int:
     ledger = BudgetLedger((), timezone=tz, extra_dims=[("key", None, "monthly")])
     log_path = args.log_file or default_log_path()
     replay_log(ledger, log_path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in entries:
         spent = ledger.spent(("key", None, "monthly"), e.key_id)
         rows.append({

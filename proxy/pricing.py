@@ -83,7 +83,7 @@ class ModelPrice:
 
 @dataclass(frozen=True, slots=True)
 class FamilyRules:
-    """What a missing rate means, per API family (§6 of provider-usage.md)."""
+    """What a missing rate means, per API family (docs/providers.md §6.2)."""
 
     cached_input: Decimal | None = None  # multiple of input; None: the input rate
     cache_write: Decimal | None = None

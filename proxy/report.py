@@ -155,14 +155,16 @@ def build_parser(prog: str = "analyze_costs.py") -> argparse.ArgumentParser:
     when.add_argument("--since", metavar="HOURS", help="the last HOURS (24, 36h, 7d, 2w, all; default 24)")
     when.add_argument("--start-date", metavar="DATE", help="from this date or ISO time (inclusive)")
     when.add_argument("--end-date", metavar="DATE", help="to this date (the whole day) or ISO time (exclusive)")
-    when.add_argument("--period", choices=PERIODS, help="a calendar period: today, this week (from Monday), this month, or the previous one")
+    when.add_argument("--period", choices=PERIODS,
+                      help="a calendar period: today, this week (from Monday), this month, or the previous one")
     when.add_argument("--tz", default="UTC", help="time zone for dates, periods and buckets (default UTC; 'local' or e.g. Europe/Berlin)")
 
     out = p.add_argument_group("output")
     out.add_argument("--format", default="summary", choices=FORMATS)
     out.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     out.add_argument("--group-by", "-g", action="append", metavar="DIM",
-                     help="provider, model, user, endpoint, day, hour, week, month, status, key, team, tag:KEY…; repeatable or comma-separated")
+                     help="provider, model, user, endpoint, day, hour, week, month, status, key, team, tag:KEY…; "
+                          "repeatable or comma-separated")
     out.add_argument("--limit", type=int, default=None, help="rows per table (summary default 10; detailed: the last N requests)")
     out.add_argument("--latency", action="store_true", help="success rate and latency p50/p95 per provider and model")
     out.add_argument("--top", type=int, default=0, metavar="N", help="the N most expensive requests")
@@ -193,6 +195,8 @@ def resolve_window(args: argparse.Namespace, tz: tzinfo, now: datetime) -> Windo
     explicit = args.start_date or args.end_date or args.period
     if explicit and args.since is not None:
         raise UsageError("use either --since or --start-date/--end-date/--period")
+    start: datetime | None
+    end: datetime | None
     if args.period:
         if args.start_date or args.end_date:
             raise UsageError("use either --period or --start-date/--end-date")
@@ -236,7 +240,8 @@ def load_config(path: str, needed: bool) -> Any:
     """The config when it exists and is valid, else None (aliases and prices are extras)."""
     if not needed or not os.path.exists(path):
         return None
-    from .config import ConfigError, load_config as load
+    from .config import ConfigError
+    from .config import load_config as load
 
     try:
         return load(path)
@@ -300,7 +305,7 @@ class Report:
     def tz(self) -> tzinfo:
         return self.window.tz
 
-    def span(self) -> tuple[datetime | None, datetime | None]:
+    def span(self) -> tuple[datetime | None, datetime]:
         """The time the report covers: the window, or the data where the window is open."""
         start = self.window.start or (A.ts_to_datetime(self.res.first_ts) if self.res.first_ts else None)
         # A calendar period still running ends now, not at its end.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gzip
+import io
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import orjson
 
@@ -104,7 +105,7 @@ class RepriceStats:
         return units_to_usd(self.new_units - self.old_units)
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 

@@ -18,21 +18,20 @@ from urllib.parse import unquote, unquote_plus
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict
 from yarl import URL
 
 from .analytics import RollingWindow, cost_units, records_since, units_to_usd
 from .attribution import attribute, is_proxy_header
 from .bodies import OFFLOAD_BYTES, BodyDigest, UnreadableBody, digest_offloaded, parse_json
 from .bodies import digest as digest_body
-from .budgets import (BudgetState, Subject, ledger_for, money, refusal_message, replay_log,
-                      unpriced_refusal_message, worst_case_usage)
-from .config import Config, ProviderConfig
-from .logwriter import JsonlWriter
+from .budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, unpriced_refusal_message, worst_case_usage
 from .catalog import model_output_limit, pricebook_for
+from .config import Config, ProviderConfig
 from .estimate import estimate_input_tokens, warm_up
 from .keys import KeyStore
+from .logwriter import JsonlWriter
 from .pricing import PriceBook, price_call
 from .providers import ADAPTERS, Adapter, Endpoint
 from .records import CallContext, build_record, cap_name, dumps_record, fingerprint, json_default, redact
@@ -59,8 +58,6 @@ _ANY_KEY_HEADER = frozenset(h for a in ADAPTERS.values() for h in a.key_headers)
 # aiohttp's client decompresses replies, so the encoding headers no longer apply.
 _RESPONSE_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
 
-APP_STATE = web.AppKey("proxy_state", "ProxyState")
-
 
 @dataclass(slots=True)
 class ProxyState:
@@ -84,6 +81,9 @@ class ProxyState:
             # spawn: a fork of a process with threads (the log writer) is not safe.
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
+
+
+APP_STATE = web.AppKey("proxy_state", ProxyState)
 
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
@@ -182,7 +182,8 @@ class _Call:
     __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets",
                  "body", "input_estimate", "hold", "info", "finished", "pending")
 
-    def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext, secrets: tuple[str | None, ...]) -> None:
+    def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext,
+                 secrets: tuple[str | None, ...]) -> None:
         self.state, self.provider, self.adapter, self.endpoint, self.ctx = state, provider, adapter, endpoint, ctx
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
@@ -894,7 +895,8 @@ async def _unknown_provider(state: ProxyState, request: web.Request, name: str) 
     _identify(state, request, call, None, None)
     # The names of the configured providers are not the business of an unauthenticated caller.
     return await call.done(_refuse(call, 404, "unknown provider",
-                                   f"Unknown provider {_printable(name[:64])!r}: the first path segment must name a provider configured on this proxy."))
+                                   f"Unknown provider {_printable(name[:64])!r}: "
+                                   "the first path segment must name a provider configured on this proxy."))
 
 
 # --- proxy keys, attribution and budgets (config `auth:` / `budgets:`) -------------------
@@ -1053,7 +1055,8 @@ def _reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint
         ctx.budget_override = True
         if admin_key and not (cfg is not None and cfg.override):
             assert decision.refused is not None
-            log.warning("budget override (admin header): %s let through past %s", ctx.user_id or ctx.key_id or "a call", decision.refused.name)
+            log.warning("budget override (admin header): %s let through past %s",
+                        ctx.user_id or ctx.key_id or "a call", decision.refused.name)
     if decision.warnings:
         top = decision.warnings[0]
         tight = decision.tightest or top

@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# Run the whole test suite: sets up ./.venv with the test extras, then pytest.
+# Run the whole test suite: sets up ./.venv with the test extras, then lints (ruff),
+# type-checks (mypy) and runs pytest; stops at the first that fails.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 cd "$ROOT"
+if ! "$VENV/bin/ruff" check --quiet .; then
+  echo "test.sh: FAILED: ruff check (findings above; 'ruff check --fix' fixes the safe ones)" >&2
+  exit 1
+fi
+if ! "$VENV/bin/mypy"; then
+  echo "test.sh: FAILED: mypy (errors above; configuration in pyproject.toml [tool.mypy])" >&2
+  exit 1
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -16,8 +16,8 @@ def _mount(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["mount", *args], capture_output=True, text=True)
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+@pytest.fixture(name="tmpfs")
+def tmpfs_fixture(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """``tmpfs(where, size="64k", ro=False)`` mounts a tmpfs at ``where`` (created if
     needed; an existing directory is hidden under it, as a mount does); all are unmounted
     at teardown."""

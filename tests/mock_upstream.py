@@ -2,7 +2,7 @@
 
 Tests register a handler per path (``mock.on(path, handler)``); the helpers below
 build provider-shaped replies from the example payloads of
-shared/provider-usage.md §1-5. Every request the mock receives is kept in
+docs/providers.md §1-5. Every request the mock receives is kept in
 ``mock.requests`` (method, path, query, headers, body), so tests can check what
 the proxy sent upstream.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
 from aiohttp import web
-from multidict import CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiMapping
 
 Handler = Callable[[web.Request, "Received"], Awaitable[web.StreamResponse]]
 Piece = bytes | float  # bytes to write, or seconds to sleep
@@ -29,7 +29,7 @@ Piece = bytes | float  # bytes to write, or seconds to sleep
 class Received:
     method: str
     path: str
-    query: MultiDictProxy[str]
+    query: MultiMapping[str]
     headers: CIMultiDictProxy[str]
     body: bytes
     at: float = field(default_factory=time.monotonic)
@@ -266,7 +266,7 @@ def openai_chat(
 
 
 def openai_completions(mock: MockUpstream, usage: dict | None = None, model: str = "gpt-3.5-turbo-instruct") -> Handler:
-    """Legacy /v1/completions (§2)."""
+    """Legacy /v1/completions (§2.1)."""
     usage = usage or {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
 
     async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
@@ -288,7 +288,7 @@ def openai_completions(mock: MockUpstream, usage: dict | None = None, model: str
 
 
 def openai_embeddings(tokens: int = 1000, model: str = "text-embedding-3-small") -> Handler:
-    """§2: only prompt_tokens and total_tokens. Answers base64 when asked, like OpenAI."""
+    """§2.2: only prompt_tokens and total_tokens. Answers base64 when asked, like OpenAI."""
 
     async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
         body = rec.json or {}

@@ -13,7 +13,6 @@ import pytest
 
 from proxy import analytics as A
 from proxy.analytics import Query, Totals, scan
-
 from test_analyze_costs_cli import NOW, dumps, expect, make_records, write_log
 
 UTC = timezone.utc
@@ -154,11 +153,12 @@ def test_old_rotated_file_skipped_by_mtime_only_when_safe(tmp_path: Path) -> Non
     log = write_log(tmp_path / "log.jsonl", recs)
     old = NOW.timestamp() - 10 * 86400
     os.utime(log, (old, old))  # "written 10 days ago": nothing in a 2-day window
-    q = Query(start=NOW.timestamp() - 2 * 86400)
+    start = NOW.timestamp() - 2 * 86400
+    q = Query(start=start)
     assert scan([log], q, use_index=False).totals().requests == 0
     os.utime(log, (NOW.timestamp(), NOW.timestamp()))
     assert scan([log], q, use_index=False).totals().requests == sum(
-        1 for r in recs if r["timestamp"] >= A.iso_ms(q.start, ceil=True))
+        1 for r in recs if r["timestamp"] >= A.iso_ms(start, ceil=True))
 
 
 @pytest.mark.parametrize("mode,umask", [(0o600, 0o022), (0o644, 0o077), (0o640, 0o000)], ids=["600", "644", "640"])

@@ -96,6 +96,7 @@ def make_records(n: int = 1500, seed: int = 3, days: float = 40.0, end: datetime
             "endpoint": "/v1/messages" if family == "anthropic" else "/v1/chat/completions",
             "is_streaming": rng.random() < 0.5,
         }
+        tokens: dict[str, int | None]
         if status >= 400:
             tokens = dict(input_tokens=0, output_tokens=0, total_tokens=0, cache_read_tokens=0)
             costs: tuple = (Decimal(0), Decimal(0))
@@ -104,7 +105,7 @@ def make_records(n: int = 1500, seed: int = 3, days: float = 40.0, end: datetime
             costs = (None, None)
         else:
             tokens = dict(input_tokens=inp, output_tokens=outp, total_tokens=inp + outp, cache_read_tokens=cached)
-            if rin is None:
+            if rin is None or rout is None or rcached is None:  # unpriced: all three are None
                 costs = (None, None)
             else:
                 ic = ((inp - cached) * Decimal(rin) + cached * Decimal(rcached)) / 1_000_000
@@ -194,7 +195,9 @@ def money_ok(text: str, exp: Decimal) -> bool:
     """A printed amount ("$1,234.5678", "≥$0.00042") is ``exp`` rounded to the digits
     shown, with at least four decimals."""
     shown = Decimal(text.lstrip("≥").lstrip("$").replace(",", ""))
-    places = -shown.as_tuple().exponent
+    exponent = shown.as_tuple().exponent
+    assert isinstance(exponent, int), text  # a finite amount
+    places = -exponent
     return places >= 4 and exp.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP) == shown
 
 
@@ -723,7 +726,7 @@ def test_latency_top_savings_projection(data: tuple[Path, list]) -> None:
         assert row["p95_ms"] == nearest_rank([r["latency_ms"] for r in sel], 95)
     top = sorted((r for r in recs if r["total_cost"]), key=lambda r: -r["total_cost"])[:3]
     assert [t["request_id"] for t in body["top_requests"]] == [r["request_id"] for r in top]
-    rates = {m[3]: (Decimal(m[4]) - Decimal(m[6])) for m in MODELS if m[4] is not None}
+    rates = {m[3]: (Decimal(m[4]) - Decimal(m[6])) for m in MODELS if m[4] is not None and m[6] is not None}
     saved = sum((r["cache_read_tokens"] * rates[r["response_model"]] / 1_000_000 for r in recs
                  if r["cache_read_tokens"] and r["total_cost"] is not None), Decimal(0))
     assert body["cache_savings"]["saved"] == saved.quantize(Decimal("1e-10")).normalize()

@@ -56,11 +56,11 @@ UTC = timezone.utc
 USD = 10**10  # ledger units per dollar
 # $10 per 1M output tokens and free input: a call with max_tokens=1000 costs exactly $0.01.
 FLAT = {"flat-1": {"pricing": {"input": 0, "output": 10}}}
-MSG = [{"role": "user", "content": "Say hi"}]
+MSG: list[Any] = [{"role": "user", "content": "Say hi"}]  # an OpenAI and an Anthropic message alike
 
 
-def ts(*args: int, tz: Any = UTC) -> float:
-    return datetime(*args, tzinfo=tz).timestamp()
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, *, tz: Any = UTC) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp()
 
 
 # --- fixtures ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pure core: adapters and stream parsers on plain payloads (provider-usage.md §1-5)."""
+"""The pure core: adapters and stream parsers on plain payloads (docs/providers.md §1-5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Anthropic Messages end to end: the official SDK -> proxy -> mock upstream (provider-usage.md §4)."""
+"""Anthropic Messages end to end: the official SDK -> proxy -> mock upstream (docs/providers.md §4)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ async def test_messages_non_stream_cache_read_and_1h_write(mock, proxy):
 
 
 async def test_web_search_requests_are_priced(mock, proxy):
-    """§6.5 vector: opus-4.1, in 10, read 50000, out 1000, 2 web searches = $0.17015."""
+    """§7 vector: opus-4.1, in 10, read 50000, out 1000, 2 web searches = $0.17015."""
     usage = {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 50000,
              "output_tokens": 1000, "server_tool_use": {"web_search_requests": 2}}
     mock.on("/v1/messages", json_reply(anthropic_message("claude-opus-4-1-20250805", usage)))
@@ -157,4 +157,4 @@ async def test_stream_with_server_tool_use_takes_the_last_cumulative_counts(mock
     assert final.usage.output_tokens == 1000
     [rec] = await proxy.records()
     assert (rec["input_tokens"], rec["cache_read_tokens"], rec["output_tokens"], rec["web_search_requests"]) == (50010, 50000, 1000, 2)
-    assert dec(rec["total_cost"]) == Decimal("0.17015")  # §6.5 vector, streamed
+    assert dec(rec["total_cost"]) == Decimal("0.17015")  # §7 vector, streamed

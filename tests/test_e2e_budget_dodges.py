@@ -46,8 +46,8 @@ from mock_upstream import (
     sse,
     stream_reply,
 )
-from proxy.estimate import estimate_input_tokens
 from proxy.bodies import OFFLOAD_BYTES
+from proxy.estimate import estimate_input_tokens
 from proxy.server import APP_STATE
 
 LIMIT = Decimal("0.10")

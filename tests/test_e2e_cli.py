@@ -44,6 +44,7 @@ class Served:
         if not self.signalled:
             self.sigterm()
         _, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        assert self.proc.returncode is not None  # communicate() returns once the process exited
         return self.proc.returncode, err.decode()
 
 
@@ -120,16 +121,16 @@ async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_pe
     code, err = await served.terminate()
     assert code == 0, err
     lines = err.splitlines()
-    cost_lines = [l for l in lines if "💵 Cost Tracking:" in l]
+    cost_lines = [ln for ln in lines if "💵 Cost Tracking:" in ln]
     assert len(cost_lines) == 6
     assert "openai/gpt-4o " in cost_lines[0] and "Cost: $0.02 " in cost_lines[0] and "in=10000 out=500" in cost_lines[0]
-    assert all("Cost: unpriced" in l for l in cost_lines[1:5])
+    assert all("Cost: unpriced" in ln for ln in cost_lines[1:5])
     assert "Cost: $0 | 400" in cost_lines[5]
-    warnings = [l for l in lines if "Cost: Not calculated (no pricing configured)" in l]
+    warnings = [ln for ln in lines if "Cost: Not calculated (no pricing configured)" in ln]
     assert len(warnings) == 2  # once per unpriced model, however many calls
-    assert any("openai/my-finetune" in l for l in warnings) and any("openai/other-unpriced" in l for l in warnings)
+    assert any("openai/my-finetune" in ln for ln in warnings) and any("openai/other-unpriced" in ln for ln in warnings)
     # a client-chosen name cannot forge console lines or send terminal escapes
-    assert "\x1b" not in err and not any(l.startswith("FAKE LINE") or l.startswith("[31m") for l in lines)
+    assert "\x1b" not in err and not any(ln.startswith("FAKE LINE") or ln.startswith("[31m") for ln in lines)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -12,8 +12,8 @@ from decimal import Decimal
 import bpe_openai
 import openai
 
-from conftest import CLIENT_OPENAI_KEY, make_config
-from mock_upstream import dumps, sse, stream_reply
+from conftest import CLIENT_OPENAI_KEY
+from mock_upstream import sse, stream_reply
 
 O200K = bpe_openai.get_encoding("o200k_base")
 PROMPT = "Summarise the plot of Hamlet in two sentences, please."

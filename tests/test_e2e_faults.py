@@ -7,6 +7,7 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,6 +25,7 @@ from conftest import (
 )
 from mock_upstream import (
     FLASH_USAGE,
+    GPT4O_USAGE,
     anthropic_stream_events,
     chat_chunks,
     dumps,
@@ -36,7 +38,6 @@ from mock_upstream import (
     split_bytes,
     sse,
     stream_reply,
-    GPT4O_USAGE,
 )
 
 OPENAI_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -240,7 +241,7 @@ async def _raw_upstream(reply: bytes):
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), b"0"))
+        length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), b"0"))
         await reader.readexactly(length)
         writer.write(reply)
         await writer.drain()
@@ -503,6 +504,7 @@ async def test_200_concurrent_calls_give_200_well_formed_lines(mock, proxy, http
 
     async def one(i: int) -> int:
         kind = i % 4
+        body: dict[str, Any]
         if kind == 0:
             url, body, headers = "openai/v1/chat/completions", OPENAI_BODY, CALLS["openai"][3]
         elif kind == 1:

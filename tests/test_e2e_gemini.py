@@ -1,4 +1,4 @@
-"""Gemini end to end over raw HTTP (aiohttp client) -> proxy -> mock upstream (provider-usage.md §5)."""
+"""Gemini end to end over raw HTTP (aiohttp client) -> proxy -> mock upstream (docs/providers.md §5)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ async def test_generate_content(mock, proxy, http):
 
 
 async def test_long_context_tier_applies_to_the_whole_call(mock, proxy, http):
-    """§6.5 vector: gemini-2.5-pro, prompt 250000, candidates 1000, thoughts 2000 = $0.670 (tier 2)."""
+    """§7 vector: gemini-2.5-pro, prompt 250000, candidates 1000, thoughts 2000 = $0.670 (tier 2)."""
     usage = {"promptTokenCount": 250000, "candidatesTokenCount": 1000, "thoughtsTokenCount": 2000, "totalTokenCount": 253000}
     path = "/v1beta/models/gemini-2.5-pro:generateContent"
     mock.on(path, json_reply(gemini_response("gemini-2.5-pro", usage)))

@@ -223,9 +223,9 @@ def _stream_with_key(family: str, key: str) -> tuple[bytes, str, str]:
         evs = [(None, c) for c in chunks[:2]] + [(None, {"error": {"message": msg, "type": "server_error"}})]
         return b"".join(sse(evs)), "/v1/chat/completions", "text/event-stream"
     if family == "anthropic":
-        evs = anthropic_stream_events(error=True)
-        evs[-1] = ("error", {"type": "error", "error": {"type": "overloaded_error", "message": msg}})
-        return b"".join(sse(evs)), "/v1/messages", "text/event-stream"
+        events = anthropic_stream_events(error=True)
+        events[-1] = ("error", {"type": "error", "error": {"type": "overloaded_error", "message": msg}})
+        return b"".join(sse(events)), "/v1/messages", "text/event-stream"
     if family == "gemini":
         chunks = gemini_stream_chunks()[:2] + [{"error": {"code": 500, "message": msg, "status": "INTERNAL"}}]
         return b"".join(sse((None, c) for c in chunks)), GEMINI_STREAM + "?alt=sse", "text/event-stream"
@@ -819,7 +819,7 @@ async def test_calls_cut_by_our_own_shutdown_say_so(mock, http, tmp_path):
         u = URL(url)
         reader, writer = await asyncio.open_connection(u.host, u.port)
         data = json.dumps(OPENAI_BODY).encode()
-        head = [f"POST /openai-keyed/v1/chat/completions HTTP/1.1", f"Host: {u.host}", f"Content-Length: {len(data)}",
+        head = ["POST /openai-keyed/v1/chat/completions HTTP/1.1", f"Host: {u.host}", f"Content-Length: {len(data)}",
                 "Content-Type: application/json", *(f"{k}: {v}" for k, v in {**CLIENT_HEADERS["openai"], **WHO}.items())]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
@@ -871,7 +871,7 @@ GARBAGE_COUNTS = {"negative": -5, "fractional": 10.5, "string": "12", "huge_floa
 
 def _odd_nonstream(family: str) -> list[tuple[str, bytes, str]]:
     """(case, reply bytes, what the record's usage must be: OK, BAD or NONE)"""
-    out: list[tuple[str, bytes, str]] = []
+    out: list[tuple[str, str | bytes, str]] = []
     if family == "openai":
         base = chat_completion(usage=OK_OPENAI)
         out += [("model_int", json.dumps({**base, "model": 123}), OK),
@@ -961,7 +961,6 @@ def _odd_streams(family: str) -> list[tuple[str, bytes, str]]:
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_odd_upstream_replies_pass_through_byte_for_byte_with_one_honest_record(family, stream, mock, proxy, http):
     cases = _odd_streams(family) if stream else _odd_nonstream(family)
-    replies = iter(cases)
     path, body, sbody, spath = CALLS[family]
     current: dict[str, Any] = {}
 

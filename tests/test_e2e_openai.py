@@ -1,4 +1,4 @@
-"""OpenAI family end to end: the official SDK -> proxy -> mock upstream (provider-usage.md §1-3)."""
+"""OpenAI family end to end: the official SDK -> proxy -> mock upstream (docs/providers.md §1-3)."""
 
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ async def test_embeddings(mock, proxy):
     [rec] = await proxy.records()
     assert rec["endpoint"] == "/v1/embeddings"
     assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (1000, 0, 1000)
-    assert_cost(rec, "0.00002", "0", "0.00002")  # §2: 1000 x $0.02/MTok
+    assert_cost(rec, "0.00002", "0", "0.00002")  # §2.2: 1000 x $0.02/MTok
 
 
 # --- Responses API (§3) ---------------------------------------------------------------
@@ -340,7 +340,7 @@ async def test_responses_stream_failed_is_recorded_as_error(mock, proxy):
 
 
 async def test_service_tier_in_the_reply_selects_the_price(mock, proxy):
-    """§6.5 vector: gpt-5, 1M in + 1M out, served on flex = $5.625 (standard would be $11.25)."""
+    """§7 vector: gpt-5, 1M in + 1M out, served on flex = $5.625 (standard would be $11.25)."""
     usage = {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000, "total_tokens": 2_000_000}
 
     async def flex(request, rec):

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fs_faults import fill, remount, tmpfs, umount  # noqa: F401  (tmpfs is a fixture)
+from fs_faults import fill, remount, tmpfs_fixture, umount  # noqa: F401  (tmpfs_fixture provides the `tmpfs` fixture)
 from proxy.logwriter import JsonlWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_any_sequence_of_fill_free_rotate_loses_and_duplicates_nothing(tmpfs, op
     fs = tmpfs(size="256k")  # room for every record once the fillers are gone
     log = fs / "cost.jsonl"
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         writer = JsonlWriter(log, console_fd=None)
         n = rotations = 0
         for op in ops:
@@ -242,7 +242,7 @@ def test_shutdown_with_the_disk_full_saves_the_held_records_and_says_so(tmp_path
     fill(fs)
     fallback = tmp_path / "saved.jsonl"  # the README's $COST_TRACKING_FALLBACK
     stderr = run_shutdown(log, 300, env={"COST_TRACKING_FALLBACK": str(fallback)})
-    said = [l for l in stderr.splitlines() if "could not be written" in l]
+    said = [ln for ln in stderr.splitlines() if "could not be written" in ln]
     assert len(said) == 1, stderr
     m = re.fullmatch(rf"llm-cost-proxy: (\d+) records could not be written to {re.escape(str(log))} "
                      rf"\(No space left on device\); saved to {re.escape(str(fallback))}", said[0])
@@ -260,7 +260,7 @@ def test_shutdown_when_the_fallback_fails_too_says_how_many_were_lost(tmp_path, 
     fill(fs)
     log = fs / "cost.jsonl"
     stderr = run_shutdown(log, 40, tmp_path / "missing" / "saved.jsonl")
-    said = [l for l in stderr.splitlines() if "could not be written" in l]
+    said = [ln for ln in stderr.splitlines() if "could not be written" in ln]
     assert len(said) == 1, stderr
     assert said[0].startswith(f"llm-cost-proxy: 40 records could not be written to {log} (No space left on device)")
     assert said[0].endswith("failed too (No such file or directory): 40 lost")
@@ -290,7 +290,7 @@ def test_two_processes_appending_never_tear_or_merge_a_line(tmp_path):
     assert [p.wait(60) for p in procs] == [0, 0]
     lines = log.read_bytes().split(b"\n")
     assert lines.pop() == b""
-    ids = Counter(json.loads(l)["i"] for l in lines)
+    ids = Counter(json.loads(ln)["i"] for ln in lines)
     assert len(lines) == 20000 and ids == Counter(f"{w}{i}" for w in "ab" for i in range(10000))
 
 
@@ -323,7 +323,7 @@ def test_sigkill_after_a_reply_never_loses_its_record(tmp_path):
         assert line, "the child died"
         acked += 1
     os.kill(p.pid, signal.SIGKILL)
-    acked += sum(1 for l in p.stdout.read().split(b"\n") if l)  # replies sent before the kill
+    acked += sum(1 for ln in p.stdout.read().split(b"\n") if ln)  # replies sent before the kill
     p.wait(10)
     ids, bad = parse(log)
     assert bad == [] and set(range(acked)) <= set(ids)
@@ -370,7 +370,7 @@ async def test_lock_held_by_a_rewriter_offloads_and_keeps_order(tmp_path):
     assert await in_kernel(writer, log, 15) is None  # the thread handed back
     writer.close()
     other.close()
-    assert [json.loads(l)["i"] for l in log.read_bytes().splitlines()] == list(range(16))
+    assert [json.loads(ln)["i"] for ln in log.read_bytes().splitlines()] == list(range(16))
 
 
 async def test_slow_writes_switch_to_the_thread_and_back_in_order(tmp_path):
@@ -384,7 +384,7 @@ async def test_slow_writes_switch_to_the_thread_and_back_in_order(tmp_path):
     assert await in_kernel(writer, log, 3) is True  # the thread's write was fast...
     assert await in_kernel(writer, log, 4) is None  # ...so the loop writes again
     writer.close()
-    assert [json.loads(l)["i"] for l in log.read_bytes().splitlines()] == list(range(5))
+    assert [json.loads(ln)["i"] for ln in log.read_bytes().splitlines()] == list(range(5))
 
 
 async def test_direct_write_right_after_an_in_place_swap_lands_in_the_new_file(tmp_path):
@@ -400,7 +400,7 @@ async def test_direct_write_right_after_an_in_place_swap_lands_in_the_new_file(t
     for i in range(3, 6):
         await in_kernel(writer, log, i)
     writer.close()
-    assert [json.loads(l)["i"] for l in log.read_bytes().splitlines()] == list(range(6))
+    assert [json.loads(ln)["i"] for ln in log.read_bytes().splitlines()] == list(range(6))
 
 
 async def test_write_after_close_is_synchronous_and_falls_back(tmp_path, tmpfs, capfd, monkeypatch):

@@ -1,7 +1,7 @@
 """Pricing core: config and catalog prices, dates, tiers, variants, name matching.
 
-Expected totals are the test vectors of shared/provider-usage.md §6.5 (computed there
-with genai-prices 0.2.3), not figures read back from this code.
+Expected totals are the test vectors of docs/providers.md §7 (computed with
+genai-prices 0.2.3), not figures read back from this code.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def test_catalog_historic_price_and_flex_tier():
 
 def test_catalog_agrees_with_genai_prices_own_calculation():
     """Our one-time conversion must price like the catalog itself does."""
-    from genai_prices import Usage as GUsage, calc_price
+    from genai_prices import Usage as GUsage
+    from genai_prices import calc_price
 
     cases = [
         ("anthropic", "anthropic", "claude-sonnet-4-5", Usage(262050, 400, cache_read_tokens=10000, cache_write_tokens=2000, cache_write_1h_tokens=2000)),
@@ -217,7 +218,8 @@ def test_configured_price_beats_the_catalog_under_either_name():
 def test_catalog_variants_apply_before_a_scheduled_price_change():
     """A model whose catalog entry already holds a future price: today's flex and
     priority rates must be today's, as genai-prices itself computes them."""
-    from genai_prices import Usage as GUsage, calc_price
+    from genai_prices import Usage as GUsage
+    from genai_prices import calc_price
 
     cat = Catalog()
     candidates = ("gemini-3.8-flash-tts", "gemini-3.6-flash", "gemini-3.8-flash")
@@ -244,7 +246,7 @@ STANDARD = {"input": 3, "output": 15}
 BATCH = {"input": Decimal("1.5"), "output": Decimal("7.5"), "cached_input": Decimal("0.15"),
          "cache_write": Decimal("1.875"), "cache_write_1h": 3}
 FAST = {"input": 18, "output": 90}
-ANTHROPIC_CACHE_MULTIPLES = {"cached_input": Decimal("0.1"), "cache_write": Decimal("1.25"), "cache_write_1h": 2}
+ANTHROPIC_CACHE_MULTIPLES: dict[str, Decimal | int] = {"cached_input": Decimal("0.1"), "cache_write": Decimal("1.25"), "cache_write_1h": 2}
 VARIANT_MODELS = {"claude-sonnet-4-5": {"pricing": {**STANDARD, "service_tiers": {"batch": BATCH, "fast": FAST}}}}
 # 50 uncached, 2,000 written to the 1-hour cache, 1,000 to the 5-minute one, 10,000 read, 400 out.
 USAGE = {"input_tokens": 50, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 10000,

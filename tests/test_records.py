@@ -24,7 +24,7 @@ def _ctx(**kw: object) -> CallContext:
     base: dict = {"timestamp": WHEN.timestamp(), "provider": "openai", "family": "openai",
                   "endpoint": "/v1/chat/completions", "model": "gpt-4o", "metered": True}
     base.update(kw)
-    return CallContext(**base)  # type: ignore[arg-type]
+    return CallContext(**base)
 
 
 def _record(ctx: CallContext, info: CallInfo, *, usage: Usage | None, status: int = 200, priced: bool = True) -> dict:

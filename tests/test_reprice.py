@@ -76,7 +76,7 @@ def test_reprice_to_new_file_with_effective_dates(log_dir: Path):
 
     out_lines = (log_dir / "repriced.jsonl").read_text().splitlines()
     assert out_lines[2] == '{"torn": '
-    recs = [json.loads(l) for l in out_lines if l != '{"torn": ']
+    recs = [json.loads(ln) for ln in out_lines if ln != '{"torn": ']
     # the October call keeps the old price (2.50), the November ones get the new one (5.00)
     assert Decimal(str(recs[0]["total_cost"])) == expected_cost(10000, 8000, 500, "2.50") == Decimal("0.02")
     assert Decimal(str(recs[1]["total_cost"])) == expected_cost(10000, 8000, 500, "5.00")
@@ -100,7 +100,7 @@ def test_reprice_in_place_is_atomic_and_dry_run_changes_nothing(log_dir: Path):
     assert res.returncode == 0 and "cost changed: 3 " in res.stdout and src.read_bytes() == before
     res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--in-place", cwd=log_dir)
     assert res.returncode == 0, res.stderr
-    recs = [json.loads(l) for l in src.read_text().splitlines() if l.startswith("{\"schema")]
+    recs = [json.loads(ln) for ln in src.read_text().splitlines() if ln.startswith("{\"schema")]
     assert Decimal(str(recs[0]["total_cost"])) == expected_cost(10000, 8000, 500, "5.00")
     assert not list(log_dir.glob("*.reprice"))  # no temp file left behind
     # a second run finds nothing more to change
