@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .analytics import COST_UNITS_PER_USD, cost_units, parse_timestamp, records_since, units_to_usd
 from .attribution import TAG_NAME
 from .cli import command
+from .defaults import default_log_path
 
 log = logging.getLogger("proxy")
 
@@ -750,7 +751,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @command("budgets", "each budget's limit, spend, remaining and reset time")
 def budgets_main(argv: list[str]) -> int:
     from .config import ConfigError
-    from .keys import KeyStore, default_log_path
+    from .keys import KeyStore
 
     ap = argparse.ArgumentParser(prog="python -m proxy budgets",
                                  description="Each budget's limit, spend, remaining and reset time, from the log.")

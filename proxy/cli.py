@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable, Sequence
 
 from .config import ConfigError, load_config
+from .defaults import default_log_path
 
 log = logging.getLogger("proxy")
 
@@ -53,11 +53,9 @@ def serve(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from aiohttp import web
+    from .web.app import create_app, run_app
 
-    from .server import DEFAULT_LOG, create_app
-
-    log_path = args.log_file or os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG
+    log_path = args.log_file or default_log_path()
     try:
         app = create_app(config, log_path)
     except OSError as e:
@@ -78,16 +76,7 @@ def serve(argv: Sequence[str]) -> int:
                 return 2
         else:
             loop = uvloop.new_event_loop()
-    web.run_app(
-        app,
-        loop=loop,
-        host=args.host,
-        port=args.port,
-        shutdown_timeout=config.shutdown_timeout,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-    )
+    run_app(app, loop=loop, host=args.host, port=args.port, shutdown_timeout=config.shutdown_timeout)
     return 0
 
 

@@ -35,6 +35,7 @@ import yaml
 from .attribution import Owner, clean_value
 from .budgets import Limit, money, usd_to_units
 from .cli import command
+from .defaults import default_log_path
 from .pricing import name_candidates, normalize_model
 
 log = logging.getLogger("proxy")
@@ -52,12 +53,6 @@ def key_hash(key: str) -> str:
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def default_log_path() -> str:
-    from .server import DEFAULT_LOG
-
-    return os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG
 
 
 # --- config -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import command
+from .defaults import default_log_path
 from .pricing import ModelPrice, PriceBook, RateCard, Rates, name_candidates
 
 _RATE_COLUMNS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "web_search")
@@ -264,15 +265,13 @@ def _sync(args: argparse.Namespace) -> int:
 
 @command("pricing", "show a model's price, list unpriced models, copy catalog prices into config.yml")
 def pricing_command(argv: list[str]) -> int:
-    from .server import DEFAULT_LOG
-
     parser = argparse.ArgumentParser(prog="python -m proxy pricing")
     sub = parser.add_subparsers(dest="action", required=True)
     show = sub.add_parser("show", help="the price a model resolves to and where it comes from")
     show.add_argument("model")
     show.add_argument("--provider")
     check = sub.add_parser("check", help="models in the log that are unpriced or priced only from the catalog")
-    check.add_argument("--file", default=os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG)
+    check.add_argument("--file", default=default_log_path())
     sync = sub.add_parser("sync", help="write catalog prices for models into config.yml (comments kept)")
     sync.add_argument("models", nargs="+")
     sync.add_argument("--provider", required=True)

@@ -22,10 +22,10 @@ import orjson
 from . import analytics as A
 from .analytics import Totals, units_to_usd
 from .cli import command
+from .defaults import default_log_path
 from .text import printable
 
 UTC = timezone.utc
-DEFAULT_LOG = "logs/cost-tracking.jsonl"
 FORMATS = ("summary", "detailed", "csv", "json", "hourly", "daily", "weekly", "monthly")
 SERIES = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month"}
 PERIODS = ("daily", "weekly", "monthly", "yesterday", "last-week", "last-month")
@@ -227,7 +227,7 @@ def _human_hours(h: float) -> str:
 
 
 def resolve_files(args: argparse.Namespace) -> list[Path]:
-    patterns = args.file or [os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG]
+    patterns = args.file or [default_log_path()]
     try:
         files = A.log_files(patterns, rotated=not args.no_rotated)
     except FileNotFoundError as e:

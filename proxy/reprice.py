@@ -24,6 +24,7 @@ import orjson
 
 from .analytics import Dedupe, cost_units, parse_timestamp, units_to_usd
 from .cli import command
+from .defaults import default_log_path
 from .pricing import PriceBook, price_call
 from .records import dumps_record, iso_utc
 from .usage import Usage
@@ -214,7 +215,6 @@ def format_stats(stats: RepriceStats) -> str:
 def reprice_command(argv: list[str]) -> int:
     from .catalog import pricebook_for
     from .config import ConfigError, load_config
-    from .server import DEFAULT_LOG
 
     parser = argparse.ArgumentParser(
         prog="python -m proxy reprice",
@@ -222,7 +222,7 @@ def reprice_command(argv: list[str]) -> int:
         "each at the price in force at its timestamp. The input is never changed unless --in-place.",
     )
     parser.add_argument("--config", default="config.yml")
-    parser.add_argument("--in", dest="src", default=os.environ.get("COST_TRACKING_FILE") or DEFAULT_LOG, help="log to read (.gz allowed)")
+    parser.add_argument("--in", dest="src", default=default_log_path(), help="log to read (.gz allowed)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", help="write the re-priced log here")
     group.add_argument("--in-place", action="store_true", help="atomically replace the input")

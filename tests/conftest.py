@@ -18,7 +18,7 @@ from aiohttp import web
 
 from mock_upstream import MockUpstream
 from proxy.config import Config, parse_config
-from proxy.server import create_app
+from proxy.web.app import create_app
 
 CLIENT_OPENAI_KEY = "sk-test-client-0123456789abcdefXYZ"
 CLIENT_ANTHROPIC_KEY = "sk-ant-test-client-0123456789abcdef"

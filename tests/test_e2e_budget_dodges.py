@@ -48,7 +48,7 @@ from mock_upstream import (
 )
 from proxy.bodies import OFFLOAD_BYTES
 from proxy.estimate import estimate_input_tokens
-from proxy.server import APP_STATE
+from proxy.web.state import APP_STATE
 
 LIMIT = Decimal("0.10")
 MILLION = Decimal(1_000_000)

@@ -65,7 +65,7 @@ from mock_upstream import (
 )
 from proxy.config import parse_config
 from proxy.keys import KeyEntry, key_hash, new_key, save_keys
-from proxy.server import create_app
+from proxy.web.app import create_app
 
 OPENAI_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 ANTHROPIC_BODY = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
@@ -1037,7 +1037,7 @@ async def test_proxy_key_in_any_header_param_or_body_is_not_forwarded(mock, star
 async def test_an_unauthenticated_caller_s_huge_body_is_never_parsed(mock, start_proxy, http, tmp_path):
     cfg, key, _ = keyed_auth_config(mock.url, tmp_path)
     proxy = await start_proxy(cfg)
-    from proxy.server import APP_STATE
+    from proxy.web.state import APP_STATE
 
     big = orjson.dumps({**OPENAI_BODY, "messages": [{"role": "user", "content": "x" * 1000}] * 3000})
     assert len(big) > 2_000_000

@@ -245,7 +245,7 @@ def stream_case(draw: st.DrawFn, family: str, garble: bool) -> tuple[str, list[t
     return path, draw(st.lists(st.tuples(_EVENT_NAMES, data), max_size=8))
 
 
-# --- the pipeline, as proxy/server.py's _Call.finish runs it ---------------------------
+# --- the pipeline, as proxy/web/calls.py's Call.finish runs it ------------------------
 
 
 @lru_cache(maxsize=2)

@@ -28,7 +28,7 @@ from proxy.budgets import BudgetLedger, Limit, replay_log
 from proxy.catalog import pricebook_for
 from proxy.config import parse_config
 from proxy.reprice import RepriceStats, reprice_lines
-from proxy.server import load_window
+from proxy.web.app import load_window
 from test_analyze_costs_cli import CONFIG, NOW, as_json, check_totals, dt, dumps, expect, make_records, run
 
 USD = 10**10

@@ -1,0 +1,238 @@
+"""Who may call and how much: proxy keys (``auth:``), attribution, budgets
+(``budgets:``): check and reserve before forwarding, budget headers, webhook alerts,
+the budgets part of ``/health``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from ..analytics import cost_units, units_to_usd
+from ..attribution import attribute
+from ..bodies import BodyDigest
+from ..budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, unpriced_refusal_message, worst_case_usage
+from ..catalog import model_output_limit
+from ..keys import KeyStore
+from ..pricing import price_call
+from ..providers import Adapter, Endpoint
+from .calls import Call, console_safe, dumps_json, refuse
+from .state import ProxyState
+
+log = logging.getLogger("proxy")
+
+
+# Per-request state between the hooks (typed keys where aiohttp has them, 3.12+).
+_RequestKey: Any = getattr(web, "RequestKey", None)
+_KEY_ENTRY: Any = _RequestKey("lcp_key_entry", object) if _RequestKey else "lcp_key_entry"
+_BUDGET_HEADERS: Any = _RequestKey("lcp_budget_headers", dict) if _RequestKey else "lcp_budget_headers"
+# One message for a missing, unknown or revoked key: the reply says nothing about which
+# (the record's `error` does, for the operator).
+_BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys create` in this API's usual key header."
+
+
+def setup_access(state: ProxyState, log_path: Path, clock: Any) -> None:
+    """Key store and budget ledger, the ledger rebuilt from the log's current periods."""
+    config = state.config
+    if config.auth is not None:
+        state.keys = KeyStore(config.auth.keys_file, config.auth.admin_hashes)
+        if not state.keys.entries:
+            log.warning("auth: no keys in %s yet; create one with `python -m proxy keys create --user NAME`", config.auth.keys_file)
+    if not config.cost_tracking or (config.budgets is None and config.auth is None):
+        if config.auth is not None and state.keys is not None and state.keys.budget_limits():
+            log.warning("budgets: per-key budgets are not enforced with cost tracking off")
+        return
+    state.budgets = ledger_for(config.budgets, config.auth, clock)
+    state.tasks = set()
+    t0 = time.perf_counter()
+    read, counted = replay_log(state.budgets, log_path)
+    if config.budgets is not None or read:
+        log.info("budgets: rebuilt from %d records of the current periods in %.2fs", counted, time.perf_counter() - t0)
+
+
+async def add_budget_headers(request: web.Request, response: web.StreamResponse) -> None:
+    extra = request.get(_BUDGET_HEADERS)
+    if extra:
+        response.headers.update(extra)
+
+
+def identify(state: ProxyState, request: web.Request, call: Call, client_key: str | None, body: Any) -> Any:
+    """Who is calling: the proxy key's entry (with auth:) and the call's attribution.
+    Also run for calls refused before their body is read (413, aborted uploads), so
+    their records still say whose they were."""
+    ctx = call.ctx
+    entry = None
+    keys = state.keys
+    if keys is not None:
+        keys.refresh()
+        entry = keys.lookup(client_key)
+    owner = entry.owner if entry is not None and not entry.revoked else None
+    att = attribute(request.headers, call.adapter.request_user(body), owner, ctx.key_id)
+    ctx.user_id, ctx.team, ctx.session_id, ctx.tags = att.user_id, att.team, att.session_id, att.tags
+    return entry
+
+
+def authenticate(state: ProxyState, request: web.Request, call: Call, client_key: str | None) -> web.Response | None:
+    """With auth: a 401 for a missing, unknown or revoked proxy key, from the headers alone."""
+    entry = identify(state, request, call, client_key, None)
+    if entry is None or entry.revoked:
+        why = "no proxy key" if not client_key else ("revoked proxy key" if entry is not None else "unknown proxy key")
+        return refuse(call, 401, f"auth: {why}", _BAD_KEY)
+    return None
+
+
+def admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call,
+           body: Any, client_key: str | None) -> web.Response | None:
+    """Authenticate the proxy key (with auth:), attribute the call, check the key's
+    model allowlist. A response when the call stops here (401/403)."""
+    ctx = call.ctx
+    entry = identify(state, request, call, client_key, body)
+    if state.keys is None:
+        return None
+    if entry is None or entry.revoked:
+        why = "no proxy key" if not client_key else ("revoked proxy key" if entry is not None else "unknown proxy key")
+        return refuse(call, 401, f"auth: {why}", _BAD_KEY)
+    request[_KEY_ENTRY] = entry
+    if entry.models is not None:
+        if endpoint.kind is None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            return refuse(call, 403, "auth: key limited to models; endpoint not metered",
+                           "This key may only call model endpoints (chat, messages, responses, embeddings, generateContent).")
+        if endpoint.kind is not None and not entry.allows(ctx.model):
+            return refuse(call, 403, f"auth: model {ctx.model!r} not allowed for this key",
+                           f"Model {console_safe(ctx.model)!r} is not allowed for this key; allowed: {', '.join(entry.models)}.")
+    return None
+
+
+def worst_case_units(state: ProxyState, call: Call, body: Any, digest: BodyDigest | None) -> int | None:
+    """The most this call can cost: estimated input at the input rate (as a cache write
+    if it asks for caching; no cache-read discount) plus its whole output cap at the
+    output rate, for the requested service tier. None: the model has no price."""
+    ctx, endpoint = call.ctx, call.endpoint
+    budgets = state.config.budgets
+    cap = budgets.default_max_output_tokens if budgets is not None else 4096
+    flags = b""
+    if digest is not None and digest.asks_cache:
+        flags = b'cache_control "1h"' if digest.asks_cache_1h else b"cache_control"
+    n_in = call.input_tokens(ctx.model)
+    limit = model_output_limit(state.config, ctx.provider, ctx.family, ctx.model, n_in)
+    usage = worst_case_usage(body, flags, endpoint.kind, n_in, cap, limit)
+    tier = body.get("service_tier") if isinstance(body, dict) and isinstance(body.get("service_tier"), str) else None
+    priced = price_call(
+        state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model, response_model=None,
+        usage=usage, when=ctx.timestamp_dt, service_tier=tier,
+    )
+    if priced.cost is None:
+        return None
+    return cost_units(priced.cost.total_cost) or 0
+
+
+def reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call,
+             body: Any, digest: BodyDigest | None) -> web.Response | None:
+    """Check every budget that applies and reserve the call's worst case, in one
+    synchronous step (atomic under asyncio). A response when the call stops here:
+    429 over budget, 403 for a model that cannot be priced under a budget.
+
+    Endpoints that cost money but report no usage (images, audio, batches) reserve
+    nothing but are still refused once a budget is spent."""
+    ledger = state.budgets
+    if ledger is None or not (endpoint.kind is not None or endpoint.billable):
+        return None
+    ctx = call.ctx
+    cfg = state.config.budgets
+    override = bool(cfg is not None and cfg.override)
+    admin_key = request.headers.get("x-budget-override")
+    if admin_key:
+        call.secrets = (*call.secrets, admin_key)
+        if state.keys is not None and state.keys.is_admin(admin_key):
+            override = True
+    entry = request.get(_KEY_ENTRY)
+    extra = (entry.limit,) if entry is not None and entry.limit is not None else ()
+    worst = worst_case_units(state, call, body, digest) if endpoint.kind is not None else 0
+    subject = Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags)
+    decision = ledger.reserve(subject, worst or 0, extra, override)  # no await: check + reserve are one step
+    if decision.hold is None:
+        refused = decision.refused
+        assert refused is not None
+        return refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst or 0),
+                       {"x-should-retry": "false"})  # the SDKs' retry loop would only hit the same wall
+    if worst is None and decision.tightest is not None and not override and not (cfg is not None and cfg.allow_unpriced):
+        # A budget applies and this model has no price: its cost could not be held
+        # against the budget, nor counted after. Refused unless configured otherwise.
+        ledger.settle(decision.hold, 0)
+        return refuse(call, 403, f"unpriced model under a budget: {ctx.model!r}",
+                       unpriced_refusal_message(ctx.provider, console_safe(ctx.model)), {"x-should-retry": "false"})
+    call.hold = decision.hold
+    if decision.overridden:
+        ctx.budget_override = True
+        if admin_key and not (cfg is not None and cfg.override):
+            assert decision.refused is not None
+            log.warning("budget override (admin header): %s let through past %s",
+                        ctx.user_id or ctx.key_id or "a call", decision.refused.name)
+    if decision.warnings:
+        top = decision.warnings[0]
+        tight = decision.tightest or top
+        pct = "over 100%" if top.fraction == float("inf") else f"at {int(top.fraction * 100)}%"
+        request[_BUDGET_HEADERS] = {
+            "x-budget-remaining": format(units_to_usd(tight.remaining), "f"),
+            "x-budget-warning": _header_text(f"{top.name} {pct}"),
+        }
+    for s in decision.new_warnings:
+        _budget_alert(state, s)
+    return None
+
+
+def _header_text(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe=" :=*'@+-._/%,()")
+
+
+def _budget_alert(state: ProxyState, s: BudgetState) -> None:
+    """Once per budget and period: a log line, and a POST to the webhook if configured."""
+    pct = "over 100" if s.fraction == float("inf") else f"{int(s.fraction * 100)}"
+    log.warning("budget warning: %s at %s%% (%s of %s spent or held), resets %s",
+                s.name, pct, money(s.used), money(s.limit.units), s.as_dict()["resets_at"] or "never")
+    url = state.config.budgets.webhook if state.config.budgets is not None else None
+    if not url or state.session is None or state.tasks is None:
+        return
+    payload = {**s.as_dict(), "percent": None if s.fraction == float("inf") else round(s.fraction * 100, 1)}
+    task = asyncio.get_running_loop().create_task(_post_webhook(state.session, url, payload))
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+
+
+async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> None:
+    """Fire and forget: 2 s at most, failures logged, never felt by the call."""
+    try:
+        async with session.post(url, data=dumps_json(payload), headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=2)) as r:
+            if r.status >= 300:
+                log.warning("budget webhook at %s answered %s", _host(url), r.status)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        log.warning("budget webhook at %s failed: %s", _host(url), type(e).__name__)
+
+
+def budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:
+    """Counts for everyone; each budget's detail only for an admin key (Authorization: Bearer)."""
+    keys = state.keys
+    extra = []
+    if keys is not None:
+        keys.refresh()
+        extra = keys.budget_limits()
+    out: dict[str, Any] = state.budgets.summary(extra)
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if keys is not None and token and keys.is_admin(token):
+        out["detail"] = [s.as_dict() for s in state.budgets.states(extra)]
+    return out
+
+
+def _host(url: str) -> str:
+    """A webhook URL's host only: Slack-style webhook paths are secrets."""
+    return URL(url).host or "?"

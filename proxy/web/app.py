@@ -1,0 +1,99 @@
+"""The aiohttp application: ``create_app`` builds the state, the start-up, shutdown and
+clean-up hooks, and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..analytics import RollingWindow, records_since
+from ..catalog import pricebook_for
+from ..config import Config
+from ..defaults import default_log_path
+from ..estimate import warm_up
+from ..logwriter import JsonlWriter
+from .access import add_budget_headers, setup_access
+from .calls import UNKNOWN_PROVIDER
+from .forward import handle_proxy
+from .health import handle_health
+from .state import APP_STATE, ProxyState
+
+
+def load_window(path: Path, window: RollingWindow, now: float) -> int:
+    """Rebuild the 24-hour window from the log so /health survives restarts."""
+    n = 0
+    for rec in records_since(path, now - window.seconds):
+        if rec.get("provider_type") == "unknown":
+            rec = {**rec, "provider": UNKNOWN_PROVIDER}
+        window.add(rec)
+        n += 1
+    return n
+
+
+def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Any = time.time) -> web.Application:
+    """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries."""
+    app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
+    path = Path(log_path or default_log_path())
+    window = RollingWindow()
+    writer = None
+    if config.cost_tracking:
+        load_window(path, window, time.time())
+        writer = JsonlWriter(path)
+    state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set())
+    app[APP_STATE] = state
+    setup_access(state, path, clock)
+    if state.budgets is not None:  # a signal per response costs; only when there are budgets
+        app.on_response_prepare.append(add_budget_headers)
+
+    async def on_startup(app: web.Application) -> None:
+        # The tokenizer's vocabulary takes ~1 s and ~140 MB to load, holding the
+        # interpreter meanwhile: load it before listening rather than stall live calls.
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)
+        state.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.read_timeout),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def on_shutdown(app: web.Application) -> None:
+        state.shutting_down = True
+
+    async def on_cleanup(app: web.Application) -> None:
+        state.shutdown_pool()
+        if state.tasks:
+            await asyncio.wait(list(state.tasks), timeout=3)  # webhook posts time out after 2 s
+        if state.session is not None:
+            await state.session.close()
+        if state.writer is not None:
+            # Runs after in-flight calls finished: every record is on disk.
+            await asyncio.get_running_loop().run_in_executor(None, state.writer.close)
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/health", handle_health)
+    # [\s\S], not ".": a path with an encoded line break (%0A) is a call like any other.
+    app.router.add_route("*", r"/{provider}/{tail:[\s\S]*}", handle_proxy)
+    return app
+
+
+def run_app(app: web.Application, *, loop: asyncio.AbstractEventLoop | None, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve until SIGINT/SIGTERM. handler_cancellation: a client that leaves cancels its
+    call (recorded as 499); no access log, no banner (cli logs its own)."""
+    web.run_app(
+        app,
+        loop=loop,
+        host=host,
+        port=port,
+        shutdown_timeout=shutdown_timeout,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+    )

@@ -1,0 +1,50 @@
+"""Which headers go upstream with a call, and which come back to the client."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..attribution import is_proxy_header
+from ..config import ProviderConfig
+from ..providers import ADAPTERS, Adapter
+from ..redaction import redact_headers
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes.
+_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+        # aiohttp has already decoded a compressed request body: it goes upstream plain.
+        "content-encoding",
+    }
+)
+# With a configured provider key, a client credential in any family's key header stays
+# here (a proxy key sent in the "wrong" header must not reach the provider either).
+_ANY_KEY_HEADER = frozenset(h for a in ADAPTERS.values() for h in a.key_headers)
+# aiohttp's client decompresses replies, so the encoding headers no longer apply.
+_RESPONSE_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+def forward_headers(request: web.Request, provider: ProviderConfig, adapter: Adapter, proxy_key: str | None = None) -> CIMultiDict[str]:
+    """``proxy_key``: the proxy key the client presented (with auth:). It never goes
+    upstream, whatever header carries it (Azure's ``api-key``, a cookie)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        low = name.lower()
+        if low in _HOP or (low[:2] == "x-" and is_proxy_header(low)):
+            continue
+        if provider.api_key and low in _ANY_KEY_HEADER:
+            continue
+        if proxy_key and proxy_key in value:
+            continue
+        headers.add(name, value)
+    if provider.api_key:
+        name, value = adapter.auth_header(provider.api_key)
+        headers[name] = value
+    return headers
+
+
+def response_headers(resp: aiohttp.ClientResponse, secret: str | None) -> CIMultiDict[str]:
+    return redact_headers(((n, v) for n, v in resp.headers.items() if n.lower() not in _RESPONSE_DROP), secret)
