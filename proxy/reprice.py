@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import orjson
 
@@ -110,6 +110,38 @@ def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
+def _complete_lines(f: Iterable[bytes], tail: bytearray) -> Iterator[bytes]:
+    """The lines of ``f`` that end in a newline, each whole.
+
+    The log may be growing while we read it, and a reader takes no lock: the proxy's
+    writes exclude only the rewriter's exclusive lock. Linux does not make a read atomic
+    against a write to a regular file: ``write`` copies one page-cache folio at a time and
+    raises the file size after each, so a read meeting a line in flight can end at a folio
+    boundary with the line half there, and the next read finds its rest. Seen (CI, and
+    ``tests/test_reprice.py``): a 522-byte line at offset 65120, read up to 65536 and then
+    EOF. Terminating that piece as a line of its own split one record into two unreadable
+    lines (and, for ``--in-place``, its rest then came from the copy under the lock). So
+    a piece without its newline waits here for the rest; what is still unended when ``f``
+    is exhausted is left in ``tail``, for the caller: copied under the lock, or ended."""
+    for line in f:
+        if not line.endswith(b"\n"):
+            tail += line  # only at EOF: the rest, if any, is still being written
+            continue
+        if tail:
+            line = bytes(tail) + line
+            tail.clear()
+        yield line
+
+
+def _all_lines(f: Iterable[bytes]) -> Iterator[bytes]:
+    """Every line of a file read as it stands; an unended last line too (reprice_lines
+    ends it)."""
+    tail = bytearray()
+    yield from _complete_lines(f, tail)
+    if tail:
+        yield bytes(tail)
+
+
 def reprice_lines(lines: Iterator[bytes], book: PriceBook, stats: RepriceStats, now: float) -> Iterator[bytes]:
     """Lines in, lines out; unchanged and unreadable lines pass through byte for byte.
     A repeated line (see analytics.Dedupe) is counted once but still written, re-priced
@@ -168,14 +200,17 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
         fd, tmp = tempfile.mkstemp(prefix=src.name + ".", suffix=".reprice", dir=src.parent)
         try:
             with os.fdopen(fd, "wb") as out, src.open("rb") as f:
-                for line in reprice_lines(iter(f), book, stats, now):
+                tail = bytearray()  # a line the proxy was still writing when we read it
+                for line in reprice_lines(_complete_lines(f, tail), book, stats, now):
                     out.write(line)
                 # A running proxy writes each batch under a shared lock and follows a
                 # rename (logwriter.py): holding the exclusive lock while the last lines
                 # are copied and the new file swapped in, no line can fall in between.
+                # Under it no write is in flight, so the piece in ``tail`` and its rest,
+                # read now, make one line again.
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 try:
-                    out.write(f.read())  # lines the proxy appended while we worked, as they are
+                    out.write(bytes(tail) + f.read())  # lines appended while we worked, as they are
                     out.flush()
                     os.fsync(out.fileno())
                     os.chmod(tmp, os.stat(src).st_mode & 0o777)
@@ -190,7 +225,7 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
     if dst.resolve() == src.resolve():
         raise ValueError("--out is the input file: use --in-place to rewrite it")
     with _open(src) as f, (gzip.open(dst, "wb") if dst.suffix == ".gz" else dst.open("wb")) as out:
-        for line in reprice_lines(iter(f), book, stats, now):
+        for line in reprice_lines(_all_lines(f), book, stats, now):
             out.write(line)
     return stats
 
@@ -242,7 +277,7 @@ def reprice_command(argv: list[str]) -> int:
         if args.dry_run:
             stats = RepriceStats()
             with _open(src) as f:
-                for _ in reprice_lines(iter(f), book, stats, 0.0):
+                for _ in reprice_lines(_all_lines(f), book, stats, 0.0):
                     pass
         else:
             stats = reprice_file(src, Path(args.out) if args.out else None, book, in_place=args.in_place)

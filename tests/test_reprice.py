@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import hashlib
 import json
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,9 +145,30 @@ def test_pricing_show_check_and_sync(log_dir: Path):
     assert "from the config.yml" in res.stdout
 
 
+def _log_census(text: str) -> dict[str, Any]:
+    """What a log holds, line by line, so that a wrong count says what went wrong."""
+    seqs: list[int] = []
+    empty: list[int] = []
+    unparseable: list[tuple[int, str]] = []
+    lines = text.splitlines()
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            empty.append(i)
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            unparseable.append((i, ln[:60] + ("..." if len(ln) > 60 else "")))
+            continue
+        if isinstance(rec, dict) and "seq" in rec:
+            seqs.append(rec["seq"])
+    return {"lines": len(lines), "empty": empty, "unparseable": unparseable, "seqs": seqs}
+
+
 def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
     """The proxy keeps appending through its open file while the log is rewritten and
-    swapped; every line written before, during and after must be in the new file."""
+    swapped; every line written before, during and after must be in the new file, once,
+    whole, in order."""
     import threading
 
     from proxy.catalog import pricebook_for
@@ -154,14 +178,17 @@ def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
 
     write_config(log_dir / "config.yml", "5.00")
     src = log_dir / "log.jsonl"
-    before = len(src.read_text().splitlines())
+    base = _log_census(src.read_text())
     writer = JsonlWriter(src, console_fd=None)
     stop = threading.Event()
     written = [0]
 
+    def line(ts: str) -> bytes:  # each line unique (seq), so repeats and losses show
+        return (json.dumps({**record(ts, 10, 0, 1, "0.000035"), "seq": written[0]}) + "\n").encode()
+
     def proxy_traffic() -> None:
         while not stop.is_set() and written[0] < 5000:
-            writer.write((json.dumps(record("2026-11-20T10:00:00.000Z", 10, 0, 1, "0.000035")) + "\n").encode())
+            writer.write(line("2026-11-20T10:00:00.000Z"))
             written[0] += 1
 
     t = threading.Thread(target=proxy_traffic)
@@ -170,7 +197,67 @@ def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
     stop.set()
     t.join()
     for _ in range(3):  # and after the swap
-        writer.write((json.dumps(record("2026-11-21T10:00:00.000Z", 10, 0, 1, "0.000035")) + "\n").encode())
+        writer.write(line("2026-11-21T10:00:00.000Z"))
         written[0] += 1
     writer.close()
-    assert len(src.read_text().splitlines()) == before + written[0]
+
+    got = _log_census(src.read_text())
+    seqs = got["seqs"]
+    counts = collections.Counter(seqs)
+    duplicated = sorted(s for s, c in counts.items() if c > 1)
+    missing = sorted(set(range(written[0])) - set(counts))
+    new_unparseable = got["unparseable"][len(base["unparseable"]):]
+    new_empty = got["empty"][len(base["empty"]):]
+    assert (duplicated, missing, new_empty, new_unparseable) == ([], [], [], []), (
+        f"{got['lines']} lines for {base['lines']} + {written[0]} written: "
+        f"duplicated seqs {duplicated[:10]}, missing seqs {missing[:10]}, "
+        f"new empty lines at {new_empty[:10]}, new unparseable lines {new_unparseable[:10]}"
+    )
+    assert seqs == sorted(seqs), "lines out of write order"
+    assert got["lines"] == base["lines"] + written[0]
+
+
+def test_in_place_reprice_keeps_a_line_caught_mid_write_whole(log_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """A read of a file being appended to can end inside a line (a write is copied one
+    page-cache folio at a time). Deterministically: the log ends in half a line when the
+    rewriter reads it, and the writer finishes that line just before the exclusive lock
+    is taken. The line must come out whole, not as a fragment and its rest."""
+    from proxy import reprice
+    from proxy.catalog import pricebook_for
+    from proxy.config import load_config
+
+    write_config(log_dir / "config.yml", "5.00")
+    src = log_dir / "log.jsonl"
+    base = _log_census(src.read_text())
+    whole = (json.dumps({**record("2026-11-20T10:00:00.000Z", 10, 0, 1, "0.000035"), "seq": 0}) + "\n").encode()
+    half = len(whole) // 2
+    with src.open("ab") as f:
+        f.write(whole[:half])  # in flight: the first folio's share is visible
+
+    real_flock = reprice.fcntl.flock
+
+    class Fcntl:
+        LOCK_EX, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(fd: int, op: int) -> None:
+            if op == fcntl.LOCK_EX:
+                with src.open("ab") as f:
+                    f.write(whole[half:])  # the write completes before our lock
+            real_flock(fd, op)
+
+    monkeypatch.setattr(reprice, "fcntl", Fcntl)
+    reprice.reprice_file(src, None, pricebook_for(load_config(log_dir / "config.yml")), in_place=True)
+    got = _log_census(src.read_text())
+    assert got["unparseable"] == base["unparseable"] and got["seqs"] == [0]
+    assert got["lines"] == base["lines"] + 1
+    assert src.read_bytes().endswith(whole)  # appended after the read: copied as it is
+
+
+def test_reprice_joins_a_line_read_in_two_pieces():
+    from proxy.reprice import _all_lines, _complete_lines
+
+    tail = bytearray()
+    pieces = [b'{"a": 1}\n', b'{"b":', b' 2}\n', b'{"c": 3']  # as readline returns them from a growing file
+    assert list(_complete_lines(iter(pieces), tail)) == [b'{"a": 1}\n', b'{"b": 2}\n'] and tail == b'{"c": 3'
+    assert list(_all_lines(iter(pieces)))[-1] == b'{"c": 3'  # a snapshot ends there (reprice_lines ends the line)
