@@ -8,7 +8,7 @@ on the single asyncio thread nothing can run between that check and that reserve
 so N concurrent calls can never all see the same headroom. When the call ends the
 reservation is released and the real cost added (``settle``).
 
-Money is integer units of 1e-10 USD (``analytics.cost_units``), the precision of
+Money is integer units of 1e-10 USD (``core.money.cost_units``), the precision of
 records, so sums are exact.
 
 Spend is counted per *dimension* value and period: (scope, tag, period) such as
@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .analytics import COST_UNITS_PER_USD, cost_units, parse_timestamp, records_since, units_to_usd
 from .attribution import TAG_NAME
 from .cli import command
+from .core.money import COST_UNITS_PER_USD, cost_units, units_to_usd
+from .core.timestamps import parse_timestamp
 from .defaults import default_log_path
+from .storage.logfiles import records_since
 
 log = logging.getLogger("proxy")
 

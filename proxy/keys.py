@@ -145,7 +145,7 @@ class KeyEntry:
 
 
 def _usd(units: int) -> Any:
-    from .analytics import units_to_usd
+    from .core.money import units_to_usd
 
     return units_to_usd(units)
 

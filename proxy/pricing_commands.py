@@ -86,8 +86,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .analytics import iter_jsonl
     from .reprice import _open
+    from .storage.logfiles import iter_jsonl
 
     setup = _setup(args)
     if setup is None:

@@ -1,7 +1,7 @@
 """Cost reports from the JSONL log: ``scripts/analyze_costs.py`` and ``python -m proxy report``.
 
 Only argument handling and formatting live here; every number comes from
-``proxy.analytics`` (the engine /health and the analytics API share).
+``proxy.engine`` and ``proxy.storage`` (the engine /health and the analytics API share).
 """
 
 from __future__ import annotations
@@ -19,10 +19,29 @@ from typing import IO, Any, Iterable, Sequence
 
 import orjson
 
-from . import analytics as A
-from .analytics import Totals, units_to_usd
 from .cli import command
+from .core.money import MILLION_DEC, cost_units, units_to_usd
+from .core.timestamps import canonical_ts, ts_to_datetime
 from .defaults import default_log_path
+from .engine.cube import ScanResult, time_bucket
+from .engine.insights import (
+    H_LONG,
+    H_LONG_CACHED,
+    H_LONG_IN,
+    H_OK,
+    H_SHORT,
+    H_SHORT_COST,
+    H_SHORT_IN,
+    H_SHORT_OUT,
+    LONG_PROMPT_TOKENS,
+    SHORT_REPLY_TOKENS,
+    Projection,
+    project_month,
+)
+from .engine.query import TIME_DIMS, Query, check_dim, status_matcher
+from .engine.totals import Totals
+from .storage.logfiles import log_files, order_files
+from .storage.scan import iter_selected, scan
 from .text import printable
 
 UTC = timezone.utc
@@ -229,11 +248,11 @@ def _human_hours(h: float) -> str:
 def resolve_files(args: argparse.Namespace) -> list[Path]:
     patterns = args.file or [default_log_path()]
     try:
-        files = A.log_files(patterns, rotated=not args.no_rotated)
+        files = log_files(patterns, rotated=not args.no_rotated)
     except FileNotFoundError as e:
         hint = "" if args.file else " (set COST_TRACKING_FILE or pass --file)"
         raise UsageError(f"no log found at {e.args[0]}{hint}") from None
-    return A.order_files(files)
+    return order_files(files)
 
 
 def load_config(path: str, needed: bool) -> Any:
@@ -267,7 +286,7 @@ def parse_group_by(values: Sequence[str] | None) -> list[str]:
             part = part.strip()
             if part:
                 try:
-                    d = A.check_dim(part)
+                    d = check_dim(part)
                 except ValueError as e:
                     raise UsageError(f"--group-by: {e}") from None
                 if d not in dims:
@@ -295,7 +314,7 @@ class Report:
     window: Window
     now: datetime
     files: list[Path]
-    res: A.ScanResult
+    res: ScanResult
     group_dims: list[str]
     config: Any = None
     book: Any = None
@@ -307,7 +326,7 @@ class Report:
 
     def span(self) -> tuple[datetime | None, datetime]:
         """The time the report covers: the window, or the data where the window is open."""
-        start = self.window.start or (A.ts_to_datetime(self.res.first_ts) if self.res.first_ts else None)
+        start = self.window.start or (ts_to_datetime(self.res.first_ts) if self.res.first_ts else None)
         # A calendar period still running ends now, not at its end.
         end = min(self.window.end, self.now) if self.window.end else self.now
         return start, end
@@ -353,9 +372,9 @@ def run(args: argparse.Namespace, now: datetime | None = None) -> int:
     dims: list[str] = ["provider", "model", *[d for d in group_dims if d not in ("provider", "model")]]
     if fmt in SERIES and SERIES[fmt] not in dims:
         dims.append(SERIES[fmt])
-    if args.projection and not any(d in A.TIME_DIMS for d in dims):
+    if args.projection and not any(d in TIME_DIMS for d in dims):
         dims.append("day")
-    query = A.Query(
+    query = Query(
         start=window.start.timestamp() if window.start else None,
         end=window.end.timestamp() if window.end else None,
         providers=args.provider or (), models=args.model or (), aliases=aliases,
@@ -365,7 +384,7 @@ def run(args: argparse.Namespace, now: datetime | None = None) -> int:
     )
     try:
         if args.status:
-            A.status_matcher(args.status)
+            status_matcher(args.status)
     except ValueError as e:
         raise UsageError(f"--status: {e}") from None
     filters = {k: v for k, v in (("provider", args.provider), ("model", args.model), ("user", args.user),
@@ -377,9 +396,9 @@ def run(args: argparse.Namespace, now: datetime | None = None) -> int:
     out, close = _open_output(args.output, fmt)
     try:
         if fmt == "detailed" or (fmt == "csv" and not group_dims):
-            res = A.ScanResult(dims=(), tz=tz)
+            res = ScanResult(dims=(), tz=tz)
             res.files = files
-            records = A.iter_selected(files, query, res)
+            records = iter_selected(files, query, res)
             report = Report(args, window, now, files, res, group_dims, config, book, filters)
             if fmt == "detailed":
                 write_detailed(out, records, report)
@@ -387,7 +406,7 @@ def run(args: argparse.Namespace, now: datetime | None = None) -> int:
                 write_request_csv(out, records)
         else:
             use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
-            res = A.scan(files, query, jobs=args.jobs, use_index=use_index)
+            res = scan(files, query, jobs=args.jobs, use_index=use_index)
             report = Report(args, window, now, files, res, group_dims, config, book, filters)
             if fmt == "summary":
                 out.write(render_summary(report))
@@ -419,7 +438,7 @@ def _open_output(path: str | None, fmt: str) -> tuple[IO[str], bool]:
     return open(path, "w", encoding="utf-8", newline="" if fmt == "csv" else None), True
 
 
-def warn_bad(res: A.ScanResult) -> None:
+def warn_bad(res: ScanResult) -> None:
     if res.bad_lines:
         s = "s" if res.bad_lines != 1 else ""
         print(f"warning: skipped {res.bad_lines:,} corrupt or incomplete line{s}", file=sys.stderr)
@@ -457,7 +476,7 @@ def _share(part: int, whole: int) -> str:
 def _fmt_ts(ts: str | None, tz: tzinfo, seconds: bool = False) -> str:
     if not ts:
         return "-"
-    dt = A.ts_to_datetime(ts).astimezone(tz)
+    dt = ts_to_datetime(ts).astimezone(tz)
     return dt.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
@@ -469,7 +488,7 @@ def header_lines(r: Report, title: str) -> list[str]:
     start, end = r.span()
     if start is not None and r.res.first_ts:
         # A window reaching far back before the log (--since 100000) is shown from the first record.
-        first = A.ts_to_datetime(r.res.first_ts)
+        first = ts_to_datetime(r.res.first_ts)
         if first - start > timedelta(days=1):
             start = first
     s = start.astimezone(r.tz).strftime("%Y-%m-%d %H:%M") if start else "the beginning"
@@ -560,7 +579,7 @@ def group_table(r: Report, dims: Sequence[str], overall: Totals, limit: int | No
 
 def sorted_groups(r: Report, dims: Sequence[str]) -> list[tuple[tuple, Totals]]:
     groups = r.res.rollup(dims)
-    if dims and dims[0] in A.TIME_DIMS:
+    if dims and dims[0] in TIME_DIMS:
         return sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))
     return sorted(groups.items(), key=lambda kv: (-kv[1].cost_units, tuple(str(x) for x in kv[0])))
 
@@ -636,19 +655,19 @@ def _ms(v: float | None) -> str:
 def savings(r: Report) -> dict[str, Any]:
     res = r.res
     priced_tokens = sum(res.savings_by_rate.values())
-    saved = sum((rate * n for rate, n in res.savings_by_rate.items()), Decimal(0)) / A.MILLION_DEC
+    saved = sum((rate * n for rate, n in res.savings_by_rate.items()), Decimal(0)) / MILLION_DEC
     saved = saved.quantize(Decimal("1e-10"), ROUND_HALF_UP) + units_to_usd(res.savings_derived_units)
     tokens = r.res.totals().tokens["cache_read_tokens"]
     return {"tokens": tokens, "priced_tokens": priced_tokens, "derived": res.savings_derived_units,
             "unpriced_tokens": res.savings_unpriced_tokens, "saved": saved.normalize() if saved else Decimal(0)}
 
 
-def projection(r: Report) -> A.Projection | None:
+def projection(r: Report) -> Projection | None:
     start, end = r.span()
     if start is None or end is None or not r.res.cells:
         return None
     width = 3600 if r.res.time_width == 13 else 60
-    return A.project_month(r.res.time_buckets(), start, end, r.tz, bucket_seconds=width)
+    return project_month(r.res.time_buckets(), start, end, r.tz, bucket_seconds=width)
 
 
 _SIBLING_SWAPS = (("opus", "sonnet"), ("sonnet", "haiku"), ("-pro", "-flash"), ("-flash", "-flash-lite"))
@@ -670,33 +689,33 @@ def suggestions(r: Report) -> list[str]:
     book = r.book
     when = r.now
     for (provider, family, model), h in sorted(r.res.habits.items()):
-        ok = h[A.H_OK]
+        ok = h[H_OK]
         family_name = name_candidates(model, {})[-1]
         shown = f"{printable(provider)}/{printable(model)}"  # lookups below use the names as logged
         # Short replies on a big model: would the smaller sibling have done?
-        if book is not None and h[A.H_SHORT] >= 20 and h[A.H_SHORT] * 4 >= ok:
+        if book is not None and h[H_SHORT] >= 20 and h[H_SHORT] * 4 >= ok:
             table_ = getattr(book, "_models", {}).get(provider, {})
             for sib in cheaper_siblings(family_name, table_):
                 price = book.resolve(provider, sib, family=family)
                 if price is None:
                     continue
                 rates = _base_rates(price, when)
-                est = (h[A.H_SHORT_IN] * rates.input + h[A.H_SHORT_OUT] * rates.output) / A.MILLION_DEC
-                actual = units_to_usd(h[A.H_SHORT_COST])
+                est = (h[H_SHORT_IN] * rates.input + h[H_SHORT_OUT] * rates.output) / MILLION_DEC
+                actual = units_to_usd(h[H_SHORT_COST])
                 if est < actual:
                     saved = actual - est
                     tips.append((int(saved * 10**10), (
-                        f"{shown}: {h[A.H_SHORT]:,} of {ok:,} successful calls "
-                        f"({_share(h[A.H_SHORT], ok)}) returned at most {A.SHORT_REPLY_TOKENS} tokens and cost "
+                        f"{shown}: {h[H_SHORT]:,} of {ok:,} successful calls "
+                        f"({_share(h[H_SHORT], ok)}) returned at most {SHORT_REPLY_TOKENS} tokens and cost "
                         f"{fmt_usd(actual)}; at {printable(sib)}'s list price they would cost about {fmt_usd(est)} "
                         f"(save ~{fmt_usd(saved)}), if it answers them well enough.")))
                     break
         # Long prompts that are rarely read from cache.
-        if h[A.H_LONG] >= 20 and h[A.H_LONG_CACHED] * 10 < h[A.H_LONG_IN]:
-            share = _share(h[A.H_LONG_CACHED], h[A.H_LONG_IN])
+        if h[H_LONG] >= 20 and h[H_LONG_CACHED] * 10 < h[H_LONG_IN]:
+            share = _share(h[H_LONG_CACHED], h[H_LONG_IN])
             hint = "mark the stable prefix with cache_control" if family == "anthropic" else \
                 "keep the stable part (system prompt, tools, documents) first and identical"
-            tip = (f"{shown}: {h[A.H_LONG]:,} calls sent prompts of {A.LONG_PROMPT_TOKENS:,}+ tokens "
+            tip = (f"{shown}: {h[H_LONG]:,} calls sent prompts of {LONG_PROMPT_TOKENS:,}+ tokens "
                    f"but only {share} of that input came from cache; if these prompts repeat, {hint}")
             weight = 0
             if book is not None:
@@ -704,7 +723,7 @@ def suggestions(r: Report) -> list[str]:
                 if price is not None:
                     rates = _base_rates(price, when)
                     cached = rates.cached_input if rates.cached_input is not None else rates.input
-                    per10 = (Decimal(h[A.H_LONG_IN] - h[A.H_LONG_CACHED]) / 10 * (rates.input - cached)) / A.MILLION_DEC
+                    per10 = (Decimal(h[H_LONG_IN] - h[H_LONG_CACHED]) / 10 * (rates.input - cached)) / MILLION_DEC
                     if per10 > 0:
                         tip += f" (each 10% of it cached saves about {fmt_usd(per10)})"
                         weight = int(per10 * 10**10)
@@ -723,8 +742,8 @@ def _base_rates(price: Any, when: datetime) -> Any:
 def bucket_sequence(first: str, last: str, dim: str, tz: tzinfo) -> list[str]:
     """Every bucket label from the first to the last, so quiet hours show as zero."""
     labels = []
-    start = A.ts_to_datetime(first).astimezone(tz)
-    end = A.ts_to_datetime(last).astimezone(tz)
+    start = ts_to_datetime(first).astimezone(tz)
+    end = ts_to_datetime(last).astimezone(tz)
     if dim == "hour":
         cur = start.replace(minute=0, second=0, microsecond=0)
         step = timedelta(hours=1)
@@ -738,7 +757,7 @@ def bucket_sequence(first: str, last: str, dim: str, tz: tzinfo) -> list[str]:
     seen = set()
     guard = 0
     while cur <= end and guard < 200_000:
-        label = A.time_bucket(cur, dim)
+        label = time_bucket(cur, dim)
         if label not in seen:
             seen.add(label)
             labels.append(label)
@@ -816,13 +835,13 @@ def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -
             cost_text = "unpriced" if rec.get("total_tokens") else "unknown"
             incomplete = True
         else:
-            units += A.cost_units(cost) or 0
+            units += cost_units(cost) or 0
             cost_text = fmt_usd(_dec(cost))
         model = rec.get("model") or rec.get("response_model") or "-"
         status = printable(str(rec.get("status")), 20)
         if rec.get("error") and status.startswith("2"):
             status += " (error)"
-        out.write(f"{_fmt_ts(A.canonical_ts(rec.get('timestamp')), tz, True):19}  "
+        out.write(f"{_fmt_ts(canonical_ts(rec.get('timestamp')), tz, True):19}  "
                   f"{printable(str(rec.get('provider')) + '/' + str(model), 40):40}  "
                   f"{_num(rec.get('input_tokens')):>9}  {_num(rec.get('output_tokens')):>8}  {cost_text:>12}  "
                   f"{printable(str(rec.get('user_id') or '-'), 16):16}  {status}\n")
@@ -863,7 +882,7 @@ def write_request_csv(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
     w = csv.writer(out)
     w.writerow(_CSV_FIELDS)
     for rec in records:
-        ts = A.canonical_ts(rec.get("timestamp"))
+        ts = canonical_ts(rec.get("timestamp"))
         # "2026-11-23 18:15:28.893": a form spreadsheets read as a date-time.
         row = [ts[:10] + " " + ts[11:23] if ts else ""]
         row += [_cell(rec.get(f)) for f in _CSV_FIELDS[1:]]

@@ -22,9 +22,11 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from .analytics import Dedupe, cost_units, parse_timestamp, units_to_usd
 from .cli import command
+from .core.money import cost_units, units_to_usd
+from .core.timestamps import parse_timestamp
 from .defaults import default_log_path
+from .engine.lines import Dedupe
 from .pricing import PriceBook, price_call
 from .records import dumps_record, iso_utc
 from .usage import Usage
@@ -144,7 +146,7 @@ def _all_lines(f: Iterable[bytes]) -> Iterator[bytes]:
 
 def reprice_lines(lines: Iterator[bytes], book: PriceBook, stats: RepriceStats, now: float) -> Iterator[bytes]:
     """Lines in, lines out; unchanged and unreadable lines pass through byte for byte.
-    A repeated line (see analytics.Dedupe) is counted once but still written, re-priced
+    A repeated line (see engine.lines.Dedupe) is counted once but still written, re-priced
     like its first copy: the output stays a faithful copy, and its repeats stay
     byte-identical (or keep their record id), so readers still count them once."""
     stamp = iso_utc(now)

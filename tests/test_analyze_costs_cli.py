@@ -465,10 +465,10 @@ SEG = 60_000
 
 @pytest.fixture
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy import analytics as A
+    from proxy.storage import index as index_module
 
-    monkeypatch.setattr(A, "_SEGMENT", SEG)
-    monkeypatch.setattr(A, "_MIN_SEGMENT", SEG // 6)
+    monkeypatch.setattr(index_module, "_SEGMENT", SEG)
+    monkeypatch.setattr(index_module, "_MIN_SEGMENT", SEG // 6)
     monkeypatch.setenv("ANALYZE_COSTS_NOW", NOW.isoformat())
 
 
@@ -492,11 +492,12 @@ def by_day(records: list[dict[str, Any]]) -> dict[str, Decimal]:
 
 def check_scan(path: Path, records: list[dict[str, Any]], jobs: int = 1) -> Any:
     """The indexed scan of ``path`` equals the raw scan and the numbers of ``records``."""
-    from proxy import analytics as A
+    from proxy.engine.query import Query
+    from proxy.storage.scan import scan
 
-    q = A.Query(dims=("provider", "model", "day"))
-    res = A.scan([path], q, jobs=jobs)
-    raw = A.scan([path], q, jobs=1, use_index=False)
+    q = Query(dims=("provider", "model", "day"))
+    res = scan([path], q, jobs=jobs)
+    raw = scan([path], q, jobs=1, use_index=False)
     assert res.cells == raw.cells and (res.first_ts, res.last_ts) == (raw.first_ts, raw.last_ts)
     exp = expect(records)
     t = res.totals()
@@ -524,27 +525,30 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
 
 def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy import analytics as A
+    from proxy.engine.cube import REQ
+    from proxy.engine.query import Query
+    from proxy.storage.index import _INDEX_DIMS, index_path
+    from proxy.storage.scan import scan
 
     recs = make_records(3000, seed=11, days=10)
     log = write_log(tmp_path / "cost-tracking.jsonl", recs)
     check_scan(log, recs, jobs=2)
-    index = orjson.loads(A.index_path(log).read_bytes())
+    index = orjson.loads(index_path(log).read_bytes())
     segs = index["segments"]
     assert len(segs) > 10 and segs[0]["a"] == 0 and all(x["b"] == y["a"] for x, y in zip(segs, segs[1:]))
     # The index is what answers: with the file untouched, a forged roll-up is believed.
     forged = json.loads(json.dumps(index))
-    forged["segments"][0]["cells"][0][len(A._INDEX_DIMS) + 2 + A.REQ] += 1000
-    A.index_path(log).write_bytes(orjson.dumps(forged))
-    assert A.scan([log], A.Query(dims=("provider",)), jobs=1).totals().requests == len(recs) + 1000
-    A.index_path(log).write_bytes(orjson.dumps(index))
+    forged["segments"][0]["cells"][0][len(_INDEX_DIMS) + 2 + REQ] += 1000
+    index_path(log).write_bytes(orjson.dumps(forged))
+    assert scan([log], Query(dims=("provider",)), jobs=1).totals().requests == len(recs) + 1000
+    index_path(log).write_bytes(orjson.dumps(index))
 
     # Appended lines are read raw and indexed for the next run.
     more = make_records(400, seed=12, days=0.5)
     with open(log, "ab") as f:
         f.write(b"".join(dumps(r) for r in more))
     check_scan(log, recs + more)
-    grown = orjson.loads(A.index_path(log).read_bytes())["segments"]
+    grown = orjson.loads(index_path(log).read_bytes())["segments"]
     assert len(grown) > len(segs) and grown[:len(segs)] == segs
 
     # One digit changed in an indexed segment, size, inode and mtime kept: the SHA-1
@@ -555,7 +559,7 @@ def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None
     edited = records_of(data)
     assert sum(r["total_cost"] or 0 for r in edited) != sum(r["total_cost"] or 0 for r in recs + more)
     check_scan(log, edited)
-    rebuilt = orjson.loads(A.index_path(log).read_bytes())["segments"]
+    rebuilt = orjson.loads(index_path(log).read_bytes())["segments"]
     new_hit = next(s for s in rebuilt if s["a"] <= at < s["b"])
     assert new_hit["sha1"] != hit["sha1"]
     assert new_hit["sha1"] == hashlib.sha1(data[new_hit["a"]:new_hit["b"]]).hexdigest()
@@ -568,14 +572,14 @@ def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None
 
 
 def test_index_of_a_gzip_file_follows_its_bytes(tmp_path: Path, small_segments: None) -> None:
-    from proxy import analytics as A
+    from proxy.storage.index import index_path
 
     recs = make_records(1500, seed=13, days=6)
     plain = b"".join(dumps(r) for r in recs)
     gz = tmp_path / "cost-tracking.jsonl.1.gz"
     gz.write_bytes(gzip.compress(plain, mtime=0))
     check_scan(gz, recs)
-    [seg] = orjson.loads(A.index_path(gz).read_bytes())["segments"]
+    [seg] = orjson.loads(index_path(gz).read_bytes())["segments"]
     assert seg["sha1"] == hashlib.sha1(gz.read_bytes()).hexdigest()  # the compressed bytes
     # The same compressed size with one digit changed inside.
     for at in range(len(plain) // 2, len(plain), 997):
@@ -587,7 +591,7 @@ def test_index_of_a_gzip_file_follows_its_bytes(tmp_path: Path, small_segments: 
         pytest.fail("no same-size edit found")
     rewrite_in_place(gz, packed)
     check_scan(gz, records_of(edited))
-    [new] = orjson.loads(A.index_path(gz).read_bytes())["segments"]
+    [new] = orjson.loads(index_path(gz).read_bytes())["segments"]
     assert new["sha1"] == hashlib.sha1(packed).hexdigest() != seg["sha1"]
 
 
@@ -616,13 +620,13 @@ def remount(where: Path, mode: str) -> None:
 
 def test_read_only_log_directory_answers_without_writing_an_index(tmpfs: Path, small_segments: None,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy import analytics as A
+    from proxy.storage.index import index_path
 
     recs = make_records(2000, seed=14, days=5)
     log = write_log(tmpfs / "cost-tracking.jsonl", recs)
     fresh = write_log(tmpfs / "other.jsonl", recs[:700])  # never indexed
     check_scan(log, recs)
-    old_index = A.index_path(log).read_bytes()
+    old_index = index_path(log).read_bytes()
     # Changed (a digit flipped, lines appended) and then the directory made read-only:
     # the stale index is detected, rebuilt in memory, and cannot be saved.
     data, _ = flip_digit(log.read_bytes(), len(log.read_bytes()) // 2)
@@ -635,12 +639,12 @@ def test_read_only_log_directory_answers_without_writing_an_index(tmpfs: Path, s
             (tmpfs / "probe").write_bytes(b"")
         for _ in range(2):  # the second run cannot rely on a saved rebuild either
             check_scan(log, records_of(data), jobs=2)
-            assert A.index_path(log).read_bytes() == old_index
+            assert index_path(log).read_bytes() == old_index
         check_scan(fresh, recs[:700])
-        assert not A.index_path(fresh).exists()
+        assert not index_path(fresh).exists()
         body = report_in_process(capsys, "--file", str(log), "--since", "all", "--format", "json")
         check_totals(body["totals"], expect(records_of(data)))
-        assert sorted(p.name for p in tmpfs.iterdir()) == sorted([log.name, fresh.name, A.index_path(log).name])
+        assert sorted(p.name for p in tmpfs.iterdir()) == sorted([log.name, fresh.name, index_path(log).name])
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], capture_output=True)
 

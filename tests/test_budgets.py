@@ -34,7 +34,6 @@ from conftest import (
     dec,
 )
 from mock_upstream import anthropic_message, chat_completion
-from proxy.analytics import cost_units
 from proxy.budgets import (
     BudgetLedger,
     Limit,
@@ -47,6 +46,7 @@ from proxy.budgets import (
     worst_case_usage,
 )
 from proxy.config import ConfigError, parse_config
+from proxy.core.money import cost_units
 from proxy.estimate import estimate_input_tokens
 from proxy.keys import KeyEntry, key_hash, new_key, save_keys
 from proxy.records import iso_utc

@@ -15,7 +15,7 @@ Each sum is taken the way its owner takes it:
 
 * /health: ``load_window`` (the server's start-up fill) into a ``RollingWindow``,
   then ``window.totals()``, which is what ``handle_health`` prints;
-* reports: ``analytics.scan`` with the ``Query`` ``proxy/report.py`` builds for the
+* reports: ``storage.scan.scan`` with the ``Query`` ``proxy/report.py`` builds for the
   default summary (the last 24 hours), raw and from the roll-up index, and the real
   command ``python -m proxy report --format json`` run in-process;
 * budgets: ``ledger_for`` with a ``budgets:`` section parsed from config, then
@@ -47,14 +47,17 @@ from typing import Any, Callable, Iterable
 import orjson
 import pytest
 
-from proxy import analytics as A
-from proxy.analytics import Query, RollingWindow, Totals, cost_units, scan, units_to_usd
 from proxy.budgets import BudgetLedger, ledger_for, parse_budgets, replay_log
 from proxy.catalog import pricebook_for
 from proxy.cli import main as cli_main
 from proxy.config import parse_config
+from proxy.core.money import cost_units, units_to_usd
+from proxy.engine.query import NONE_LABEL, Query
+from proxy.engine.totals import RollingWindow, Totals
 from proxy.pricing import PriceBook, price_call
 from proxy.records import CallContext, build_record, dumps_record, json_default
+from proxy.storage.logfiles import log_files, order_files
+from proxy.storage.scan import scan
 from proxy.usage import CallInfo, Usage
 
 UTC = timezone.utc
@@ -74,7 +77,7 @@ GZ_ROTATE = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 ROTATE = datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
 POWER_CUT = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
-UNITS = 10**10  # analytics.COST_UNITS_PER_USD, restated: 1e-10 USD
+UNITS = 10**10  # core.money.COST_UNITS_PER_USD, restated: 1e-10 USD
 LOG_NAME = "cost-tracking.jsonl"
 
 CONFIG: dict[str, Any] = {
@@ -534,7 +537,7 @@ def health_window(log: Path) -> tuple[int, Totals, dict[str, Totals]]:
 
 def report_files(log: Path) -> list[Path]:
     # As `report --file LOG` resolves them: the file and its rotated siblings, oldest first.
-    return A.order_files(A.log_files([str(log)]))
+    return order_files(log_files([str(log)]))
 
 
 def summary_query(dims: tuple[str, ...] = ("provider", "model")) -> Query:
@@ -664,7 +667,7 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
         want_by = expect_by(gen.calls, field_of, today)
         assert None in want_by or dim == "key"  # records without the field: a report row "(none)", no budget
         report_rows = {k[0]: of_totals(t) for k, t in cube.rollup([dim]).items()}
-        assert report_rows == {A.NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()}, dim
+        assert report_rows == {NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()}, dim
         budget_rows = {v: ledger.spent(budget_dim, v) for v in want_by if v is not None}
         assert budget_rows == {v: s.units for v, s in want_by.items() if v is not None}, dim
         limit = next(lim for lim in ledger.limits if lim.dim == budget_dim and lim.match is None)
@@ -672,7 +675,7 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
         assert listed == budget_rows, dim  # every value of the day has its budget, and none from nowhere
         if dim == "user":
             assert {g["user"]: of_json(g) for g in cli_users["groups"]} == \
-                {A.NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()}
+                {NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()}
     alice = next(s for s in ledger.states() if s.limit.match == "alice")
     assert alice.spent == ledger.spent(USER_DAILY, "alice") == expect(gen.calls, lambda c: today(c) and c.rec["user_id"] == "alice").units
 
@@ -694,7 +697,7 @@ def test_the_week_and_the_month_agree_too(gen: Generated) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "report --group-by team (analytics.tag_value) takes tags.team, which any client sets with an x-tag-team "
+    "report --group-by team (engine.query.tag_value) takes tags.team, which any client sets with an x-tag-team "
     "header, before the record's own team (its proxy key's team, docs/budgets.md), while the budget replay "
     "counts the record's team only. Of today's 2701 records, 134 carry tags.team=growth ($1.9915516604): "
     "the report shows a team 'growth' no key has, at $1.9915516604, and research $14.5266089966 against the "
@@ -709,8 +712,8 @@ def test_the_report_and_the_budgets_split_spend_by_team_the_same_way(gen: Genera
     assert budget_teams == {t: s.units for t, s in expect_by(gen.calls, lambda c: c.rec["team"], today).items() if t}
     cube = scan(report_files(gen.single), summary_query(("provider", "model", "team")), jobs=1)
     cli = report_cli(capsys, monkeypatch, gen.single, "--group-by", "team")
-    report_teams = {k[0]: t.cost_units for k, t in cube.rollup(["team"]).items() if k[0] != A.NONE_LABEL}
-    cli_teams = {g["team"]: exact_units(Decimal(g["total_cost"])) for g in cli["groups"] if g["team"] != A.NONE_LABEL}
+    report_teams = {k[0]: t.cost_units for k, t in cube.rollup(["team"]).items() if k[0] != NONE_LABEL}
+    cli_teams = {g["team"]: exact_units(Decimal(g["total_cost"])) for g in cli["groups"] if g["team"] != NONE_LABEL}
     assert report_teams == cli_teams
     assert report_teams == budget_teams
 
@@ -732,11 +735,11 @@ def test_a_rotated_log_health_and_budgets_count_each_call_once(gen: Generated) -
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "scan() dedupes each file on its own (analytics.py: 'copies in two files (a cut batch retried after a "
+    "scan() dedupes each file on its own (storage/tasks.py: 'copies in two files (a cut batch retried after a "
     "rotation) are both counted'), records_since (/health, budgets) carries one Dedupe across the rotated "
     "files. The batch retried across the 05:00 rotation repeats 5 records (stamped 2026-11-25T05:00:14.509Z "
     "to 05:08:59.454Z, $0.0326534538) at the start of the new file: /health and the budget replay count 2701 "
-    "requests and $41.4016990264, analytics.scan and `report --format json` 2706 requests and $41.4343524802 "
+    "requests and $41.4016990264, storage.scan.scan and `report --format json` 2706 requests and $41.4343524802 "
     "(+5 requests, +326534538 units) with duplicate_lines 103 instead of 108"))
 def test_a_rotated_log_report_counts_each_call_once(gen: Generated, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

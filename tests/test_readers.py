@@ -22,12 +22,19 @@ import orjson
 import pytest
 import yaml
 
-from proxy import analytics as A
-from proxy.analytics import Query, RollingWindow, cost_units, records_since, scan
 from proxy.budgets import BudgetLedger, Limit, replay_log
 from proxy.catalog import pricebook_for
 from proxy.config import parse_config
+from proxy.core.money import cost_units
+from proxy.core.timestamps import iso_ms
+from proxy.engine.query import Query
+from proxy.engine.totals import RollingWindow
 from proxy.reprice import RepriceStats, reprice_lines
+from proxy.storage import index as index_module
+from proxy.storage import scan as scan_module
+from proxy.storage.index import index_path
+from proxy.storage.logfiles import iter_jsonl, records_since
+from proxy.storage.scan import scan
 from proxy.web.app import load_window
 from test_analyze_costs_cli import CONFIG, NOW, as_json, check_totals, dt, dumps, expect, make_records, run
 
@@ -139,7 +146,7 @@ def test_iter_jsonl_skips_repeats_and_counts_the_merged_line_as_bad(old_log: tup
     path, log = old_log
     bad = [0]
     with open(path, "rb") as f:
-        got = list(A.iter_jsonl(f, bad))
+        got = list(iter_jsonl(f, bad))
     assert bad[0] == log.merged
     assert [r["request_id"] for r in got] == [r["request_id"] for r in log.records]
 
@@ -170,10 +177,10 @@ def test_a_repeat_across_a_task_or_segment_boundary_is_caught(tmp_path: Path, mo
     path = tmp_path / "log.jsonl"
     path.write_bytes(log.data)
     chunk = 40_000
-    monkeypatch.setattr(A, "_CHUNK", chunk)
-    monkeypatch.setattr(A, "_PARALLEL_MIN", 0)
-    monkeypatch.setattr(A, "_SEGMENT", chunk)
-    monkeypatch.setattr(A, "_MIN_SEGMENT", 10_000)
+    monkeypatch.setattr(scan_module, "_CHUNK", chunk)
+    monkeypatch.setattr(scan_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(index_module, "_SEGMENT", chunk)
+    monkeypatch.setattr(index_module, "_MIN_SEGMENT", 10_000)
     # Some first copy lies before a boundary and its repeat after it.
     bounds = range(chunk, len(log.data), chunk)
     assert sum(1 for a, b in log.spans for s in bounds if a < s <= b) >= 3
@@ -185,7 +192,7 @@ def test_a_repeat_across_a_task_or_segment_boundary_is_caught(tmp_path: Path, mo
         "index build": scan([path], q, jobs=2),
         "index reuse": scan([path], q, jobs=1),
     }
-    assert len(orjson.loads(A.index_path(path).read_bytes())["segments"]) > 10
+    assert len(orjson.loads(index_path(path).read_bytes())["segments"]) > 10
     for name, res in runs.items():
         t = res.totals()
         assert (t.requests, t.total_cost, t.unpriced, t.unknown) == (
@@ -195,7 +202,7 @@ def test_a_repeat_across_a_task_or_segment_boundary_is_caught(tmp_path: Path, mo
     # A window edge inside a segment: that segment is read line by line, still once each.
     start = (NOW - timedelta(days=2, minutes=11)).timestamp()
     edge = scan([path], Query(start=start, dims=("provider", "model", "day")), jobs=2)
-    in_window = expect(log.records, lambda r: r["timestamp"] >= A.iso_ms(start, ceil=True))
+    in_window = expect(log.records, lambda r: r["timestamp"] >= iso_ms(start, ceil=True))
     assert (edge.totals().requests, edge.totals().total_cost) == (in_window["requests"], in_window["cost"])
 
 
@@ -255,7 +262,7 @@ def test_reprice_counts_each_call_once_and_keeps_repeats_identical(old_log: tupl
     assert stats.duplicates == log.duplicates
     assert stats.old_units == sum(cost_units(r["total_cost"]) or 0 for r in log.records)
     # The re-priced log still reads as each call once.
-    again = list(A.iter_jsonl(out))
+    again = list(iter_jsonl(out))
     assert [r["request_id"] for r in again] == [r["request_id"] for r in log.records]
     assert stats.new_units == sum(cost_units(r["total_cost"]) or 0 for r in again)
 

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.analytics import cost_units
 from proxy.budgets import max_output_tokens, parse_budgets, unpriced_refusal_message, worst_case_usage
 from proxy.catalog import context_window, model_output_limit, pricebook_for
 from proxy.config import ConfigError, parse_config
+from proxy.core.money import cost_units
 from proxy.pricing import price_call
 
 DEFAULT = 4096

@@ -14,11 +14,11 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from ..analytics import cost_units, units_to_usd
 from ..attribution import attribute
 from ..bodies import BodyDigest
 from ..budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, unpriced_refusal_message, worst_case_usage
 from ..catalog import model_output_limit
+from ..core.money import cost_units, units_to_usd
 from ..keys import KeyStore
 from ..pricing import price_call
 from ..providers import Adapter, Endpoint

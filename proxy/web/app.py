@@ -12,12 +12,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..analytics import RollingWindow, records_since
 from ..catalog import pricebook_for
 from ..config import Config
 from ..defaults import default_log_path
+from ..engine.totals import RollingWindow
 from ..estimate import warm_up
 from ..logwriter import JsonlWriter
+from ..storage.logfiles import records_since
 from .access import add_budget_headers, setup_access
 from .calls import UNKNOWN_PROVIDER
 from .forward import handle_proxy

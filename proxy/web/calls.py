@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..analytics import cost_units
 from ..config import ProviderConfig
+from ..core.money import cost_units
 from ..estimate import estimate_input_tokens
 from ..pricing import price_call
 from ..providers import Adapter, Endpoint

@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..analytics import RollingWindow
 from ..config import Config
+from ..engine.totals import RollingWindow
 from ..keys import KeyStore
 from ..logwriter import JsonlWriter
 from ..pricing import PriceBook

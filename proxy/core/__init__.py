@@ -1,0 +1,1 @@
+"""Pure helpers every layer shares: money units and record timestamps; no I/O."""
