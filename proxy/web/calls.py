@@ -4,6 +4,7 @@ budget hold and handed to the log writer, once; console lines; ``refuse``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -217,13 +218,19 @@ def refuse(call: Call, status: int, error: str, message: str, headers: dict[str,
     return resp
 
 
+@functools.lru_cache(maxsize=1024)
+def _json_escaped(secret: str) -> bytes:
+    """The key as it appears inside a JSON string; the same few keys on every call."""
+    return orjson.dumps(secret)[1:-1]
+
+
 def _scrub(line: bytes, console: str | None, secrets: tuple[str | None, ...]) -> tuple[bytes, str | None]:
     """An upstream may echo a key into any field a record keeps (model, id, tier,
     usage), not only into its error: no key goes to the log or the console. Short
     placeholder keys ("EMPTY", "ollama") are no secret, and may be part of a model name."""
     for s in secrets:
         if s and len(s) >= 16:
-            escaped = orjson.dumps(s)[1:-1]  # the key as it appears inside a JSON string
+            escaped = _json_escaped(s)
             if escaped in line:
                 line = line.replace(escaped, b"[redacted]")
             if console is not None and s in console:

@@ -100,7 +100,9 @@ async def relay_stream(
     held: list[bytes] | None = None
     try:
         while True:
-            if held is None:
+            if held is None or content.is_eof():
+                # Usually the upstream's end arrives with its final event: nothing to
+                # wait for, and no timer to pay for on every stream.
                 chunk = await content.readany()
             else:
                 try:
