@@ -60,17 +60,35 @@ def _usd(units: int) -> orjson.Fragment:
 
 def _raw_usage(family: str, inp: int, out: int, cached: int, reasoning: int) -> dict:
     if family == "anthropic":
-        return {"input_tokens": inp - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
-                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-                "output_tokens": out, "service_tier": "standard"}
+        return {
+            "input_tokens": inp - cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": out,
+            "service_tier": "standard",
+        }
     if family == "gemini":
-        return {"promptTokenCount": inp, "candidatesTokenCount": out - reasoning, "totalTokenCount": inp + out,
-                "cachedContentTokenCount": cached, "thoughtsTokenCount": reasoning,
-                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": inp}]}
-    return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+        return {
+            "promptTokenCount": inp,
+            "candidatesTokenCount": out - reasoning,
+            "totalTokenCount": inp + out,
+            "cachedContentTokenCount": cached,
+            "thoughtsTokenCount": reasoning,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": inp}],
+        }
+    return {
+        "prompt_tokens": inp,
+        "completion_tokens": out,
+        "total_tokens": inp + out,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def generate_log(path: Path, n: int, seed: int = 7, end: float | None = None, days: float = 45.0) -> None:
@@ -106,20 +124,44 @@ def generate_log(path: Path, n: int, seed: int = 7, end: float | None = None, da
             tokens: dict[str, int | None]
             costs: tuple[orjson.Fragment | None, orjson.Fragment | None, orjson.Fragment | None]
             if status >= 400:
-                tokens = dict(input_tokens=0, output_tokens=0, total_tokens=0, cache_read_tokens=0,
-                              cache_write_tokens=0, cache_write_1h_tokens=0, reasoning_tokens=0, web_search_requests=0)
+                tokens = dict(
+                    input_tokens=0,
+                    output_tokens=0,
+                    total_tokens=0,
+                    cache_read_tokens=0,
+                    cache_write_tokens=0,
+                    cache_write_1h_tokens=0,
+                    reasoning_tokens=0,
+                    web_search_requests=0,
+                )
                 costs = (_usd(0), _usd(0), _usd(0))
                 raw = None
             elif not usage:
-                tokens = dict.fromkeys(("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens",
-                                        "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens",
-                                        "web_search_requests"))
+                tokens = dict.fromkeys(
+                    (
+                        "input_tokens",
+                        "output_tokens",
+                        "total_tokens",
+                        "cache_read_tokens",
+                        "cache_write_tokens",
+                        "cache_write_1h_tokens",
+                        "reasoning_tokens",
+                        "web_search_requests",
+                    )
+                )
                 costs = (None, None, None)
                 raw = None
             else:
-                tokens = dict(input_tokens=inp, output_tokens=out, total_tokens=inp + out, cache_read_tokens=cached,
-                              cache_write_tokens=0, cache_write_1h_tokens=0, reasoning_tokens=reasoning,
-                              web_search_requests=0)
+                tokens = dict(
+                    input_tokens=inp,
+                    output_tokens=out,
+                    total_tokens=inp + out,
+                    cache_read_tokens=cached,
+                    cache_write_tokens=0,
+                    cache_write_1h_tokens=0,
+                    reasoning_tokens=reasoning,
+                    web_search_requests=0,
+                )
                 raw = _raw_usage(family, inp, out, cached, reasoning)
                 if unpriced:
                     costs = (None, None, None)
@@ -141,8 +183,13 @@ def generate_log(path: Path, n: int, seed: int = 7, end: float | None = None, da
                 "provider_type": family,
                 "model": model,
                 "response_model": response_model if status < 400 else None,
-                "endpoint": "/v1/embeddings" if embedding else ("/v1/messages" if family == "anthropic" else
-                            (f"/v1beta/models/{model}:generateContent" if family == "gemini" else "/v1/chat/completions")),
+                "endpoint": "/v1/embeddings"
+                if embedding
+                else (
+                    "/v1/messages"
+                    if family == "anthropic"
+                    else (f"/v1beta/models/{model}:generateContent" if family == "gemini" else "/v1/chat/completions")
+                ),
                 "is_streaming": streaming,
                 **tokens,
                 "input_cost": costs[0],
@@ -168,10 +215,7 @@ def generate_log(path: Path, n: int, seed: int = 7, end: float | None = None, da
         f.write(b"".join(batch))
 
 
-JQ_PROGRAM = (
-    'reduce inputs as $r ({total: 0, by: {}}; '
-    '.total += ($r.total_cost // 0) | .by[$r.provider] += ($r.total_cost // 0))'
-)
+JQ_PROGRAM = "reduce inputs as $r ({total: 0, by: {}}; .total += ($r.total_cost // 0) | .by[$r.provider] += ($r.total_cost // 0))"
 DUCKDB_SQL = (
     "SELECT provider, sum(total_cost) AS cost, count(*) AS n FROM read_json('{path}', format='newline_delimited', "
     "columns={{provider: 'VARCHAR', total_cost: 'DECIMAL(18,10)', timestamp: 'VARCHAR'}}) GROUP BY ALL"
@@ -239,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         elif jq is None:
             print("jq: not installed, skipped (apt-get install -y jq)")
         else:
+
             def run_jq() -> None:
                 subprocess.run([jq, "-n", "-c", JQ_PROGRAM, str(path)], check=True, stdout=subprocess.DEVNULL)
 
             results["jq (total + by provider)"] = once(run_jq)
-            print("jq:", subprocess.run([jq, "-n", "-c", JQ_PROGRAM, str(path)], check=True, capture_output=True,
-                                        text=True).stdout.strip())
+            print("jq:", subprocess.run([jq, "-n", "-c", JQ_PROGRAM, str(path)], check=True, capture_output=True, text=True).stdout.strip())
         try:
             import duckdb  # optional benchmark dependency, never a runtime one
         except ImportError:
@@ -262,16 +306,20 @@ def main(argv: list[str] | None = None) -> int:
             print("duckdb:", sorted((r[0], str(r[1]), r[2]) for r in rows))
 
         base = results["summary (index up to date)"]
-        print(f"\n{n:,} records, {path.stat().st_size / 1e6:,.0f} MB, {os.cpu_count()} CPUs; "
-              f"'best of {args.runs}' rows are the fastest of {args.runs} runs, others a single run")
+        print(
+            f"\n{n:,} records, {path.stat().st_size / 1e6:,.0f} MB, {os.cpu_count()} CPUs; "
+            f"'best of {args.runs}' rows are the fastest of {args.runs} runs, others a single run"
+        )
         print(f"{'what':<42} {'seconds':>8} {'÷ analyze_costs summary':>24}")
         for name, secs in results.items():
             print(f"{name:<42} {secs:>8.2f} {secs / base:>23.2f}x")
         if "duckdb read_json (same)" in results:
             d = results["duckdb read_json (same)"]
-            print(f"\nsummary vs DuckDB: {base / d:.2f}x DuckDB's time (goal: <= 2x); "
-                  f"first run {results['summary, first run (builds index)'] / d:.2f}x, "
-                  f"no index {results['summary --no-index (parse every line)'] / d:.2f}x")
+            print(
+                f"\nsummary vs DuckDB: {base / d:.2f}x DuckDB's time (goal: <= 2x); "
+                f"first run {results['summary, first run (builds index)'] / d:.2f}x, "
+                f"no index {results['summary --no-index (parse every line)'] / d:.2f}x"
+            )
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

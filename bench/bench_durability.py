@@ -44,19 +44,38 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
     servers: dict[str, bp.Server] = {}
     try:
         servers["mock"] = bp.Server("mock", me + ["--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp)
-        servers["bare"] = bp.Server("bare", me + ["--serve", "bare", "--port", str(bare_port), "--upstream",
-                                                  f"http://{bp.HOST}:{mock_port}"], bare_port, "/ping", tmp)
+        servers["bare"] = bp.Server(
+            "bare",
+            me + ["--serve", "bare", "--port", str(bare_port), "--upstream", f"http://{bp.HOST}:{mock_port}"],
+            bare_port,
+            "/ping",
+            tmp,
+        )
         proxy_argv = [sys.executable, "-m", "proxy", "--config", str(cfg), "--host", bp.HOST]
-        servers["proxy"] = bp.Server("proxy", proxy_argv + ["--port", str(proxy_port)], proxy_port, "/health", tmp,
-                                     env={"COST_TRACKING_FILE": str(tmp / "now.jsonl")})
-        targets = [bp.Target("direct", f"http://{bp.HOST}:{mock_port}"),
-                   bp.Target("bare", f"http://{bp.HOST}:{bare_port}/openai"),
-                   bp.Target("proxy", f"http://{bp.HOST}:{proxy_port}/openai")]
+        servers["proxy"] = bp.Server(
+            "proxy",
+            proxy_argv + ["--port", str(proxy_port)],
+            proxy_port,
+            "/health",
+            tmp,
+            env={"COST_TRACKING_FILE": str(tmp / "now.jsonl")},
+        )
+        targets = [
+            bp.Target("direct", f"http://{bp.HOST}:{mock_port}"),
+            bp.Target("bare", f"http://{bp.HOST}:{bare_port}/openai"),
+            bp.Target("proxy", f"http://{bp.HOST}:{proxy_port}/openai"),
+        ]
         if args.before:
             # The other tree's package first on the path; everything else as for ours.
             boot = f"import sys; sys.path.insert(0, {str(Path(args.before).resolve())!r}); from proxy.cli import main; sys.exit(main())"
-            servers["before"] = bp.Server("before", [sys.executable, "-c", boot, *proxy_argv[3:], "--port", str(before_port)],
-                                          before_port, "/health", tmp, env={"COST_TRACKING_FILE": str(tmp / "before.jsonl")})
+            servers["before"] = bp.Server(
+                "before",
+                [sys.executable, "-c", boot, *proxy_argv[3:], "--port", str(before_port)],
+                before_port,
+                "/health",
+                tmp,
+                env={"COST_TRACKING_FILE": str(tmp / "before.jsonl")},
+            )
             targets.append(bp.Target("before", f"http://{bp.HOST}:{before_port}/openai"))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for s in servers.values():

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from proxy.estimate import count_tokens, heuristic_tokens, tokenizer_name  # noqa: E402
+from proxy.core.estimate import count_tokens, heuristic_tokens, tokenizer_name  # noqa: E402
 
 CHUNK = 4000  # characters: about one long chat message
 

@@ -62,20 +62,39 @@ GOAL_RPS_RATIO = 0.8  # proxy rps >= 0.8 x bare rps
 GOAL_RSS_GROWTH_FRACTION = 0.2
 
 FULL = dict(
-    warmup=200, latency_calls=2000, ttfb_calls=400, gap_ms=10,
-    rps_calls=1500, rps_rounds=10, rps_warmup=300, stream_rps_calls=600, stream_rps_rounds=3,
-    big_mb=10, big_streams=5, phase_budget_s=60.0,
+    warmup=200,
+    latency_calls=2000,
+    ttfb_calls=400,
+    gap_ms=10,
+    rps_calls=1500,
+    rps_rounds=10,
+    rps_warmup=300,
+    stream_rps_calls=600,
+    stream_rps_rounds=3,
+    big_mb=10,
+    big_streams=5,
+    phase_budget_s=60.0,
 )
 QUICK = dict(
-    warmup=50, latency_calls=300, ttfb_calls=100, gap_ms=10,
-    rps_calls=600, rps_rounds=3, rps_warmup=100, stream_rps_calls=300, stream_rps_rounds=1,
-    big_mb=10, big_streams=3, phase_budget_s=15.0,
+    warmup=50,
+    latency_calls=300,
+    ttfb_calls=100,
+    gap_ms=10,
+    rps_calls=600,
+    rps_rounds=3,
+    rps_warmup=100,
+    stream_rps_calls=300,
+    stream_rps_rounds=1,
+    big_mb=10,
+    big_streams=3,
+    phase_budget_s=15.0,
 )
 CONCURRENCY = 32
 QUIET_CORES = 0.25  # a round is "quiet" if other processes used less than this many cores
 
 
 # --------------------------------------------------------------------------- mock upstream
+
 
 def _chunk(i: int, content: str | None, finish: str | None = None, role: bool = False) -> bytes:
     delta: dict[str, Any] = {}
@@ -84,34 +103,66 @@ def _chunk(i: int, content: str | None, finish: str | None = None, role: bool = 
     if content is not None:
         delta["content"] = content
     obj = {
-        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1763800000,
-        "model": RESPONSE_MODEL, "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": None,
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1763800000,
+        "model": RESPONSE_MODEL,
+        "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "usage": None,
     }
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 USAGE = {
-    "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+    "prompt_tokens": 12,
+    "completion_tokens": 9,
+    "total_tokens": 21,
     "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                  "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
 }
-JSON_REPLY = orjson.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1763800000,
-    "model": RESPONSE_MODEL, "service_tier": "default", "system_fingerprint": "fp_bench",
-    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                 "message": {"role": "assistant", "content": "Hello! How can I help you today?",
-                             "refusal": None, "annotations": []}}],
-    "usage": USAGE,
-})
+JSON_REPLY = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1763800000,
+        "model": RESPONSE_MODEL,
+        "service_tier": "default",
+        "system_fingerprint": "fp_bench",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": "Hello! How can I help you today?", "refusal": None, "annotations": []},
+            }
+        ],
+        "usage": USAGE,
+    }
+)
 FIRST_EVENT = _chunk(0, "", role=True)
 CONTENT_EVENTS = [_chunk(i, w) for i, w in enumerate(["Hello", "!", " How", " can", " I", " help", " you", " today", "?"])]
 FINISH_EVENT = _chunk(0, None, finish="stop")
-USAGE_EVENT = b"data: " + orjson.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1763800000,
-    "model": RESPONSE_MODEL, "system_fingerprint": "fp_bench", "choices": [], "usage": USAGE,
-}) + b"\n\n"
+USAGE_EVENT = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1763800000,
+            "model": RESPONSE_MODEL,
+            "system_fingerprint": "fp_bench",
+            "choices": [],
+            "usage": USAGE,
+        }
+    )
+    + b"\n\n"
+)
 DONE_EVENT = b"data: [DONE]\n\n"
 BIG_EVENT = _chunk(0, "x" * 1000)  # ~1.2 KB per event
 BIG_EVENTS_PER_WRITE = 8  # ~10 KB per write
@@ -163,8 +214,21 @@ async def _pong(request: web.Request) -> web.Response:
 
 # --------------------------------------------------------------------------- bare forwarder
 
-_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                  "trailer", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"})
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+    }
+)
 _RESP_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
@@ -176,7 +240,8 @@ def bare_app(upstream: str) -> web.Application:
         app[session_key] = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=600),
-            auto_decompress=True, skip_auto_headers=("User-Agent",),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
         )
 
     async def on_cleanup(app: web.Application) -> None:
@@ -184,13 +249,17 @@ def bare_app(upstream: str) -> web.Application:
 
     async def forward(request: web.Request) -> web.StreamResponse:
         name = request.match_info["provider"]
-        tail = request.rel_url.raw_path[len(name) + 1:]
+        tail = request.rel_url.raw_path[len(name) + 1 :]
         qs = request.query_string
         url = upstream + tail + (f"?{qs}" if qs else "")
         body = await request.read()
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
         async with request.app[session_key].request(
-            request.method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+            request.method,
+            URL(url, encoded=True),
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
         ) as up:
             resp = web.StreamResponse(
                 status=up.status,
@@ -227,12 +296,12 @@ def serve(role: str, port: int, upstream: str | None) -> int:
 
         loop = uvloop.new_event_loop()
     app = mock_app() if role == "mock" else bare_app(upstream or "")
-    web.run_app(app, host=HOST, port=port, handler_cancellation=True, access_log=None, print=None,
-                shutdown_timeout=2, loop=loop)
+    web.run_app(app, host=HOST, port=port, handler_cancellation=True, access_log=None, print=None, shutdown_timeout=2, loop=loop)
     return 0
 
 
 # --------------------------------------------------------------------------- process helpers
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -302,8 +371,7 @@ class Server:
         self.name, self.port, self.ready_path = name, port, ready_path
         self.log_path = logdir / f"{name}.stderr.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     @property
     def pid(self) -> int:
@@ -346,6 +414,7 @@ class Server:
 
 # --------------------------------------------------------------------------- client side
 
+
 class Target:
     def __init__(self, name: str, base: str) -> None:
         self.name = name
@@ -361,8 +430,7 @@ class Target:
 HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
 BODY_JSON = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "user": "bench"})
 # Clients that do not ask for usage: the proxy injects include_usage and hides the extra chunk.
-BODY_STREAM = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
-                            "user": "bench", "stream": True})
+BODY_STREAM = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "user": "bench", "stream": True})
 
 
 async def call_json(session: aiohttp.ClientSession, t: Target) -> float | None:
@@ -382,8 +450,12 @@ async def call_json(session: aiohttp.ClientSession, t: Target) -> float | None:
     return dt
 
 
-async def call_stream(session: aiohttp.ClientSession, t: Target, gap_ms: float = 0, big: int = 0,
-                      ) -> tuple[float, float, int] | None:
+async def call_stream(
+    session: aiohttp.ClientSession,
+    t: Target,
+    gap_ms: float = 0,
+    big: int = 0,
+) -> tuple[float, float, int] | None:
     """(time to first body byte, total time, bytes) of one streamed call."""
     t.calls += 1
     headers = dict(HEADERS)
@@ -420,8 +492,13 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def summary_ms(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "median_ms": pct(xs, 50) * 1000, "p95_ms": pct(xs, 95) * 1000,
-            "p99_ms": pct(xs, 99) * 1000, "mean_ms": (statistics.fmean(xs) * 1000) if xs else float("nan")}
+    return {
+        "n": len(xs),
+        "median_ms": pct(xs, 50) * 1000,
+        "p95_ms": pct(xs, 95) * 1000,
+        "p99_ms": pct(xs, 99) * 1000,
+        "mean_ms": (statistics.fmean(xs) * 1000) if xs else float("nan"),
+    }
 
 
 async def interleaved(session: aiohttp.ClientSession, targets: list[Target], n: int, budget: float, fn) -> dict[str, list]:
@@ -440,8 +517,9 @@ async def interleaved(session: aiohttp.ClientSession, targets: list[Target], n: 
     return out
 
 
-async def concurrent(session: aiohttp.ClientSession, t: Target, n: int, conc: int, budget: float,
-                     stream: bool, pids: dict[str, int]) -> dict[str, Any]:
+async def concurrent(
+    session: aiohttp.ClientSession, t: Target, n: int, conc: int, budget: float, stream: bool, pids: dict[str, int]
+) -> dict[str, Any]:
     done = 0
     started = 0
     deadline = time.monotonic() + budget
@@ -457,9 +535,15 @@ async def concurrent(session: aiohttp.ClientSession, t: Target, n: int, conc: in
     with LoadMeter(pids) as m:
         await asyncio.gather(*(worker() for _ in range(conc)))
     wall = m.wall
-    return {"calls": done, "attempted": started, "wall_s": wall, "rps": done / wall if wall else 0.0,
-            "client_cpu_pct": 100 * m.client_cpu / wall if wall else 0.0,
-            "server_cpu_s": m.cpu, "other_cores": m.other_cores}
+    return {
+        "calls": done,
+        "attempted": started,
+        "wall_s": wall,
+        "rps": done / wall if wall else 0.0,
+        "client_cpu_pct": 100 * m.client_cpu / wall if wall else 0.0,
+        "server_cpu_s": m.cpu,
+        "other_cores": m.other_cores,
+    }
 
 
 async def rss_sampler(pid: int, stop: asyncio.Event, peak: list[int], max_samples: int = 100_000) -> None:
@@ -476,15 +560,18 @@ async def rss_sampler(pid: int, stop: asyncio.Event, peak: list[int], max_sample
 
 # --------------------------------------------------------------------------- the run
 
+
 def write_config(path: Path, mock_port: int) -> None:
     # JSON is YAML: no yaml dependency needed here.
     cfg = {
         "features": {"cost_tracking": {"enabled": True}},
         "server": {"shutdown_timeout": 5},
-        "providers": {"openai": {
-            "base_url": f"http://{HOST}:{mock_port}",
-            "models": {MODEL: {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}},
-        }},
+        "providers": {
+            "openai": {
+                "base_url": f"http://{HOST}:{mock_port}",
+                "models": {MODEL: {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}},
+            }
+        },
     }
     path.write_bytes(orjson.dumps(cfg, option=orjson.OPT_INDENT_2))
 
@@ -505,10 +592,12 @@ async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[st
     t_start = time.perf_counter()
     try:
         servers["mock"] = Server("mock", me + ["--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp)
-        servers["bare"] = Server("bare", me + ["--serve", "bare", "--port", str(bare_port),
-                                               "--upstream", f"http://{HOST}:{mock_port}"], bare_port, "/ping", tmp)
-        servers["proxy"] = Server("proxy", proxy_argv, proxy_port, "/health", tmp,
-                                  env={"COST_TRACKING_FILE": str(log_path), "PYTHONUNBUFFERED": "1"})
+        servers["bare"] = Server(
+            "bare", me + ["--serve", "bare", "--port", str(bare_port), "--upstream", f"http://{HOST}:{mock_port}"], bare_port, "/ping", tmp
+        )
+        servers["proxy"] = Server(
+            "proxy", proxy_argv, proxy_port, "/health", tmp, env={"COST_TRACKING_FILE": str(log_path), "PYTHONUNBUFFERED": "1"}
+        )
         pids = {k: s.pid for k, s in servers.items()}
 
         conn = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -539,33 +628,40 @@ async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[st
             # 2. Time to first byte of a stream (mock pauses gap_ms after its first event).
             print(f"ttfb: {P['ttfb_calls']} sequential streams per target, {P['gap_ms']} ms gap after first event", flush=True)
             with LoadMeter(pids) as m:
-                tt = await interleaved(session, targets, P["ttfb_calls"], budget,
-                                       lambda s, t: call_stream(s, t, gap_ms=P["gap_ms"]))
+                tt = await interleaved(session, targets, P["ttfb_calls"], budget, lambda s, t: call_stream(s, t, gap_ms=P["gap_ms"]))
             background["ttfb"] = m.other_cores
             results["ttfb"] = {k: summary_ms([x[0] for x in v]) for k, v in tt.items()}
             results["stream_total"] = {k: summary_ms([x[1] for x in v]) for k, v in tt.items()}
 
             # 3. Throughput at 32 concurrent callers.
-            print(f"throughput: {P['rps_rounds']} round(s) x {P['rps_calls']} JSON calls per target at "
-                  f"{CONCURRENCY} concurrent callers", flush=True)
+            print(
+                f"throughput: {P['rps_rounds']} round(s) x {P['rps_calls']} JSON calls per target at {CONCURRENCY} concurrent callers",
+                flush=True,
+            )
             for t in targets:
                 await concurrent(session, t, P["rps_warmup"], CONCURRENCY, budget, False, pids)
             rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
             for r in range(P["rps_rounds"]):
-                for t in targets[r % 3:] + targets[:r % 3]:
+                for t in targets[r % 3 :] + targets[: r % 3]:
                     res = await concurrent(session, t, P["rps_calls"], CONCURRENCY, budget, False, pids)
                     rounds[t.name].append(res)
-                    print(f"    round {r + 1} {t.name:6s} {res['rps']:8.0f} req/s  (client CPU {res['client_cpu_pct']:.0f}%, "
-                          f"other processes {res['other_cores']:.2f} cores)", flush=True)
+                    print(
+                        f"    round {r + 1} {t.name:6s} {res['rps']:8.0f} req/s  (client CPU {res['client_cpu_pct']:.0f}%, "
+                        f"other processes {res['other_cores']:.2f} cores)",
+                        flush=True,
+                    )
             results["rps"] = _rps_summary(rounds)
             # For the best rounds (the ones the headline uses).
             background["throughput"] = max(max(rs, key=lambda r: r["rps"])["other_cores"] for rs in rounds.values())
 
-            print(f"stream throughput: {P['stream_rps_rounds']} round(s) x {P['stream_rps_calls']} streamed calls per target "
-                  f"at {CONCURRENCY} concurrent callers", flush=True)
+            print(
+                f"stream throughput: {P['stream_rps_rounds']} round(s) x {P['stream_rps_calls']} streamed calls per target "
+                f"at {CONCURRENCY} concurrent callers",
+                flush=True,
+            )
             srounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
             for r in range(P["stream_rps_rounds"]):
-                for t in targets[r % 3:] + targets[:r % 3]:
+                for t in targets[r % 3 :] + targets[: r % 3]:
                     srounds[t.name].append(await concurrent(session, t, P["stream_rps_calls"], CONCURRENCY, budget, True, pids))
             results["stream_rps"] = _rps_summary(srounds)
             background["stream_throughput"] = max(max(rs, key=lambda r: r["rps"])["other_cores"] for rs in srounds.values())
@@ -604,14 +700,17 @@ async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[st
                 nbytes = proxy_big[0][1]
                 big_timing["proxy"] = {"seconds": secs, "bytes": nbytes, "MB_per_s": nbytes / secs / 1e6}
             results["memory"] = {
-                "stream_mb": P["big_mb"], "streams": len(proxy_big),
-                "rss_before_mb": before / 1024, "rss_after_mb": st1.get("VmRSS", 0) / 1024,
+                "stream_mb": P["big_mb"],
+                "streams": len(proxy_big),
+                "rss_before_mb": before / 1024,
+                "rss_after_mb": st1.get("VmRSS", 0) / 1024,
                 "rss_after_each_mb": [x / 1024 for x in after_each],
                 "peak_during_mb": peak[0] / 1024,
                 "growth_mb": (st1.get("VmRSS", 0) - before) / 1024,
                 "peak_growth_mb": (peak[0] - before) / 1024,
                 "growth_after_first_mb": ((st1.get("VmRSS", 0) - after_each[0]) / 1024) if after_each else None,
-                "hwm_before_mb": st0.get("VmHWM", 0) / 1024, "hwm_after_mb": st1.get("VmHWM", 0) / 1024,
+                "hwm_before_mb": st0.get("VmHWM", 0) / 1024,
+                "hwm_after_mb": st1.get("VmHWM", 0) / 1024,
                 "bare_growth_mb": (proc_status(pids["bare"]).get("VmRSS", 0) - rss_bare_before) / 1024,
                 "big_stream_timing": big_timing,
             }
@@ -647,8 +746,7 @@ def _rps_summary(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "client_cpu_pct": best["client_cpu_pct"],
             # CPU per call of each server process, least-contended round.
             "server_cpu_us_per_call": {
-                k: min(1e6 * r["server_cpu_s"][k] / r["calls"] for r in rs if r["calls"])
-                for k in rs[0]["server_cpu_s"]
+                k: min(1e6 * r["server_cpu_s"][k] / r["calls"] for r in rs if r["calls"]) for k in rs[0]["server_cpu_s"]
             },
         }
     for tag, key in (("", "rps_best"), ("_median", "rps_median")):
@@ -658,8 +756,9 @@ def _rps_summary(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out[f"ratio_bare_direct{tag}"] = b / d if d else None
     # Paired: proxy vs bare within the same round (seconds apart, so under much the same
     # background load); median over rounds, quiet rounds only when there are 3 or more.
-    pairs = [(pr["rps"] / br["rps"], max(pr["other_cores"], br["other_cores"]))
-             for pr, br in zip(rounds["proxy"], rounds["bare"]) if br["rps"]]
+    pairs = [
+        (pr["rps"] / br["rps"], max(pr["other_cores"], br["other_cores"])) for pr, br in zip(rounds["proxy"], rounds["bare"]) if br["rps"]
+    ]
     quiet = [x for x, o in pairs if o < QUIET_CORES]
     use = quiet if len(quiet) >= 3 else [x for x, _ in pairs]
     out["paired_ratio_proxy_bare"] = statistics.median(use) if use else None
@@ -690,14 +789,24 @@ def check_log(path: Path, expected: int) -> dict[str, Any]:
         priced += rec.get("total_cost") is not None
         with_usage += rec.get("input_tokens") is not None
         errors += rec.get("error") is not None
-    return {"lines": len(lines), "expected": expected, "ok": len(lines) == expected and bad == 0,
-            "unparseable": bad, "statuses": {str(k): v for k, v in statuses.items()}, "streaming": streaming,
-            "priced": priced, "with_usage": with_usage, "with_error": errors, "sample": sample}
+    return {
+        "lines": len(lines),
+        "expected": expected,
+        "ok": len(lines) == expected and bad == 0,
+        "unparseable": bad,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "streaming": streaming,
+        "priced": priced,
+        "with_usage": with_usage,
+        "with_error": errors,
+        "sample": sample,
+    }
 
 
 def profile_top(path: Path, n: int = 30) -> str:
     import io
     import pstats
+
     buf = io.StringIO()
     st = pstats.Stats(str(path), stream=buf)
     st.strip_dirs().sort_stats("tottime").print_stats(n)
@@ -706,13 +815,16 @@ def profile_top(path: Path, n: int = 30) -> str:
 
 # --------------------------------------------------------------------------- report
 
+
 def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
     L, T, RPS, SRPS, M = R["latency"], R["ttfb"], R["rps"], R["stream_rps"], R["memory"]
     w = print
     mode = "quick" if quick else "full"
     w("")
-    w(f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-      f"aiohttp {aiohttp.__version__}, event loop {event_loop_name()})")
+    w(
+        f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"aiohttp {aiohttp.__version__}, event loop {event_loop_name()})"
+    )
     w(f"proxy code: commit {_git_head()}{' + uncommitted changes under proxy/' if _proxy_dirty() else ''}")
     w("=" * 92)
     w(f"{'Latency, non-streaming (sequential)':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'bare-dir':>9s} {'proxy-dir':>9s}")
@@ -724,59 +836,87 @@ def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
         d, b, p = T["direct"][key], T["bare"][key], T["proxy"][key]
         w(f"  {label:38s} {d:10.3f} {b:10.3f} {p:10.3f} {b - d:+9.3f} {p - d:+9.3f}")
     w(f"{'Throughput, 32 concurrent callers':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'p/bare':>9s} {'p/direct':>9s}")
-    w(f"  {'JSON req/s (best round)':38s} {RPS['direct']['rps_best']:10.0f} {RPS['bare']['rps_best']:10.0f} "
-      f"{RPS['proxy']['rps_best']:10.0f} {RPS['ratio_proxy_bare']:9.2f}x {RPS['ratio_proxy_direct']:8.2f}x")
-    w(f"  {'JSON req/s (median of rounds)':38s} {RPS['direct']['rps_median']:10.0f} {RPS['bare']['rps_median']:10.0f} "
-      f"{RPS['proxy']['rps_median']:10.0f} {RPS['ratio_proxy_bare_median']:9.2f}x {RPS['ratio_proxy_direct_median']:8.2f}x")
-    w(f"  {'proxy/bare paired by round (median)':38s} {'':32s} {RPS['paired_ratio_proxy_bare']:9.2f}x   "
-      f"({RPS['paired_used']}, {RPS['paired_quiet_rounds']}/{len(RPS['paired_ratios'])} quiet)")
-    w(f"  {'  forwarder CPU us/call':38s} {'':10s} {RPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
-      f"{RPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {RPS['cpu_ratio_proxy_bare']:9.2f}x")
+    w(
+        f"  {'JSON req/s (best round)':38s} {RPS['direct']['rps_best']:10.0f} {RPS['bare']['rps_best']:10.0f} "
+        f"{RPS['proxy']['rps_best']:10.0f} {RPS['ratio_proxy_bare']:9.2f}x {RPS['ratio_proxy_direct']:8.2f}x"
+    )
+    w(
+        f"  {'JSON req/s (median of rounds)':38s} {RPS['direct']['rps_median']:10.0f} {RPS['bare']['rps_median']:10.0f} "
+        f"{RPS['proxy']['rps_median']:10.0f} {RPS['ratio_proxy_bare_median']:9.2f}x {RPS['ratio_proxy_direct_median']:8.2f}x"
+    )
+    w(
+        f"  {'proxy/bare paired by round (median)':38s} {'':32s} {RPS['paired_ratio_proxy_bare']:9.2f}x   "
+        f"({RPS['paired_used']}, {RPS['paired_quiet_rounds']}/{len(RPS['paired_ratios'])} quiet)"
+    )
+    w(
+        f"  {'  forwarder CPU us/call':38s} {'':10s} {RPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
+        f"{RPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {RPS['cpu_ratio_proxy_bare']:9.2f}x"
+    )
     w(f"  {'  mock CPU us/call':38s} " + " ".join(f"{RPS[k]['server_cpu_us_per_call']['mock']:10.0f}" for k in ("direct", "bare", "proxy")))
     w(f"  {'  client CPU % of one core':38s} " + " ".join(f"{RPS[k]['client_cpu_pct']:10.0f}" for k in ("direct", "bare", "proxy")))
-    w(f"  {'SSE stream req/s (info, best round)':38s} {SRPS['direct']['rps_best']:10.0f} {SRPS['bare']['rps_best']:10.0f} "
-      f"{SRPS['proxy']['rps_best']:10.0f} {SRPS['ratio_proxy_bare']:9.2f}x {SRPS['ratio_proxy_direct']:8.2f}x")
-    w(f"  {'  forwarder CPU us/stream':38s} {'':10s} {SRPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
-      f"{SRPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {SRPS['cpu_ratio_proxy_bare']:9.2f}x")
+    w(
+        f"  {'SSE stream req/s (info, best round)':38s} {SRPS['direct']['rps_best']:10.0f} {SRPS['bare']['rps_best']:10.0f} "
+        f"{SRPS['proxy']['rps_best']:10.0f} {SRPS['ratio_proxy_bare']:9.2f}x {SRPS['ratio_proxy_direct']:8.2f}x"
+    )
+    w(
+        f"  {'  forwarder CPU us/stream':38s} {'':10s} {SRPS['bare']['server_cpu_us_per_call']['bare']:10.0f} "
+        f"{SRPS['proxy']['server_cpu_us_per_call']['proxy']:10.0f} {SRPS['cpu_ratio_proxy_bare']:9.2f}x"
+    )
     bt = M["big_stream_timing"]
     big_label = f"{M['stream_mb']} MB SSE stream, MB/s (info)"
-    w(f"  {big_label:38s} " + " ".join(
-        f"{bt[k]['MB_per_s']:10.0f}" if k in bt else f"{'-':>10s}" for k in ("direct", "bare", "proxy")))
+    w(f"  {big_label:38s} " + " ".join(f"{bt[k]['MB_per_s']:10.0f}" if k in bt else f"{'-':>10s}" for k in ("direct", "bare", "proxy")))
     w(f"{'Proxy memory (VmRSS)':40s}")
-    w(f"  {'before / after / peak MB':38s} {M['rss_before_mb']:.1f} / {M['rss_after_mb']:.1f} / {M['peak_during_mb']:.1f}"
-      f"   ({M['streams']} x {M['stream_mb']} MB streamed)")
-    w(f"  {'growth: retained / peak / after 1st MB':38s} {M['growth_mb']:+.2f} / {M['peak_growth_mb']:+.2f} / "
-      f"{M['growth_after_first_mb']:+.2f}   (bare forwarder: {M['bare_growth_mb']:+.2f})")
+    w(
+        f"  {'before / after / peak MB':38s} {M['rss_before_mb']:.1f} / {M['rss_after_mb']:.1f} / {M['peak_during_mb']:.1f}"
+        f"   ({M['streams']} x {M['stream_mb']} MB streamed)"
+    )
+    w(
+        f"  {'growth: retained / peak / after 1st MB':38s} {M['growth_mb']:+.2f} / {M['peak_growth_mb']:+.2f} / "
+        f"{M['growth_after_first_mb']:+.2f}   (bare forwarder: {M['bare_growth_mb']:+.2f})"
+    )
     w(f"  {'RSS after each stream MB':38s} " + ", ".join(f"{x:.1f}" for x in M["rss_after_each_mb"]))
     lc = R["log_check"]
     w(f"{'Proxy log sanity':40s}")
-    w(f"  lines {lc['lines']} / calls {lc['expected']}: {'OK' if lc['ok'] else 'MISMATCH'}; statuses {lc['statuses']}, "
-      f"streaming {lc['streaming']}, with usage {lc['with_usage']}, priced {lc['priced']}, with error {lc['with_error']}")
+    w(
+        f"  lines {lc['lines']} / calls {lc['expected']}: {'OK' if lc['ok'] else 'MISMATCH'}; statuses {lc['statuses']}, "
+        f"streaming {lc['streaming']}, with usage {lc['with_usage']}, priced {lc['priced']}, with error {lc['with_error']}"
+    )
     errs = {k: v["count"] for k, v in R["errors"].items()}
     w(f"  client-side errors: {errs}")
 
     goals = {
-        "rps_proxy_ge_0.8x_bare": {"value": RPS["paired_ratio_proxy_bare"], "target": GOAL_RPS_RATIO,
-                                   "best_rounds": RPS["ratio_proxy_bare"], "medians": RPS["ratio_proxy_bare_median"],
-                                   "met": RPS["paired_ratio_proxy_bare"] >= GOAL_RPS_RATIO},
-        "rss_flat": {"value_mb": M["growth_after_first_mb"], "limit_mb": GOAL_RSS_GROWTH_FRACTION * M["stream_mb"],
-                     "growth_mb": M["growth_mb"], "peak_growth_mb": M["peak_growth_mb"],
-                     "met": M["growth_after_first_mb"] < GOAL_RSS_GROWTH_FRACTION * M["stream_mb"]
-                     and max(M["growth_mb"], M["peak_growth_mb"]) < M["stream_mb"]},
+        "rps_proxy_ge_0.8x_bare": {
+            "value": RPS["paired_ratio_proxy_bare"],
+            "target": GOAL_RPS_RATIO,
+            "best_rounds": RPS["ratio_proxy_bare"],
+            "medians": RPS["ratio_proxy_bare_median"],
+            "met": RPS["paired_ratio_proxy_bare"] >= GOAL_RPS_RATIO,
+        },
+        "rss_flat": {
+            "value_mb": M["growth_after_first_mb"],
+            "limit_mb": GOAL_RSS_GROWTH_FRACTION * M["stream_mb"],
+            "growth_mb": M["growth_mb"],
+            "peak_growth_mb": M["peak_growth_mb"],
+            "met": M["growth_after_first_mb"] < GOAL_RSS_GROWTH_FRACTION * M["stream_mb"]
+            and max(M["growth_mb"], M["peak_growth_mb"]) < M["stream_mb"],
+        },
         "log_one_line_per_call": {"met": lc["ok"]},
         "no_client_errors": {"met": not any(errs.values())},
     }
     w("Goals")
-    w(f"  proxy req/s >= {GOAL_RPS_RATIO}x bare (paired by round): {RPS['paired_ratio_proxy_bare']:.2f}x  -> "
-      f"{'MET' if goals['rps_proxy_ge_0.8x_bare']['met'] else 'MISSED'}   "
-      f"(best rounds {RPS['ratio_proxy_bare']:.2f}x, medians {RPS['ratio_proxy_bare_median']:.2f}x)")
-    w(f"  RSS flat per stream (after the 1st < {GOAL_RSS_GROWTH_FRACTION * M['stream_mb']:.0f} MB, any < {M['stream_mb']:.0f} MB): "
-      f"{M['growth_after_first_mb']:+.2f} MB after the 1st; {M['growth_mb']:+.2f} retained / {M['peak_growth_mb']:+.2f} peak in all"
-      f" -> {'MET' if goals['rss_flat']['met'] else 'MISSED'}")
+    w(
+        f"  proxy req/s >= {GOAL_RPS_RATIO}x bare (paired by round): {RPS['paired_ratio_proxy_bare']:.2f}x  -> "
+        f"{'MET' if goals['rps_proxy_ge_0.8x_bare']['met'] else 'MISSED'}   "
+        f"(best rounds {RPS['ratio_proxy_bare']:.2f}x, medians {RPS['ratio_proxy_bare_median']:.2f}x)"
+    )
+    w(
+        f"  RSS flat per stream (after the 1st < {GOAL_RSS_GROWTH_FRACTION * M['stream_mb']:.0f} MB, any < {M['stream_mb']:.0f} MB): "
+        f"{M['growth_after_first_mb']:+.2f} MB after the 1st; {M['growth_mb']:+.2f} retained / {M['peak_growth_mb']:+.2f} peak in all"
+        f" -> {'MET' if goals['rss_flat']['met'] else 'MISSED'}"
+    )
     w(f"  one log line per proxied call: {'MET' if lc['ok'] else 'MISSED'}")
     bg = R.get("background_cores", {})
-    w("background load from other processes (cores, max per phase): "
-      + ", ".join(f"{k} {v:.2f}" for k, v in bg.items()))
+    w("background load from other processes (cores, max per phase): " + ", ".join(f"{k} {v:.2f}" for k, v in bg.items()))
     if any(v > QUIET_CORES for v in bg.values()):
         w("  WARNING: other processes used the CPUs during the run; ratios are noisier than usual")
     w(f"measured in {R['elapsed_measure_s']:.1f} s")
@@ -812,9 +952,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     R["goals"] = goals
     R["meta"] = {
-        "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": _git_head(), "proxy_tree_dirty": _proxy_dirty(), "profiled": args.profile,
+        "mode": "quick" if args.quick else "full",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": _git_head(),
+        "proxy_tree_dirty": _proxy_dirty(),
+        "profiled": args.profile,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -830,8 +975,7 @@ def main(argv: list[str] | None = None) -> int:
 def _proxy_dirty() -> bool | None:
     """Uncommitted changes under proxy/ (the numbers then describe the working tree)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=5).stdout
+        out = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.strip())
@@ -839,8 +983,10 @@ def _proxy_dirty() -> bool | None:
 
 def _git_head() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -88,7 +88,9 @@ class Proxy:
         self.stderr = tmp / f"proxy-{self.port}.stderr"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(self.port), "--log-file", str(log)],
-            cwd=bp.ROOT, stdout=subprocess.DEVNULL, stderr=open(self.stderr, "wb"),
+            cwd=bp.ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.stderr, "wb"),
             env={**os.environ, "COST_TRACKING_FALLBACK": str(fallback)},
         )
         self.url = f"http://{bp.HOST}:{self.port}/openai"
@@ -202,8 +204,9 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         mock_port = bp.free_port()
-        mock = bp.Server("mock", [sys.executable, str(Path(bp.__file__).resolve()), "--serve", "mock", "--port",
-                                  str(mock_port)], mock_port, "/ping", tmp)
+        mock = bp.Server(
+            "mock", [sys.executable, str(Path(bp.__file__).resolve()), "--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp
+        )
         try:
             async with aiohttp.ClientSession() as s:
                 await mock.wait_ready(s)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from datetime import datetime, time, timezone
 from decimal import Decimal
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .pricing import ModelPrice, PriceBook, PricePeriod, RateCard, Rates, Tier, name_candidates, normalize_model
-
-if TYPE_CHECKING:
-    from .config import Config
+from proxy.pricing import ModelPrice, PricePeriod, RateCard, Rates, Tier
 
 log = logging.getLogger("proxy")
 
@@ -35,21 +33,6 @@ _KEYS = {
     "cache_write_1h_mtok": "cache_write_1h",
     "web_searches_kcount": "web_search",
 }
-
-
-def pricebook_for(config: "Config") -> PriceBook:
-    """The prices a configuration resolves to: config.yml first, then the catalog."""
-    catalog = None
-    if config.catalog:
-        try:
-            catalog = Catalog()
-        except ImportError:
-            log.warning("genai-prices is not installed: models missing from %s stay unpriced", config.path)
-    return PriceBook(
-        {name: p.models for name, p in config.providers.items()},
-        {"*": config.aliases, **{name: p.aliases for name, p in config.providers.items()}},
-        fallback=catalog,
-    )
 
 
 @lru_cache(maxsize=1)
@@ -83,33 +66,6 @@ def context_window(provider: str, model: str, family: str | None = None) -> int 
         return None
     window = getattr(info, "context_window", None)
     return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
-
-
-def model_output_limit(config: "Config", provider: str, family: str | None, model: str | None, input_tokens: int) -> int | None:
-    """The most output one choice of a call without an output cap can produce, for
-    reserving against budgets; None when unknown (the caller then uses
-    ``budgets.default_max_output_tokens``).
-
-    ``providers.<provider>.models.<model>.max_output_tokens`` in config.yml wins; else
-    what the catalog's context window leaves after ``input_tokens`` (the estimate), as
-    the output cannot outgrow the window. Names resolve as prices do (aliases, dated
-    snapshots). ``catalog.enabled: false`` keeps the catalog out of this too."""
-    if not model:
-        return None
-    prov = config.providers.get(provider)
-    aliases = {normalize_model(k): v for k, v in {**config.aliases, **(prov.aliases if prov is not None else {})}.items()}
-    candidates = name_candidates(model, aliases)
-    if prov is not None and prov.max_output:
-        for cand in candidates:
-            if cand in prov.max_output:
-                return prov.max_output[cand]
-    if not config.catalog:
-        return None
-    for cand in candidates:
-        window = context_window(provider, cand, family)
-        if window is not None:
-            return max(0, window - max(0, input_tokens))
-    return None
 
 
 def catalog_version() -> str | None:
@@ -160,8 +116,6 @@ def _rates(price: Any, at: int | None, inherit: Rates | None) -> Rates | None:
             v = chosen
         values[ours] = v
     if inherit is not None:
-        from dataclasses import replace
-
         return replace(inherit, **values)
     if "input" not in values:
         return None

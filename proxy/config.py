@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from .pricing import ModelPrice, PriceSpecError, normalize_model, parse_model_price
-from .providers import ADAPTERS
+from proxy.budgets import SCOPES, BudgetsConfig, Limit
+from proxy.catalog import Catalog, context_window
+from proxy.core.attribution import TAG_NAME
+from proxy.core.money import usd_to_units
+from proxy.core.periods import PERIODS
+from proxy.errors import ConfigError
+from proxy.keys import _HEX64, KEY_PREFIX, AuthConfig
+from proxy.pricing import ModelPrice, PriceBook, PriceSpecError, name_candidates, normalize_model, parse_model_price
+from proxy.providers import ADAPTERS
 
+log = logging.getLogger("proxy")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(Exception):
-    def __init__(self, path: str | os.PathLike[str], key: str, reason: str) -> None:
-        self.path, self.key, self.reason = str(path), key, reason
-        where = f"{self.path}: {key}" if key else str(self.path)
-        super().__init__(f"{where}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,21 +89,29 @@ def _number(value: Any, path: str, key: str, default: float) -> float:
     return float(value)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def read_yaml(path: str | os.PathLike[str], *, missing: Any = FileNotFoundError) -> Any:
+    """A YAML file's data (None when empty). A missing file raises ConfigError unless
+    ``missing`` gives the value to return; bad YAML names the line and column, on one line."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(p, "", "file not found") from None
+        if missing is FileNotFoundError:
+            raise ConfigError(p, "", "file not found") from None
+        return missing
     except OSError as e:
         raise ConfigError(p, "", f"cannot read: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(p, "", f"not valid YAML: {at}{getattr(e, 'problem', None) or e}") from None
-    return parse_config(data if data is not None else {}, str(p))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    data = read_yaml(path)
+    return parse_config(data if data is not None else {}, str(Path(path)))
 
 
 def parse_config(data: Any, path: str = "config.yml") -> Config:
@@ -118,19 +129,17 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
     raw_providers = _mapping(root.get("providers"), path, "providers")
     if not raw_providers:
         raise ConfigError(path, "providers", "no providers configured")
-    providers = {
-        str(name): _provider(str(name), spec, path) for name, spec in raw_providers.items()
-    }
-
-    from .budgets import parse_budgets
-    from .keys import parse_auth
+    providers = {str(name): _provider(str(name), spec, path) for name, spec in raw_providers.items()}
 
     auth = parse_auth(root.get("auth"), path)
     if auth is not None:
         for pname, prov in providers.items():
             if not prov.api_key:
-                raise ConfigError(path, f"providers.{pname}.api_key",
-                                  "required with auth: clients present proxy keys, and the proxy sends this key upstream")
+                raise ConfigError(
+                    path,
+                    f"providers.{pname}.api_key",
+                    "required with auth: clients present proxy keys, and the proxy sends this key upstream",
+                )
     budgets = parse_budgets(root.get("budgets"), path, enabled)
 
     server = _mapping(root.get("server"), path, "server")
@@ -191,12 +200,19 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
         if "max_output_tokens" in mspec:
             limit = mspec["max_output_tokens"]
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise ConfigError(path, f"{mkey}.max_output_tokens",
-                                  f"expected a whole number of tokens (the model's output limit, e.g. 16384), got {limit!r}")
+                raise ConfigError(
+                    path,
+                    f"{mkey}.max_output_tokens",
+                    f"expected a whole number of tokens (the model's output limit, e.g. 16384), got {limit!r}",
+                )
             max_output[normalize_model(str(model))] = limit
         elif "pricing" not in mspec:
-            raise ConfigError(path, f"{mkey}.pricing", "missing: give {input: …, output: …} in USD per 1M tokens "
-                              "(an entry may instead set only max_output_tokens, leaving the price to the catalog)")
+            raise ConfigError(
+                path,
+                f"{mkey}.pricing",
+                "missing: give {input: …, output: …} in USD per 1M tokens "
+                "(an entry may instead set only max_output_tokens, leaving the price to the catalog)",
+            )
         # Without pricing, an entry only sets the output limit: the price comes from the
         # catalog (or the model stays unpriced).
         if "pricing" in mspec:
@@ -213,3 +229,173 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
         aliases=_aliases(spec.get("aliases"), path, f"{key}.aliases"),
         max_output=max_output,
     )
+
+
+_LIMIT_KEYS = {"scope", "period", "usd", "match", "tag"}
+
+
+_BUDGET_KEYS = {"timezone", "warn_at", "webhook", "override", "default_max_output_tokens", "allow_unpriced", "limits"}
+
+
+def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsConfig | None:
+    """The ``budgets:`` section of config.yml; None when absent."""
+
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, "budgets", f"expected a mapping, got {type(value).__name__}")
+    for k in value:
+        if k not in _BUDGET_KEYS:
+            raise ConfigError(path, f"budgets.{k}", f"unknown setting; known: {', '.join(sorted(_BUDGET_KEYS))}")
+    if not cost_tracking:
+        raise ConfigError(path, "budgets", "budgets need features.cost_tracking.enabled: spend is counted from the records")
+    tz = value.get("timezone", "UTC")
+    if not isinstance(tz, str):
+        raise ConfigError(path, "budgets.timezone", f"expected a zone name such as UTC or Europe/Berlin, got {tz!r}")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(path, "budgets.timezone", f"unknown time zone {tz!r} (IANA names such as UTC, Europe/Berlin)") from None
+    warn_at = value.get("warn_at", 0.8)
+    if isinstance(warn_at, bool) or not isinstance(warn_at, (int, float)) or not 0 < warn_at <= 1:
+        raise ConfigError(path, "budgets.warn_at", f"expected a fraction of the limit in (0, 1], e.g. 0.8; got {warn_at!r}")
+    webhook = value.get("webhook")
+    if webhook is not None:
+        parts = urlsplit(webhook) if isinstance(webhook, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(path, "budgets.webhook", f"expected an http(s) URL, got {webhook!r}")
+    override = value.get("override", False)
+    if not isinstance(override, bool):
+        raise ConfigError(path, "budgets.override", f"expected true or false, got {override!r}")
+    cap = value.get("default_max_output_tokens", 4096)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ConfigError(path, "budgets.default_max_output_tokens", f"expected a whole number of tokens, got {cap!r}")
+    allow_unpriced = value.get("allow_unpriced", False)
+    if not isinstance(allow_unpriced, bool):
+        raise ConfigError(path, "budgets.allow_unpriced", f"expected true or false, got {allow_unpriced!r}")
+    raw_limits = value.get("limits") or []
+    if not isinstance(raw_limits, list):
+        raise ConfigError(path, "budgets.limits", f"expected a list of limits, got {type(raw_limits).__name__}")
+    limits = [_parse_limit(spec, path, f"budgets.limits[{i}]") for i, spec in enumerate(raw_limits)]
+    return BudgetsConfig(tuple(limits), tz, float(warn_at), webhook, override, cap, allow_unpriced)
+
+
+def _parse_limit(spec: Any, path: str, key: str) -> Limit:
+
+    if not isinstance(spec, Mapping):
+        raise ConfigError(path, key, "expected a mapping such as {scope: user, period: daily, usd: 5}")
+    for k in spec:
+        if k not in _LIMIT_KEYS:
+            raise ConfigError(path, f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(_LIMIT_KEYS))}")
+    scope = spec.get("scope")
+    if scope not in SCOPES:
+        raise ConfigError(path, f"{key}.scope", f"expected one of {', '.join(SCOPES)}; got {scope!r}")
+    period = spec.get("period")
+    if period is None and scope != "session":
+        raise ConfigError(path, f"{key}.period", f"required: one of {', '.join(PERIODS)}")
+    if period is not None and period not in PERIODS:
+        raise ConfigError(path, f"{key}.period", f"expected one of {', '.join(PERIODS)}; got {period!r}")
+    if "usd" not in spec:
+        raise ConfigError(path, f"{key}.usd", "required: the limit in US dollars")
+    try:
+        units = usd_to_units(spec["usd"])
+    except ValueError as e:
+        raise ConfigError(path, f"{key}.usd", str(e)) from None
+    match = spec.get("match")
+    if match is not None:
+        if scope == "global":
+            raise ConfigError(path, f"{key}.match", "a global limit applies to everything; remove match")
+        if not isinstance(match, (str, int)) or isinstance(match, bool) or str(match) == "":
+            raise ConfigError(path, f"{key}.match", f"expected a value such as a user id, got {match!r}")
+        match = str(match)
+    tag = spec.get("tag")
+    if scope == "tag":
+        if not isinstance(tag, str) or not TAG_NAME.fullmatch(tag):
+            raise ConfigError(path, f"{key}.tag", "required for scope tag: the tag name ([a-z0-9_-], e.g. feature)")
+    elif tag is not None:
+        raise ConfigError(path, f"{key}.tag", "only for scope tag")
+    return Limit(scope, period, units, match, tag)
+
+
+def load_sections(config_path: str) -> tuple[Any, Any]:
+    """(auth, budgets) sections of config.yml, validated, without needing provider keys."""
+
+    data = read_yaml(config_path) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(config_path, "", "expected a mapping")
+    return parse_auth(data.get("auth"), config_path), parse_budgets(data.get("budgets"), config_path)
+
+
+_AUTH_KEYS = {"keys_file", "admin_keys"}
+
+
+def parse_auth(value: Any, path: str) -> AuthConfig | None:
+    """The ``auth:`` section; None when absent (clients' own keys pass through)."""
+
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, "auth", f"expected a mapping, got {type(value).__name__}")
+    for k in value:
+        if k not in _AUTH_KEYS:
+            raise ConfigError(path, f"auth.{k}", f"unknown setting; known: {', '.join(sorted(_AUTH_KEYS))}")
+    keys_file = value.get("keys_file", "keys.yml")
+    if not isinstance(keys_file, str) or not keys_file:
+        raise ConfigError(path, "auth.keys_file", f"expected a file name such as keys.yml, got {keys_file!r}")
+    kf = Path(keys_file)
+    if not kf.is_absolute():
+        kf = Path(path).parent / kf
+    admins = value.get("admin_keys") or []
+    if not isinstance(admins, list):
+        raise ConfigError(path, "auth.admin_keys", 'expected a list of "sha256:<hex>" hashes (from `python -m proxy keys create --admin`)')
+    hashes = set()
+    for i, h in enumerate(admins):
+        text = h[7:] if isinstance(h, str) and h.startswith("sha256:") else None
+        if text is None or not _HEX64.fullmatch(text):
+            is_key = isinstance(h, str) and h.startswith(KEY_PREFIX)
+            shown = "a key, not its hash: never put a key in config.yml" if is_key else repr(h)[:20]
+            raise ConfigError(path, f"auth.admin_keys[{i}]", f'expected "sha256:" and 64 lower-case hex digits, got {shown}')
+        hashes.add(text)
+    return AuthConfig(kf, frozenset(hashes))
+
+
+def pricebook_for(config: Config) -> PriceBook:
+    """The prices a configuration resolves to: config.yml first, then the catalog."""
+    catalog = None
+    if config.catalog:
+        try:
+            catalog = Catalog()
+        except ImportError:
+            log.warning("genai-prices is not installed: models missing from %s stay unpriced", config.path)
+    return PriceBook(
+        {name: p.models for name, p in config.providers.items()},
+        {"*": config.aliases, **{name: p.aliases for name, p in config.providers.items()}},
+        fallback=catalog,
+    )
+
+
+def model_output_limit(config: Config, provider: str, family: str | None, model: str | None, input_tokens: int) -> int | None:
+    """The most output one choice of a call without an output cap can produce, for
+    reserving against budgets; None when unknown (the caller then uses
+    ``budgets.default_max_output_tokens``).
+
+    ``providers.<provider>.models.<model>.max_output_tokens`` in config.yml wins; else
+    what the catalog's context window leaves after ``input_tokens`` (the estimate), as
+    the output cannot outgrow the window. Names resolve as prices do (aliases, dated
+    snapshots). ``catalog.enabled: false`` keeps the catalog out of this too."""
+    if not model:
+        return None
+    prov = config.providers.get(provider)
+    aliases = {normalize_model(k): v for k, v in {**config.aliases, **(prov.aliases if prov is not None else {})}.items()}
+    candidates = name_candidates(model, aliases)
+    if prov is not None and prov.max_output:
+        for cand in candidates:
+            if cand in prov.max_output:
+                return prov.max_output[cand]
+    if not config.catalog:
+        return None
+    for cand in candidates:
+        window = context_window(provider, cand, family)
+        if window is not None:
+            return max(0, window - max(0, input_tokens))
+    return None

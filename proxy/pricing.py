@@ -16,7 +16,8 @@ from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Mapping
 
-from .usage import Usage
+from proxy.core.money import Cost
+from proxy.core.usage import Usage
 
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1000)
@@ -100,16 +101,6 @@ FAMILY_RULES: dict[str, FamilyRules] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
-    input_cost: Decimal
-    output_cost: Decimal
-
-    @property
-    def total_cost(self) -> Decimal:
-        return self.input_cost + self.output_cost
-
-
 def _rate(explicit: Decimal | None, base: Decimal, multiple: Decimal | None) -> Decimal:
     if explicit is not None:
         return explicit
@@ -139,9 +130,7 @@ def price_variants(service_tier: str | None, speed: str | None = None) -> tuple[
     return tuple(out)
 
 
-def select_rates(
-    price: ModelPrice, usage: Usage, when: datetime, variants: Iterable[str] = ()
-) -> tuple[Rates, str | None]:
+def select_rates(price: ModelPrice, usage: Usage, when: datetime, variants: Iterable[str] = ()) -> tuple[Rates, str | None]:
     """The rates that apply to this call, and a label naming any variant or tier used."""
     period = price.period_at(when)
     card, label = period.card, None
@@ -317,9 +306,7 @@ def parse_period(spec: Any, key: str) -> PricePeriod:
         raise PriceSpecError(key, f"expected a mapping, got {type(spec).__name__}")
     unknown = set(spec) - _PERIOD_KEYS
     if unknown:
-        raise PriceSpecError(
-            f"{key}.{sorted(unknown)[0]}", f"unknown pricing key; known keys: {', '.join(sorted(_PERIOD_KEYS))}"
-        )
+        raise PriceSpecError(f"{key}.{sorted(unknown)[0]}", f"unknown pricing key; known keys: {', '.join(sorted(_PERIOD_KEYS))}")
     card = _parse_card(spec, key, inherit=None)
     service: dict[str, RateCard] = {}
     raw_service = spec.get("service_tiers") or {}

@@ -14,9 +14,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .cli import command
-from .defaults import default_log_path
-from .pricing import ModelPrice, PriceBook, RateCard, Rates, name_candidates
+import yaml
+
+from proxy.catalog import Catalog
+from proxy.cli import command
+from proxy.config import load_config, parse_config, pricebook_for
+from proxy.defaults import default_log_path
+from proxy.errors import ConfigError
+from proxy.pricing import ModelPrice, PriceBook, RateCard, Rates, name_candidates
+from proxy.reprice import _open
+from proxy.storage.logfiles import iter_jsonl
 
 _RATE_COLUMNS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "web_search")
 
@@ -52,8 +59,6 @@ def describe(price: ModelPrice, asked: str, provider: str) -> str:
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, PriceBook] | None:
-    from .catalog import pricebook_for
-    from .config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -86,8 +91,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .reprice import _open
-    from .storage.logfiles import iter_jsonl
 
     setup = _setup(args)
     if setup is None:
@@ -102,8 +105,12 @@ def _check(args: argparse.Namespace) -> int:
         for rec in iter_jsonl(f):
             if not rec.get("total_tokens"):
                 continue
-            key = (str(rec.get("provider")), str(rec.get("provider_type") or rec.get("provider")),
-                   str(rec.get("response_model") or ""), str(rec.get("model") or ""))
+            key = (
+                str(rec.get("provider")),
+                str(rec.get("provider_type") or rec.get("provider")),
+                str(rec.get("response_model") or ""),
+                str(rec.get("model") or ""),
+            )
             seen[key] += 1
     unpriced, catalog = [], []
     for (provider, family, response_model, requested), n in sorted(seen.items()):
@@ -204,8 +211,6 @@ def insert_models(text: str, provider: str, entries: list[str]) -> str:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from .catalog import Catalog
-    from .config import load_config, parse_config
 
     setup = _setup(args)
     if setup is None:
@@ -241,7 +246,6 @@ def _sync(args: argparse.Namespace) -> int:
     text = path.read_text(encoding="utf-8")
     try:
         new_text = insert_models(text, args.provider, entries)
-        import yaml
 
         parse_config(yaml.safe_load(new_text), str(path))
     except Exception as e:  # anything at all: config.yml is left untouched

@@ -16,15 +16,19 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import IO, Any, Iterable, Sequence
+from zoneinfo import ZoneInfo
 
 import orjson
 
-from .cli import command
-from .core.money import MILLION_DEC, cost_units, units_to_usd
-from .core.timestamps import canonical_ts, ts_to_datetime
-from .defaults import default_log_path
-from .engine.cube import ScanResult, time_bucket
-from .engine.insights import (
+from proxy.cli import command
+from proxy.config import load_config as load
+from proxy.config import pricebook_for
+from proxy.core.money import MILLION_DEC, cost_units, units_to_usd
+from proxy.core.text import printable
+from proxy.core.timestamps import canonical_ts, ts_to_datetime
+from proxy.defaults import default_log_path
+from proxy.engine.cube import ScanResult, time_bucket
+from proxy.engine.insights import (
     H_LONG,
     H_LONG_CACHED,
     H_LONG_IN,
@@ -38,11 +42,12 @@ from .engine.insights import (
     Projection,
     project_month,
 )
-from .engine.query import TIME_DIMS, Query, check_dim, status_matcher
-from .engine.totals import Totals
-from .storage.logfiles import log_files, order_files
-from .storage.scan import iter_selected, scan
-from .text import printable
+from proxy.engine.query import TIME_DIMS, Query, check_dim, status_matcher
+from proxy.engine.totals import Totals
+from proxy.errors import ConfigError
+from proxy.pricing import name_candidates
+from proxy.storage.logfiles import log_files, order_files
+from proxy.storage.scan import iter_selected, scan
 
 UTC = timezone.utc
 FORMATS = ("summary", "detailed", "csv", "json", "hourly", "daily", "weekly", "monthly")
@@ -55,6 +60,7 @@ class UsageError(Exception):
 
 
 # --- money and numbers ------------------------------------------------------------------
+
 
 def fmt_usd(value: Decimal, *, at_least: bool = False) -> str:
     """$12.3457 / $0.0200 / $0.000123: four decimals, more for amounts under a cent."""
@@ -86,6 +92,7 @@ def ratio(num: Decimal, den: int, scale: int = 1) -> Decimal:
 
 
 # --- time arguments ---------------------------------------------------------------------
+
 
 def parse_since(text: str) -> float | None:
     """Hours ("24", "1.5"), or with a unit: "90m", "36h", "7d", "2w"; "all": no limit."""
@@ -138,14 +145,13 @@ def get_tz(name: str | None) -> tzinfo:
         tz = datetime.now().astimezone().tzinfo
         return tz or UTC
     try:
-        from zoneinfo import ZoneInfo
-
         return ZoneInfo(name)
     except Exception:
         raise UsageError(f"--tz: unknown time zone {name!r} (use e.g. UTC, local, Europe/Berlin)") from None
 
 
 # --- the command line -------------------------------------------------------------------
+
 
 def build_parser(prog: str = "analyze_costs.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -161,29 +167,42 @@ def build_parser(prog: str = "analyze_costs.py") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("input")
-    src.add_argument("--file", "-f", action="append", metavar="PATH",
-                     help="log file, glob or directory; repeatable; rotated and .gz siblings of a file are "
-                          "included (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
+    src.add_argument(
+        "--file",
+        "-f",
+        action="append",
+        metavar="PATH",
+        help="log file, glob or directory; repeatable; rotated and .gz siblings of a file are "
+        "included (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)",
+    )
     src.add_argument("--no-rotated", action="store_true", help="read only the named files, not their rotated siblings")
     src.add_argument("--config", default="config.yml", help="config for model aliases and prices (optional; default ./config.yml)")
     src.add_argument("--jobs", "-j", type=int, default=None, help="processes for big logs (default: CPUs)")
-    src.add_argument("--no-index", action="store_true",
-                     help="neither use nor write the roll-up index beside the log (.NAME.rollup); results are the same")
+    src.add_argument(
+        "--no-index",
+        action="store_true",
+        help="neither use nor write the roll-up index beside the log (.NAME.rollup); results are the same",
+    )
 
     when = p.add_argument_group("time")
     when.add_argument("--since", metavar="HOURS", help="the last HOURS (24, 36h, 7d, 2w, all; default 24)")
     when.add_argument("--start-date", metavar="DATE", help="from this date or ISO time (inclusive)")
     when.add_argument("--end-date", metavar="DATE", help="to this date (the whole day) or ISO time (exclusive)")
-    when.add_argument("--period", choices=PERIODS,
-                      help="a calendar period: today, this week (from Monday), this month, or the previous one")
+    when.add_argument(
+        "--period", choices=PERIODS, help="a calendar period: today, this week (from Monday), this month, or the previous one"
+    )
     when.add_argument("--tz", default="UTC", help="time zone for dates, periods and buckets (default UTC; 'local' or e.g. Europe/Berlin)")
 
     out = p.add_argument_group("output")
     out.add_argument("--format", default="summary", choices=FORMATS)
     out.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
-    out.add_argument("--group-by", "-g", action="append", metavar="DIM",
-                     help="provider, model, user, endpoint, day, hour, week, month, status, key, team, tag:KEY…; "
-                          "repeatable or comma-separated")
+    out.add_argument(
+        "--group-by",
+        "-g",
+        action="append",
+        metavar="DIM",
+        help="provider, model, user, endpoint, day, hour, week, month, status, key, team, tag:KEY…; repeatable or comma-separated",
+    )
     out.add_argument("--limit", type=int, default=None, help="rows per table (summary default 10; detailed: the last N requests)")
     out.add_argument("--latency", action="store_true", help="success rate and latency p50/p95 per provider and model")
     out.add_argument("--top", type=int, default=0, metavar="N", help="the N most expensive requests")
@@ -226,8 +245,7 @@ def resolve_window(args: argparse.Namespace, tz: tzinfo, now: datetime) -> Windo
         end = parse_when(args.end_date, tz, end=True) if args.end_date else None
         if start and end and end <= start:
             raise UsageError("--end-date is before --start-date")
-        label = " to ".join(x for x in (args.start_date and f"from {args.start_date}",
-                                        args.end_date and f"through {args.end_date}") if x)
+        label = " to ".join(x for x in (args.start_date and f"from {args.start_date}", args.end_date and f"through {args.end_date}") if x)
         return Window(start, end, label, tz)
     hours = parse_since(args.since if args.since is not None else "24")
     if hours is None:
@@ -259,8 +277,6 @@ def load_config(path: str, needed: bool) -> Any:
     """The config when it exists and is valid, else None (aliases and prices are extras)."""
     if not needed or not os.path.exists(path):
         return None
-    from .config import ConfigError
-    from .config import load_config as load
 
     try:
         return load(path)
@@ -272,10 +288,6 @@ def load_config(path: str, needed: bool) -> Any:
 def pricebook(config: Any) -> Any:
     if config is None:
         return None
-    try:
-        from .catalog import pricebook_for
-    except ImportError:  # pragma: no cover - older tree
-        from .catalog import pricebook_for
     return pricebook_for(config)
 
 
@@ -305,6 +317,7 @@ def parse_tags(values: Sequence[str] | None) -> list[tuple[str, str]]:
 
 
 # --- running a report ----------------------------------------------------------------------
+
 
 @dataclass
 class Report:
@@ -377,19 +390,37 @@ def run(args: argparse.Namespace, now: datetime | None = None) -> int:
     query = Query(
         start=window.start.timestamp() if window.start else None,
         end=window.end.timestamp() if window.end else None,
-        providers=args.provider or (), models=args.model or (), aliases=aliases,
-        users=args.user or (), statuses=args.status or (), errors_only=args.errors_only, tags=tags,
-        dims=tuple(dims), tz=tz, latency=args.latency, top=args.top, pricebook=book,
-        savings=args.savings, habits=args.suggest,
+        providers=args.provider or (),
+        models=args.model or (),
+        aliases=aliases,
+        users=args.user or (),
+        statuses=args.status or (),
+        errors_only=args.errors_only,
+        tags=tags,
+        dims=tuple(dims),
+        tz=tz,
+        latency=args.latency,
+        top=args.top,
+        pricebook=book,
+        savings=args.savings,
+        habits=args.suggest,
     )
     try:
         if args.status:
             status_matcher(args.status)
     except ValueError as e:
         raise UsageError(f"--status: {e}") from None
-    filters = {k: v for k, v in (("provider", args.provider), ("model", args.model), ("user", args.user),
-                                  ("status", args.status), ("tag", [f"{k}={v}" for k, v in tags]))
-               if v}
+    filters = {
+        k: v
+        for k, v in (
+            ("provider", args.provider),
+            ("model", args.model),
+            ("user", args.user),
+            ("status", args.status),
+            ("tag", [f"{k}={v}" for k, v in tags]),
+        )
+        if v
+    }
     if args.errors_only:
         filters["errors_only"] = True
 
@@ -444,13 +475,16 @@ def warn_bad(res: ScanResult) -> None:
         print(f"warning: skipped {res.bad_lines:,} corrupt or incomplete line{s}", file=sys.stderr)
     if res.duplicate_lines:
         s = "s" if res.duplicate_lines != 1 else ""
-        print(f"warning: skipped {res.duplicate_lines:,} duplicate line{s} (a call written twice by a retried "
-              "write; counted once)", file=sys.stderr)
+        print(
+            f"warning: skipped {res.duplicate_lines:,} duplicate line{s} (a call written twice by a retried write; counted once)",
+            file=sys.stderr,
+        )
     for broken in dict.fromkeys(res.broken_files):
         print(f"warning: {printable(broken, 400)} (read up to the damage)", file=sys.stderr)
 
 
 # --- text tables -----------------------------------------------------------------------------
+
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool], indent: str = "  ") -> str:
     # Every cell, not only the ones known to come from records: a table is the one
@@ -497,9 +531,13 @@ def header_lines(r: Report, title: str) -> list[str]:
     extra = f" (+{len(r.files) - 1} more)" if len(r.files) > 1 else ""
     lines.append(f"Log: {printable(str(r.files[0]), 400)}{extra}")
     if r.filters:
-        lines.append("Filters: " + "  ".join(
-            printable(f"{k}={','.join(v) if isinstance(v, list) else v}", 400) if k != "errors_only" else "errors only"
-            for k, v in r.filters.items()))
+        lines.append(
+            "Filters: "
+            + "  ".join(
+                printable(f"{k}={','.join(v) if isinstance(v, list) else v}", 400) if k != "errors_only" else "errors only"
+                for k, v in r.filters.items()
+            )
+        )
     return lines
 
 
@@ -547,21 +585,43 @@ def render_summary(r: Report) -> str:
     else:
         by_provider = sorted(res.rollup(["provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
         out.append("Cost by provider")
-        out.append(table(
-            ["provider", "cost", "share", "requests", "tokens"],
-            [(k[0], fmt_usd(v.total_cost, at_least=v.incomplete), _share(v.cost_units, t.cost_units),
-              fmt_int(v.requests), fmt_int(v.tokens["total_tokens"])) for k, v in by_provider],
-            [False, True, True, True, True]))
+        out.append(
+            table(
+                ["provider", "cost", "share", "requests", "tokens"],
+                [
+                    (
+                        k[0],
+                        fmt_usd(v.total_cost, at_least=v.incomplete),
+                        _share(v.cost_units, t.cost_units),
+                        fmt_int(v.requests),
+                        fmt_int(v.tokens["total_tokens"]),
+                    )
+                    for k, v in by_provider
+                ],
+                [False, True, True, True, True],
+            )
+        )
         by_model = sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
         shown = by_model[:limit]
         more = len(by_model) - len(shown)
         out.append("Top models by cost" + (f" (top {limit} of {len(by_model)})" if more > 0 else ""))
-        out.append(table(
-            ["model", "provider", "cost", "share", "requests", "avg/request"],
-            [(k[0], k[1], fmt_usd(v.total_cost, at_least=v.incomplete), _share(v.cost_units, t.cost_units),
-              fmt_int(v.requests), fmt_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete))
-             for k, v in shown],
-            [False, False, True, True, True, True]))
+        out.append(
+            table(
+                ["model", "provider", "cost", "share", "requests", "avg/request"],
+                [
+                    (
+                        k[0],
+                        k[1],
+                        fmt_usd(v.total_cost, at_least=v.incomplete),
+                        _share(v.cost_units, t.cost_units),
+                        fmt_int(v.requests),
+                        fmt_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete),
+                    )
+                    for k, v in shown
+                ],
+                [False, False, True, True, True, True],
+            )
+        )
     out += sections_text(r, t)
     return "\n".join(out).rstrip("\n") + "\n"
 
@@ -572,9 +632,19 @@ def group_table(r: Report, dims: Sequence[str], overall: Totals, limit: int | No
         rows = rows[:limit]
     return table(
         [*dims, "requests", "errors", "tokens", "cost", "share"],
-        [(*[str(x) for x in k], fmt_int(v.requests), fmt_int(v.errors), fmt_int(v.tokens["total_tokens"]),
-          fmt_usd(v.total_cost, at_least=v.incomplete), _share(v.cost_units, overall.cost_units)) for k, v in rows],
-        [False] * len(dims) + [True] * 5)
+        [
+            (
+                *[str(x) for x in k],
+                fmt_int(v.requests),
+                fmt_int(v.errors),
+                fmt_int(v.tokens["total_tokens"]),
+                fmt_usd(v.total_cost, at_least=v.incomplete),
+                _share(v.cost_units, overall.cost_units),
+            )
+            for k, v in rows
+        ],
+        [False] * len(dims) + [True] * 5,
+    )
 
 
 def sorted_groups(r: Report, dims: Sequence[str]) -> list[tuple[tuple, Totals]]:
@@ -586,6 +656,7 @@ def sorted_groups(r: Report, dims: Sequence[str]) -> list[tuple[tuple, Totals]]:
 
 # --- extra sections ----------------------------------------------------------------------------
 
+
 def sections_text(r: Report, t: Totals) -> list[str]:
     out: list[str] = []
     a = r.args
@@ -593,20 +664,34 @@ def sections_text(r: Report, t: Totals) -> list[str]:
         out.append("Success rate and latency (ms)")
         for by in ("provider", "model"):
             stats = sorted(r.res.latency_for(by).items(), key=lambda kv: (-kv[1][0], kv[0]))
-            out.append(table(
-                [by, "requests", "success", "p50", "p95"],
-                [(name, fmt_int(n), _share(n - err, n), _ms(p50), _ms(p95)) for name, (n, err, _, p50, p95) in stats],
-                [False, True, True, True, True]))
+            out.append(
+                table(
+                    [by, "requests", "success", "p50", "p95"],
+                    [(name, fmt_int(n), _share(n - err, n), _ms(p50), _ms(p95)) for name, (n, err, _, p50, p95) in stats],
+                    [False, True, True, True, True],
+                )
+            )
     if a.top:
         top = r.res.top_requests()
         out.append(f"Most expensive requests (top {len(top)})")
-        out.append(table(
-            ["time", "provider/model", "in", "out", "cost", "user", "request_id"],
-            [(_fmt_ts(x["timestamp"], r.tz, True), f"{x['provider']}/{x['model'] or x['response_model']}",
-              fmt_int(x["input_tokens"] or 0), fmt_int(x["output_tokens"] or 0),
-              fmt_usd(Decimal(repr(x["total_cost"]))), str(x["user_id"] or "-"), str(x["request_id"] or "-"))
-             for x in top],
-            [False, False, True, True, True, False, False]))
+        out.append(
+            table(
+                ["time", "provider/model", "in", "out", "cost", "user", "request_id"],
+                [
+                    (
+                        _fmt_ts(x["timestamp"], r.tz, True),
+                        f"{x['provider']}/{x['model'] or x['response_model']}",
+                        fmt_int(x["input_tokens"] or 0),
+                        fmt_int(x["output_tokens"] or 0),
+                        fmt_usd(Decimal(repr(x["total_cost"]))),
+                        str(x["user_id"] or "-"),
+                        str(x["request_id"] or "-"),
+                    )
+                    for x in top
+                ],
+                [False, False, True, True, True, False, False],
+            )
+        )
     if a.savings:
         s = savings(r)
         out.append("Cache savings")
@@ -616,11 +701,15 @@ def sections_text(r: Report, t: Totals) -> list[str]:
                 line += f" (you paid {fmt_usd(t.total_cost)}; without the cache, about {fmt_usd(t.total_cost + s['saved'])})"
             out.append(line + ".")
             if s["unpriced_tokens"]:
-                out.append(f"  {s['unpriced_tokens']:,} cache-read tokens could not be priced"
-                           f"{' (no config found: pass --config)' if r.book is None else ''}.")
+                out.append(
+                    f"  {s['unpriced_tokens']:,} cache-read tokens could not be priced"
+                    f"{' (no config found: pass --config)' if r.book is None else ''}."
+                )
         elif s["tokens"]:
-            out.append(f"  {s['tokens']:,} tokens were read from cache, but their savings need input prices"
-                       f"{': pass --config' if r.book is None else ' the config does not have'}.")
+            out.append(
+                f"  {s['tokens']:,} tokens were read from cache, but their savings need input prices"
+                f"{': pass --config' if r.book is None else ' the config does not have'}."
+            )
         else:
             out.append("  No cache reads in this period.")
         out.append("")
@@ -634,11 +723,14 @@ def sections_text(r: Report, t: Totals) -> list[str]:
             days = p.recent_seconds / 86400
             basis = f"{days:.1f} days" if days >= 1 else f"{p.recent_seconds / 3600:.1f} hours"
             if p.month_to_date_units is not None:
-                out.append(f"  {p.month}: {fmt_usd(units_to_usd(p.month_to_date_units))} so far; at {rate}/day "
-                           f"(the last {basis}) the month ends near {fmt_usd(units_to_usd(p.projected_units))}.")
+                out.append(
+                    f"  {p.month}: {fmt_usd(units_to_usd(p.month_to_date_units))} so far; at {rate}/day "
+                    f"(the last {basis}) the month ends near {fmt_usd(units_to_usd(p.projected_units))}."
+                )
             else:
-                out.append(f"  {p.month}: at {rate}/day (the last {basis}) a full month costs about "
-                           f"{fmt_usd(units_to_usd(p.projected_units))}.")
+                out.append(
+                    f"  {p.month}: at {rate}/day (the last {basis}) a full month costs about {fmt_usd(units_to_usd(p.projected_units))}."
+                )
         out.append("")
     if a.suggest:
         tips = suggestions(r)
@@ -658,8 +750,13 @@ def savings(r: Report) -> dict[str, Any]:
     saved = sum((rate * n for rate, n in res.savings_by_rate.items()), Decimal(0)) / MILLION_DEC
     saved = saved.quantize(Decimal("1e-10"), ROUND_HALF_UP) + units_to_usd(res.savings_derived_units)
     tokens = r.res.totals().tokens["cache_read_tokens"]
-    return {"tokens": tokens, "priced_tokens": priced_tokens, "derived": res.savings_derived_units,
-            "unpriced_tokens": res.savings_unpriced_tokens, "saved": saved.normalize() if saved else Decimal(0)}
+    return {
+        "tokens": tokens,
+        "priced_tokens": priced_tokens,
+        "derived": res.savings_derived_units,
+        "unpriced_tokens": res.savings_unpriced_tokens,
+        "saved": saved.normalize() if saved else Decimal(0),
+    }
 
 
 def projection(r: Report) -> Projection | None:
@@ -683,7 +780,6 @@ def cheaper_siblings(name: str, known: Iterable[str]) -> list[str]:
 
 
 def suggestions(r: Report) -> list[str]:
-    from .pricing import name_candidates
 
     tips: list[tuple[int, str]] = []
     book = r.book
@@ -704,19 +800,30 @@ def suggestions(r: Report) -> list[str]:
                 actual = units_to_usd(h[H_SHORT_COST])
                 if est < actual:
                     saved = actual - est
-                    tips.append((int(saved * 10**10), (
-                        f"{shown}: {h[H_SHORT]:,} of {ok:,} successful calls "
-                        f"({_share(h[H_SHORT], ok)}) returned at most {SHORT_REPLY_TOKENS} tokens and cost "
-                        f"{fmt_usd(actual)}; at {printable(sib)}'s list price they would cost about {fmt_usd(est)} "
-                        f"(save ~{fmt_usd(saved)}), if it answers them well enough.")))
+                    tips.append(
+                        (
+                            int(saved * 10**10),
+                            (
+                                f"{shown}: {h[H_SHORT]:,} of {ok:,} successful calls "
+                                f"({_share(h[H_SHORT], ok)}) returned at most {SHORT_REPLY_TOKENS} tokens and cost "
+                                f"{fmt_usd(actual)}; at {printable(sib)}'s list price they would cost about {fmt_usd(est)} "
+                                f"(save ~{fmt_usd(saved)}), if it answers them well enough."
+                            ),
+                        )
+                    )
                     break
         # Long prompts that are rarely read from cache.
         if h[H_LONG] >= 20 and h[H_LONG_CACHED] * 10 < h[H_LONG_IN]:
             share = _share(h[H_LONG_CACHED], h[H_LONG_IN])
-            hint = "mark the stable prefix with cache_control" if family == "anthropic" else \
-                "keep the stable part (system prompt, tools, documents) first and identical"
-            tip = (f"{shown}: {h[H_LONG]:,} calls sent prompts of {LONG_PROMPT_TOKENS:,}+ tokens "
-                   f"but only {share} of that input came from cache; if these prompts repeat, {hint}")
+            hint = (
+                "mark the stable prefix with cache_control"
+                if family == "anthropic"
+                else "keep the stable part (system prompt, tools, documents) first and identical"
+            )
+            tip = (
+                f"{shown}: {h[H_LONG]:,} calls sent prompts of {LONG_PROMPT_TOKENS:,}+ tokens "
+                f"but only {share} of that input came from cache; if these prompts repeat, {hint}"
+            )
             weight = 0
             if book is not None:
                 price = book.resolve(provider, model, family=family)
@@ -738,6 +845,7 @@ def _base_rates(price: Any, when: datetime) -> Any:
 
 
 # --- time series -------------------------------------------------------------------------------
+
 
 def bucket_sequence(first: str, last: str, dim: str, tz: tzinfo) -> list[str]:
     """Every bucket label from the first to the last, so quiet hours show as zero."""
@@ -798,25 +906,39 @@ def render_series(r: Report, dim: str) -> str:
     body = []
     for label, v in rows:
         bar = "█" * round(v.cost_units * 30 / peak) if v.cost_units else ""
-        body.append((label, fmt_int(v.requests), fmt_int(v.errors), fmt_int(v.tokens["total_tokens"]),
-                     fmt_usd(v.total_cost, at_least=v.incomplete), bar))
-    body.append(("total", fmt_int(total.requests), fmt_int(total.errors), fmt_int(total.tokens["total_tokens"]),
-                 fmt_usd(total.total_cost, at_least=total.incomplete), ""))
-    out.append(table([dim, "requests", "errors", "tokens", "cost", ""], body,
-                     [False, True, True, True, True, False]).rstrip("\n"))
+        body.append(
+            (
+                label,
+                fmt_int(v.requests),
+                fmt_int(v.errors),
+                fmt_int(v.tokens["total_tokens"]),
+                fmt_usd(v.total_cost, at_least=v.incomplete),
+                bar,
+            )
+        )
+    body.append(
+        (
+            "total",
+            fmt_int(total.requests),
+            fmt_int(total.errors),
+            fmt_int(total.tokens["total_tokens"]),
+            fmt_usd(total.total_cost, at_least=total.incomplete),
+            "",
+        )
+    )
+    out.append(table([dim, "requests", "errors", "tokens", "cost", ""], body, [False, True, True, True, True, False]).rstrip("\n"))
     top_label, top_v = max(rows, key=lambda kv: (kv[1].cost_units, kv[0]))
     out.append("")
-    out.append(f"Peak {dim}: {top_label} at {fmt_usd(top_v.total_cost)} "
-               f"({_share(top_v.cost_units, total.cost_units)} of the total)")
+    out.append(f"Peak {dim}: {top_label} at {fmt_usd(top_v.total_cost)} ({_share(top_v.cost_units, total.cost_units)} of the total)")
     note = lower_bound_note(total)
     if note:
         out.append(f"Costs are lower bounds: {note}.")
-    out += [""] + sections_text(r, total) if any((r.args.latency, r.args.top, r.args.savings,
-                                                  r.args.projection, r.args.suggest)) else []
+    out += [""] + sections_text(r, total) if any((r.args.latency, r.args.top, r.args.savings, r.args.projection, r.args.suggest)) else []
     return "\n".join(out).rstrip("\n") + "\n"
 
 
 # --- per request ---------------------------------------------------------------------------------
+
 
 def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -> None:
     """One line per request, streamed (``--limit N``: the last N)."""
@@ -841,10 +963,12 @@ def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -
         status = printable(str(rec.get("status")), 20)
         if rec.get("error") and status.startswith("2"):
             status += " (error)"
-        out.write(f"{_fmt_ts(canonical_ts(rec.get('timestamp')), tz, True):19}  "
-                  f"{printable(str(rec.get('provider')) + '/' + str(model), 40):40}  "
-                  f"{_num(rec.get('input_tokens')):>9}  {_num(rec.get('output_tokens')):>8}  {cost_text:>12}  "
-                  f"{printable(str(rec.get('user_id') or '-'), 16):16}  {status}\n")
+        out.write(
+            f"{_fmt_ts(canonical_ts(rec.get('timestamp')), tz, True):19}  "
+            f"{printable(str(rec.get('provider')) + '/' + str(model), 40):40}  "
+            f"{_num(rec.get('input_tokens')):>9}  {_num(rec.get('output_tokens')):>8}  {cost_text:>12}  "
+            f"{printable(str(rec.get('user_id') or '-'), 16):16}  {status}\n"
+        )
     out.write(f"{n:,} requests, {'at least ' if incomplete else ''}{fmt_usd(units_to_usd(units))}\n")
 
 
@@ -857,10 +981,35 @@ def _dec(v: Any) -> Decimal:
     return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
 
 
-_CSV_FIELDS = ("time_utc", "request_id", "provider", "model", "response_model", "user_id", "team", "key_id",
-               "session_id", "endpoint", "status", "error", "is_streaming", "input_tokens", "output_tokens",
-               "total_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "input_cost",
-               "output_cost", "total_cost", "pricing_source", "usage_source", "latency_ms", "ttft_ms", "tags")
+_CSV_FIELDS = (
+    "time_utc",
+    "request_id",
+    "provider",
+    "model",
+    "response_model",
+    "user_id",
+    "team",
+    "key_id",
+    "session_id",
+    "endpoint",
+    "status",
+    "error",
+    "is_streaming",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "input_cost",
+    "output_cost",
+    "total_cost",
+    "pricing_source",
+    "usage_source",
+    "latency_ms",
+    "ttft_ms",
+    "tags",
+)
 
 
 def _cell(v: Any) -> Any:
@@ -892,18 +1041,45 @@ def write_request_csv(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
 def write_group_csv(out: IO[str], r: Report) -> None:
     dims = r.group_dims or ["provider", "model"]
     w = csv.writer(out)
-    w.writerow([d.replace(":", "_") for d in dims] + [
-        "requests", "errors", "priced", "unpriced", "unknown_usage", "input_tokens", "output_tokens",
-        "total_tokens", "cache_read_tokens", "input_cost", "output_cost", "total_cost"])
+    w.writerow(
+        [d.replace(":", "_") for d in dims]
+        + [
+            "requests",
+            "errors",
+            "priced",
+            "unpriced",
+            "unknown_usage",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "cache_read_tokens",
+            "input_cost",
+            "output_cost",
+            "total_cost",
+        ]
+    )
     for k, v in sorted_groups(r, dims):
-        w.writerow([_cell(x) for x in k] + [
-            v.requests, v.errors, v.priced, v.unpriced, v.unknown, v.tokens["input_tokens"],
-            v.tokens["output_tokens"], v.tokens["total_tokens"], v.tokens["cache_read_tokens"],
-            format(units_to_usd(v.input_cost_units), "f"), format(units_to_usd(v.output_cost_units), "f"),
-            format(v.total_cost, "f")])
+        w.writerow(
+            [_cell(x) for x in k]
+            + [
+                v.requests,
+                v.errors,
+                v.priced,
+                v.unpriced,
+                v.unknown,
+                v.tokens["input_tokens"],
+                v.tokens["output_tokens"],
+                v.tokens["total_tokens"],
+                v.tokens["cache_read_tokens"],
+                format(units_to_usd(v.input_cost_units), "f"),
+                format(units_to_usd(v.output_cost_units), "f"),
+                format(v.total_cost, "f"),
+            ]
+        )
 
 
 # --- json ---------------------------------------------------------------------------------------
+
 
 def totals_json(t: Totals) -> dict[str, Any]:
     return {
@@ -939,37 +1115,57 @@ def report_json(r: Report) -> dict[str, Any]:
         "files": [str(p) for p in r.files],
         "filters": r.filters,
         "totals": totals_json(t),
-        "by_provider": [{"provider": k[0], **totals_json(v)} for k, v in
-                        sorted(res.rollup(["provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))],
-        "by_model": [{"model": k[0], "provider": k[1], **totals_json(v)} for k, v in
-                     sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))],
+        "by_provider": [
+            {"provider": k[0], **totals_json(v)}
+            for k, v in sorted(res.rollup(["provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
+        ],
+        "by_model": [
+            {"model": k[0], "provider": k[1], **totals_json(v)}
+            for k, v in sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
+        ],
         "corrupt_lines": res.bad_lines,
         "duplicate_lines": res.duplicate_lines,
     }
     if r.group_dims:
-        body["groups"] = [{**{d: x for d, x in zip(r.group_dims, k)}, **totals_json(v)}
-                          for k, v in sorted_groups(r, r.group_dims)]
+        body["groups"] = [{**{d: x for d, x in zip(r.group_dims, k)}, **totals_json(v)} for k, v in sorted_groups(r, r.group_dims)]
     a = r.args
     if a.latency:
         body["latency"] = {
-            by: [{by: name, "requests": n, "errors": err, "success_rate": round((n - err) / n, 6) if n else None,
-                  "p50_ms": p50, "p95_ms": p95} for name, (n, err, _, p50, p95) in sorted(res.latency_for(by).items())]
-            for by in ("provider", "model")}
+            by: [
+                {
+                    by: name,
+                    "requests": n,
+                    "errors": err,
+                    "success_rate": round((n - err) / n, 6) if n else None,
+                    "p50_ms": p50,
+                    "p95_ms": p95,
+                }
+                for name, (n, err, _, p50, p95) in sorted(res.latency_for(by).items())
+            ]
+            for by in ("provider", "model")
+        }
     if a.top:
         body["top_requests"] = [{**x, "total_cost": exact(_dec(x["total_cost"]))} for x in res.top_requests()]
     if a.savings:
         s = savings(r)
-        body["cache_savings"] = {"cache_read_tokens": s["tokens"], "saved": exact(s["saved"]),
-                                 "unpriced_cache_read_tokens": s["unpriced_tokens"]}
+        body["cache_savings"] = {
+            "cache_read_tokens": s["tokens"],
+            "saved": exact(s["saved"]),
+            "unpriced_cache_read_tokens": s["unpriced_tokens"],
+        }
     if a.projection:
         p = projection(r)
-        body["projection"] = None if p is None else {
-            "month": p.month,
-            "month_to_date": exact(units_to_usd(p.month_to_date_units)) if p.month_to_date_units is not None else None,
-            "daily_rate": exact(units_to_usd(p.daily_rate_units)),
-            "rate_from_hours": round(p.recent_seconds / 3600, 3),
-            "projected": exact(units_to_usd(p.projected_units)),
-        }
+        body["projection"] = (
+            None
+            if p is None
+            else {
+                "month": p.month,
+                "month_to_date": exact(units_to_usd(p.month_to_date_units)) if p.month_to_date_units is not None else None,
+                "daily_rate": exact(units_to_usd(p.daily_rate_units)),
+                "rate_from_hours": round(p.recent_seconds / 3600, 3),
+                "projected": exact(units_to_usd(p.projected_units)),
+            }
+        )
     if a.suggest:
         body["suggestions"] = suggestions(r)
     return body

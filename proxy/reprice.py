@@ -22,14 +22,16 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from .cli import command
-from .core.money import cost_units, units_to_usd
-from .core.timestamps import parse_timestamp
-from .defaults import default_log_path
-from .engine.lines import Dedupe
-from .pricing import PriceBook, price_call
-from .records import dumps_record, iso_utc
-from .usage import Usage
+from proxy.cli import command
+from proxy.config import load_config, pricebook_for
+from proxy.core.money import cost_units, units_to_usd
+from proxy.core.records import dumps_record, iso_utc
+from proxy.core.timestamps import parse_timestamp
+from proxy.core.usage import Usage
+from proxy.defaults import default_log_path
+from proxy.engine.lines import Dedupe
+from proxy.errors import ConfigError
+from proxy.pricing import PriceBook, price_call
 
 _PRICE_FIELDS = ("input_cost", "output_cost", "total_cost", "pricing_source", "price_id", "price_variant")
 
@@ -82,10 +84,7 @@ def reprice_record(rec: dict[str, Any], book: PriceBook) -> dict[str, Any] | Non
         "price_id": price.price_id if cost and price else None,
         "price_variant": priced.variant if cost else None,
     }
-    same = all(
-        (cost_units(rec.get(k)) == cost_units(new[k])) if k.endswith("_cost") else rec.get(k) == new[k]
-        for k in _PRICE_FIELDS
-    )
+    same = all((cost_units(rec.get(k)) == cost_units(new[k])) if k.endswith("_cost") else rec.get(k) == new[k] for k in _PRICE_FIELDS)
     if same:
         return None
     return {**rec, **new}
@@ -226,7 +225,7 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
     assert dst is not None
     if dst.resolve() == src.resolve():
         raise ValueError("--out is the input file: use --in-place to rewrite it")
-    with _open(src) as f, (gzip.open(dst, "wb") if dst.suffix == ".gz" else dst.open("wb")) as out:
+    with _open(src) as f, gzip.open(dst, "wb") if dst.suffix == ".gz" else dst.open("wb") as out:
         for line in reprice_lines(_all_lines(f), book, stats, now):
             out.write(line)
     return stats
@@ -250,8 +249,6 @@ def format_stats(stats: RepriceStats) -> str:
 
 @command("reprice", "recompute the costs of a log with today's prices")
 def reprice_command(argv: list[str]) -> int:
-    from .catalog import pricebook_for
-    from .config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(
         prog="python -m proxy reprice",

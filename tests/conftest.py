@@ -29,35 +29,90 @@ PROXY_GEMINI_KEY = "AIzaProxyConfiguredKey9876543210"
 ALL_KEYS = (CLIENT_OPENAI_KEY, CLIENT_ANTHROPIC_KEY, CLIENT_GEMINI_KEY, PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, PROXY_GEMINI_KEY)
 
 RECORD_FIELDS = {
-    "schema_version", "timestamp", "request_id", "user_id", "key_id", "ip_address", "provider",
-    "provider_type", "model", "response_model", "endpoint", "is_streaming", "input_tokens",
-    "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens",
-    "reasoning_tokens", "web_search_requests", "input_cost", "output_cost", "total_cost", "currency",
-    "pricing_source", "price_id", "service_tier", "finish_reason", "status", "error", "latency_ms",
-    "ttft_ms", "usage_source", "raw_usage", "tags",
+    "schema_version",
+    "timestamp",
+    "request_id",
+    "user_id",
+    "key_id",
+    "ip_address",
+    "provider",
+    "provider_type",
+    "model",
+    "response_model",
+    "endpoint",
+    "is_streaming",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+    "input_cost",
+    "output_cost",
+    "total_cost",
+    "currency",
+    "pricing_source",
+    "price_id",
+    "service_tier",
+    "finish_reason",
+    "status",
+    "error",
+    "latency_ms",
+    "ttft_ms",
+    "usage_source",
+    "raw_usage",
+    "tags",
 }
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
-                "cache_write_1h_tokens", "reasoning_tokens", "web_search_requests")
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+)
 _TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
 # USD per 1M tokens, from docs/providers.md §7 (the same as config.yml).
 OPENAI_MODELS = {
     "gpt-4o": {"pricing": {"input": 2.50, "output": 10.00, "cached_input": 1.25}},
-    "gpt-5": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125,
-                          "service_tiers": {"flex": {"input": 0.625, "output": 5.00, "cached_input": 0.0625}}}},
+    "gpt-5": {
+        "pricing": {
+            "input": 1.25,
+            "output": 10.00,
+            "cached_input": 0.125,
+            "service_tiers": {"flex": {"input": 0.625, "output": 5.00, "cached_input": 0.0625}},
+        }
+    },
     "o4-mini": {"pricing": {"input": 1.10, "output": 4.40, "cached_input": 0.275}},
     "text-embedding-3-small": {"pricing": {"input": 0.02, "output": 0}},
     "gpt-3.5-turbo-instruct": {"pricing": {"input": 1.50, "output": 2.00}},
 }
 ANTHROPIC_MODELS = {
-    "claude-sonnet-4-5": {"pricing": {"input": 3.00, "output": 15.00, "cached_input": 0.30, "cache_write": 3.75, "cache_write_1h": 6.00, "web_search": 10}},
-    "claude-haiku-4-5": {"pricing": {"input": 1.00, "output": 5.00, "cached_input": 0.10, "cache_write": 1.25, "cache_write_1h": 2.00, "web_search": 10}},
-    "claude-opus-4-1": {"pricing": {"input": 15.00, "output": 75.00, "cached_input": 1.50, "cache_write": 18.75, "cache_write_1h": 30.00, "web_search": 10}},
+    "claude-sonnet-4-5": {
+        "pricing": {"input": 3.00, "output": 15.00, "cached_input": 0.30, "cache_write": 3.75, "cache_write_1h": 6.00, "web_search": 10}
+    },
+    "claude-haiku-4-5": {
+        "pricing": {"input": 1.00, "output": 5.00, "cached_input": 0.10, "cache_write": 1.25, "cache_write_1h": 2.00, "web_search": 10}
+    },
+    "claude-opus-4-1": {
+        "pricing": {"input": 15.00, "output": 75.00, "cached_input": 1.50, "cache_write": 18.75, "cache_write_1h": 30.00, "web_search": 10}
+    },
 }
 GEMINI_MODELS = {
     "gemini-2.5-flash": {"pricing": {"input": 0.30, "output": 2.50, "cached_input": 0.03}},
-    "gemini-2.5-pro": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125,
-                                   "tiers": [{"above": 200000, "input": 2.50, "output": 15.00, "cached_input": 0.25}]}},
+    "gemini-2.5-pro": {
+        "pricing": {
+            "input": 1.25,
+            "output": 10.00,
+            "cached_input": 0.125,
+            "tiers": [{"above": 200000, "input": 2.50, "output": 15.00, "cached_input": 0.25}],
+        }
+    },
 }
 
 
@@ -72,8 +127,11 @@ def make_config(upstream: str, server: dict | None = None, catalog: bool = False
         "gemini": {"base_url": upstream, "models": GEMINI_MODELS},
         "gemini-keyed": {"type": "gemini", "base_url": upstream, "api_key": PROXY_GEMINI_KEY, "models": GEMINI_MODELS},
         # An OpenAI-compatible server under its own name and price table.
-        "compat": {"type": "openai", "base_url": upstream + "/compat",
-                   "models": {"gpt-4o-mini": {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}}},
+        "compat": {
+            "type": "openai",
+            "base_url": upstream + "/compat",
+            "models": {"gpt-4o-mini": {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}},
+        },
     }
     providers.update(extra_providers)
     cfg: dict[str, Any] = {"providers": providers, "catalog": {"enabled": catalog}}
@@ -155,8 +213,9 @@ class ProxyHandle:
             if whole.count("\n") >= n:
                 return whole
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {n} log records in "
-                                     f"{self.log_path}: it holds {whole.count(chr(10))}")
+                raise AssertionError(
+                    f"timed out after {timeout:g}s waiting for {n} log records in {self.log_path}: it holds {whole.count(chr(10))}"
+                )
             await asyncio.sleep(0.01)
 
     async def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:
@@ -175,8 +234,9 @@ async def mock() -> AsyncIterator[MockUpstream]:
 async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
     handles: list[ProxyHandle] = []
 
-    async def start(config: dict | Config, log_path: Path | None = None, clock: Any = time.time,
-                    config_path: str = "test-config.yml") -> ProxyHandle:
+    async def start(
+        config: dict | Config, log_path: Path | None = None, clock: Any = time.time, config_path: str = "test-config.yml"
+    ) -> ProxyHandle:
         """``clock`` drives budget periods; ``config_path`` anchors relative paths (keys file)."""
         cfg = config if isinstance(config, Config) else parse_config(config, config_path)
         path = log_path or tmp_path / f"cost-{len(handles)}.jsonl"

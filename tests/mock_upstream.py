@@ -118,7 +118,10 @@ class MockUpstream:
 
 
 def json_reply(
-    payload: Any | Callable[[Received], Any], status: int = 200, headers: dict[str, str] | None = None, delay: float = 0,
+    payload: Any | Callable[[Received], Any],
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    delay: float = 0,
     gzip: bool = False,
 ) -> Handler:
     async def handler(request: web.Request, rec: Received) -> web.StreamResponse:
@@ -202,7 +205,9 @@ GPT4O_USAGE = {
 }
 
 
-def chat_completion(model: str = "gpt-4o-2024-08-06", usage: dict | None = None, rid: str = "chatcmpl-abc123", text: str = "Hi there.") -> dict:
+def chat_completion(
+    model: str = "gpt-4o-2024-08-06", usage: dict | None = None, rid: str = "chatcmpl-abc123", text: str = "Hi there."
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -210,7 +215,9 @@ def chat_completion(model: str = "gpt-4o-2024-08-06", usage: dict | None = None,
         "model": model,
         "service_tier": "default",
         "system_fingerprint": "fp_test",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": {"role": "assistant", "content": text, "refusal": None}}],
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "logprobs": None, "message": {"role": "assistant", "content": text, "refusal": None}}
+        ],
         "usage": GPT4O_USAGE if usage is None else usage,
     }
 
@@ -220,8 +227,15 @@ def chat_chunks(model: str, texts: Iterable[str], usage: dict, include_usage: bo
     when the request asked for include_usage; no usage key at all otherwise."""
 
     def chunk(choices: list, **extra: Any) -> dict:
-        c = {"id": rid, "object": "chat.completion.chunk", "created": 1763800000, "model": model,
-             "service_tier": "default", "system_fingerprint": "fp_test", "choices": choices}
+        c = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": 1763800000,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_test",
+            "choices": choices,
+        }
         if include_usage:
             c["usage"] = None
         c.update(extra)
@@ -273,7 +287,9 @@ def openai_completions(mock: MockUpstream, usage: dict | None = None, model: str
         body = rec.json or {}
         base = {"id": "cmpl-1", "object": "text_completion", "created": 1763800000, "model": model}
         if not body.get("stream"):
-            return web.json_response({**base, "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}], "usage": usage})
+            return web.json_response(
+                {**base, "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}], "usage": usage}
+            )
         include = bool((body.get("stream_options") or {}).get("include_usage"))
         extra = {"usage": None} if include else {}
         chunks = [
@@ -296,12 +312,14 @@ def openai_embeddings(tokens: int = 1000, model: str = "text-embedding-3-small")
         emb: Any = vector
         if body.get("encoding_format") == "base64":
             emb = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-        return web.json_response({
-            "object": "list",
-            "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": emb}],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        return web.json_response(
+            {
+                "object": "list",
+                "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": emb}],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     return handler
 
@@ -316,7 +334,13 @@ O4MINI_USAGE = {
 }
 
 
-def response_object(model: str = "o4-mini-2025-04-16", usage: dict | None = None, status: str = "completed", rid: str = "resp_1", incomplete: str | None = None) -> dict:
+def response_object(
+    model: str = "o4-mini-2025-04-16",
+    usage: dict | None = None,
+    status: str = "completed",
+    rid: str = "resp_1",
+    incomplete: str | None = None,
+) -> dict:
     return {
         "id": rid,
         "object": "response",
@@ -326,8 +350,15 @@ def response_object(model: str = "o4-mini-2025-04-16", usage: dict | None = None
         "service_tier": "default",
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "error": None,
-        "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": "42", "annotations": []}]}],
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "42", "annotations": []}],
+            }
+        ],
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
@@ -335,10 +366,17 @@ def response_object(model: str = "o4-mini-2025-04-16", usage: dict | None = None
     }
 
 
-def responses_stream_events(terminal: str = "response.completed", model: str = "gpt-5-2025-08-07", usage: dict | None = None, incomplete: str | None = None) -> list[tuple[str, dict]]:
+def responses_stream_events(
+    terminal: str = "response.completed", model: str = "gpt-5-2025-08-07", usage: dict | None = None, incomplete: str | None = None
+) -> list[tuple[str, dict]]:
     """§3.2: named events, no [DONE]; usage only in the terminal event's response."""
-    usage = usage or {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                      "output_tokens": 210, "output_tokens_details": {"reasoning_tokens": 192}, "total_tokens": 250}
+    usage = usage or {
+        "input_tokens": 40,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 210,
+        "output_tokens_details": {"reasoning_tokens": 192},
+        "total_tokens": 250,
+    }
     start = response_object(model, None, "in_progress", "resp_9")
     start["usage"] = None
     start["output"] = []
@@ -350,8 +388,20 @@ def responses_stream_events(terminal: str = "response.completed", model: str = "
         ("response.in_progress", {"type": "response.in_progress", "sequence_number": next(seq), "response": start}),
     ]
     for d in ("Hel", "lo"):
-        evs.append(("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": next(seq),
-                                                   "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": d, "logprobs": []}))
+        evs.append(
+            (
+                "response.output_text.delta",
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": next(seq),
+                    "item_id": "msg_1",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": d,
+                    "logprobs": [],
+                },
+            )
+        )
     evs.append((terminal, {"type": terminal, "sequence_number": next(seq), "response": end}))
     return evs
 
@@ -387,12 +437,31 @@ def anthropic_stream_events(model: str = "claude-haiku-4-5-20251001", rid: str =
     """§4.2 with a placeholder output count, pings, and two cumulative message_deltas
     (Haiku 4.5: in 100, 5m write 3000, out 200 -> $0.00485). ``error``: an
     overloaded_error event after the first text delta instead of the rest."""
-    start_usage = {"input_tokens": 100, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 0,
-                   "cache_creation": {"ephemeral_5m_input_tokens": 3000, "ephemeral_1h_input_tokens": 0},
-                   "output_tokens": 1, "service_tier": "standard"}
+    start_usage = {
+        "input_tokens": 100,
+        "cache_creation_input_tokens": 3000,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 3000, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": 1,
+        "service_tier": "standard",
+    }
     evs: list[tuple[str, dict]] = [
-        ("message_start", {"type": "message_start", "message": {"id": rid, "type": "message", "role": "assistant", "content": [],
-                                                                "model": model, "stop_reason": None, "stop_sequence": None, "usage": start_usage}}),
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": rid,
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": model,
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": start_usage,
+                },
+            },
+        ),
         ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ("ping", {"type": "ping"}),
         ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Sure"}}),
@@ -403,10 +472,19 @@ def anthropic_stream_events(model: str = "claude-haiku-4-5-20251001", rid: str =
     evs += [
         ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " thing"}}),
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None}, "usage": {"output_tokens": 120}}),
+        (
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None}, "usage": {"output_tokens": 120}},
+        ),
         ("ping", {"type": "ping"}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"input_tokens": 100, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 0, "output_tokens": 200}}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"input_tokens": 100, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 0, "output_tokens": 200},
+            },
+        ),
         ("message_stop", {"type": "message_stop"}),
     ]
     return evs

@@ -166,8 +166,7 @@ def test_old_rotated_file_skipped_by_mtime_only_when_safe(tmp_path: Path) -> Non
     q = Query(start=start)
     assert scan([log], q, use_index=False).totals().requests == 0
     os.utime(log, (NOW.timestamp(), NOW.timestamp()))
-    assert scan([log], q, use_index=False).totals().requests == sum(
-        1 for r in recs if r["timestamp"] >= iso_ms(start, ceil=True))
+    assert scan([log], q, use_index=False).totals().requests == sum(1 for r in recs if r["timestamp"] >= iso_ms(start, ceil=True))
 
 
 @pytest.mark.parametrize("mode,umask", [(0o600, 0o022), (0o644, 0o077), (0o640, 0o000)], ids=["600", "644", "640"])

@@ -89,9 +89,15 @@ def make_records(n: int = 1500, seed: int = 3, days: float = 40.0, end: datetime
         outp = rng.randrange(1, 60) if i % 4 == 0 else rng.randrange(100, 2000)
         cached = (inp // 2) if (inp > 1024 and rng.random() < 0.3) else 0
         rec: dict[str, Any] = {
-            "schema_version": 1, "timestamp": iso(t), "request_id": f"req-{i}",
-            "user_id": rng.choice(["alice", "bob", "carol", "=cmd()"]), "key_id": "k1", "ip_address": "10.0.0.1",
-            "provider": provider, "provider_type": family, "model": model,
+            "schema_version": 1,
+            "timestamp": iso(t),
+            "request_id": f"req-{i}",
+            "user_id": rng.choice(["alice", "bob", "carol", "=cmd()"]),
+            "key_id": "k1",
+            "ip_address": "10.0.0.1",
+            "provider": provider,
+            "provider_type": family,
+            "model": model,
             "response_model": rmodel if status < 400 else None,
             "endpoint": "/v1/messages" if family == "anthropic" else "/v1/chat/completions",
             "is_streaming": rng.random() < 0.5,
@@ -112,15 +118,30 @@ def make_records(n: int = 1500, seed: int = 3, days: float = 40.0, end: datetime
                 oc = outp * Decimal(rout) / 1_000_000
                 costs = (ic.quantize(Decimal("1e-10")), oc.quantize(Decimal("1e-10")))
         rec.update(tokens)
-        rec.update(cache_write_tokens=0 if tokens["input_tokens"] is not None else None,
-                   cache_write_1h_tokens=0 if tokens["input_tokens"] is not None else None,
-                   reasoning_tokens=0 if tokens["input_tokens"] is not None else None, web_search_requests=0)
+        rec.update(
+            cache_write_tokens=0 if tokens["input_tokens"] is not None else None,
+            cache_write_1h_tokens=0 if tokens["input_tokens"] is not None else None,
+            reasoning_tokens=0 if tokens["input_tokens"] is not None else None,
+            web_search_requests=0,
+        )
         ic, oc = costs
-        rec.update(input_cost=ic, output_cost=oc, total_cost=None if ic is None else ic + oc, currency="USD",
-                   pricing_source="config" if ic is not None else None, price_id=None, service_tier=None,
-                   finish_reason="stop", status=status, error=error,
-                   latency_ms=round(rng.uniform(50, 3000), 2), ttft_ms=None, usage_source="provider", raw_usage=None,
-                   tags={"feature": rng.choice(["search", "chat"]), "team": rng.choice(["research", "support"])})
+        rec.update(
+            input_cost=ic,
+            output_cost=oc,
+            total_cost=None if ic is None else ic + oc,
+            currency="USD",
+            pricing_source="config" if ic is not None else None,
+            price_id=None,
+            service_tier=None,
+            finish_reason="stop",
+            status=status,
+            error=error,
+            latency_ms=round(rng.uniform(50, 3000), 2),
+            ttft_ms=None,
+            usage_source="provider",
+            raw_usage=None,
+            tags={"feature": rng.choice(["search", "chat"]), "team": rng.choice(["research", "support"])},
+        )
         out.append(rec)
     return out
 
@@ -130,6 +151,7 @@ def dumps(rec: dict[str, Any]) -> bytes:
         if isinstance(o, Decimal):
             return orjson.Fragment(format(o.normalize(), "f"))
         raise TypeError
+
     return orjson.dumps(rec, default=default, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -202,6 +224,7 @@ def money_ok(text: str, exp: Decimal) -> bool:
 
 
 # --- formats ---------------------------------------------------------------------------
+
 
 def test_summary_default_window_and_at_least(data: tuple[Path, list]) -> None:
     d, recs = data
@@ -281,17 +304,19 @@ def test_detailed_rows(data: tuple[Path, list]) -> None:
     assert lines[0].startswith("time")
     assert len(lines) == exp["requests"] + 2
     assert all("alice" in line for line in lines[1:-1])
-    assert lines[-1].startswith(f"{exp['requests']:,} requests, "
-                                f"{'at least ' if exp['unpriced'] or exp['unknown'] else ''}$")
+    assert lines[-1].startswith(f"{exp['requests']:,} requests, {'at least ' if exp['unpriced'] or exp['unknown'] else ''}$")
     assert money_ok(lines[-1].split()[-1], exp["cost"])
 
 
-@pytest.mark.parametrize("fmt,bucket", [
-    ("hourly", lambda t: t.strftime("%Y-%m-%d %H:00")),
-    ("daily", lambda t: t.strftime("%Y-%m-%d")),
-    ("weekly", lambda t: f"{(t.date() - timedelta(days=t.weekday())).isoformat()} (W{t.isocalendar().week:02d})"),
-    ("monthly", lambda t: t.strftime("%Y-%m")),
-])
+@pytest.mark.parametrize(
+    "fmt,bucket",
+    [
+        ("hourly", lambda t: t.strftime("%Y-%m-%d %H:00")),
+        ("daily", lambda t: t.strftime("%Y-%m-%d")),
+        ("weekly", lambda t: f"{(t.date() - timedelta(days=t.weekday())).isoformat()} (W{t.isocalendar().week:02d})"),
+        ("monthly", lambda t: t.strftime("%Y-%m")),
+    ],
+)
 def test_time_series(data: tuple[Path, list], fmt: str, bucket: Callable[[datetime], str]) -> None:
     d, recs = data
     since = "48" if fmt == "hourly" else "all"
@@ -307,7 +332,7 @@ def test_time_series(data: tuple[Path, list], fmt: str, bucket: Callable[[dateti
     for line in p.stdout.splitlines():
         for label in exp:
             if line.startswith("  " + label + " "):
-                parts = line[len(label) + 2:].split()
+                parts = line[len(label) + 2 :].split()
                 got[label] = (int(parts[0].replace(",", "")), parts[3])
     assert set(got) == set(exp)
     for label, (n, cost) in exp.items():
@@ -319,45 +344,73 @@ def test_time_series(data: tuple[Path, list], fmt: str, bucket: Callable[[dateti
 
 # --- filters, groups and periods --------------------------------------------------------
 
+
 def test_model_filter_snapshots_aliases_never_prefix(data: tuple[Path, list]) -> None:
     d, recs = data
     log = str(d / "cost-tracking.jsonl")
     body = as_json(run("--file", log, "--since", "all", "--model", "gpt-4o", "--format", "json"))
     check_totals(body["totals"], expect(recs, lambda r: r["model"] in ("gpt-4o", "gpt-4o-2024-08-06")))
     assert "gpt-4o-mini" not in {m["model"] for m in body["by_model"]}
-    body = as_json(run("--file", log, "--since", "all", "--model", "sonnet", "--config", str(d / "config.yml"),
-                       "--format", "json"))
+    body = as_json(run("--file", log, "--since", "all", "--model", "sonnet", "--config", str(d / "config.yml"), "--format", "json"))
     check_totals(body["totals"], expect(recs, lambda r: r["provider"] == "anthropic"))
     # Without the config the alias is unknown: only records that say "sonnet" or resolve to it.
-    body = as_json(run("--file", log, "--since", "all", "--model", "claude-sonnet-4-5", "--config", "/nonexistent",
-                       "--format", "json"))
-    check_totals(body["totals"], expect(recs, lambda r: r["model"] == "claude-sonnet-4-5" or
-                                        (r["response_model"] or "").startswith("claude-sonnet-4-5")))
+    body = as_json(run("--file", log, "--since", "all", "--model", "claude-sonnet-4-5", "--config", "/nonexistent", "--format", "json"))
+    check_totals(
+        body["totals"],
+        expect(recs, lambda r: r["model"] == "claude-sonnet-4-5" or (r["response_model"] or "").startswith("claude-sonnet-4-5")),
+    )
 
 
 def test_combined_filters(data: tuple[Path, list]) -> None:
     d, recs = data
-    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "30d", "--provider", "openai",
-                       "--provider", "gemini", "--user", "bob", "--tag", "feature=search", "--format", "json"))
-    check_totals(body["totals"], expect(recs, lambda r: in_last(720)(r) and r["provider"] in ("openai", "gemini")
-                                        and r["user_id"] == "bob" and r["tags"]["feature"] == "search"))
+    body = as_json(
+        run(
+            "--file",
+            str(d / "cost-tracking.jsonl"),
+            "--since",
+            "30d",
+            "--provider",
+            "openai",
+            "--provider",
+            "gemini",
+            "--user",
+            "bob",
+            "--tag",
+            "feature=search",
+            "--format",
+            "json",
+        )
+    )
+    check_totals(
+        body["totals"],
+        expect(
+            recs,
+            lambda r: (
+                in_last(720)(r) and r["provider"] in ("openai", "gemini") and r["user_id"] == "bob" and r["tags"]["feature"] == "search"
+            ),
+        ),
+    )
     body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--errors-only", "--format", "json"))
     check_totals(body["totals"], expect(recs, lambda r: bool(r["error"]) or r["status"] >= 400))
-    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--status", "500",
-                       "--status", "429", "--format", "json"))
+    body = as_json(
+        run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--status", "500", "--status", "429", "--format", "json")
+    )
     check_totals(body["totals"], expect(recs, lambda r: r["status"] in (429, 500)))
 
 
-@pytest.mark.parametrize("dims,keyf", [
-    (["provider"], lambda r: (r["provider"],)),
-    (["model"], lambda r: (r["model"],)),
-    (["user"], lambda r: (r["user_id"],)),
-    (["endpoint"], lambda r: (r["endpoint"],)),
-    (["day"], lambda r: (dt(r).strftime("%Y-%m-%d"),)),
-    (["hour"], lambda r: (dt(r).strftime("%Y-%m-%d %H:00"),)),
-    (["tag:team", "provider"], lambda r: (r["tags"]["team"], r["provider"])),
-    (["user,model"], lambda r: (r["user_id"], r["model"])),
-])
+@pytest.mark.parametrize(
+    "dims,keyf",
+    [
+        (["provider"], lambda r: (r["provider"],)),
+        (["model"], lambda r: (r["model"],)),
+        (["user"], lambda r: (r["user_id"],)),
+        (["endpoint"], lambda r: (r["endpoint"],)),
+        (["day"], lambda r: (dt(r).strftime("%Y-%m-%d"),)),
+        (["hour"], lambda r: (dt(r).strftime("%Y-%m-%d %H:00"),)),
+        (["tag:team", "provider"], lambda r: (r["tags"]["team"], r["provider"])),
+        (["user,model"], lambda r: (r["user_id"], r["model"])),
+    ],
+)
 def test_group_by(data: tuple[Path, list], dims: list[str], keyf: Callable) -> None:
     d, recs = data
     args = [x for dim in dims for x in ("--group-by", dim)]
@@ -388,15 +441,16 @@ def test_dates_and_periods(data: tuple[Path, list]) -> None:
         body = as_json(run("--file", log, "--period", name, "--format", "json"))
         check_totals(body["totals"], expect(recs, lambda r: a <= dt(r) < b))
     # --tz moves day boundaries: a Tokyo day is 15:00 to 15:00 UTC.
-    body = as_json(run("--file", log, "--start-date", "2026-11-20", "--end-date", "2026-11-20", "--tz", "Asia/Tokyo",
-                       "--format", "json"))
-    check_totals(body["totals"], expect(recs, lambda r: datetime(2026, 11, 19, 15, tzinfo=UTC) <= dt(r)
-                                        < datetime(2026, 11, 20, 15, tzinfo=UTC)))
+    body = as_json(run("--file", log, "--start-date", "2026-11-20", "--end-date", "2026-11-20", "--tz", "Asia/Tokyo", "--format", "json"))
+    check_totals(
+        body["totals"], expect(recs, lambda r: datetime(2026, 11, 19, 15, tzinfo=UTC) <= dt(r) < datetime(2026, 11, 20, 15, tzinfo=UTC))
+    )
     bad = run("--file", log, "--since", "24", "--period", "daily", ok=False)
     assert bad.returncode == 2 and "either" in bad.stderr
 
 
 # --- input of any shape -----------------------------------------------------------------
+
 
 def test_corrupt_and_torn_lines_are_counted(tmp_path: Path) -> None:
     recs = make_records(300, seed=9, days=2)
@@ -439,10 +493,24 @@ def test_gzip_rotated_files_in_time_order(tmp_path: Path) -> None:
 
 def test_older_schema_lines_still_read(tmp_path: Path) -> None:
     old = [
-        {"timestamp": "2026-11-23T10:00:00+00:00", "provider": "openai", "model": "gpt-4o", "input_tokens": 10,
-         "output_tokens": 5, "total_tokens": 15, "total_cost": 0.0001, "status": 200},
-        {"timestamp": "2026-11-23T11:30:00Z", "provider": "anthropic", "model": "claude-sonnet-4-5",
-         "total_cost": 0.25, "input_cost": 0.2, "output_cost": 0.05},
+        {
+            "timestamp": "2026-11-23T10:00:00+00:00",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 10,
+            "output_tokens": 5,
+            "total_tokens": 15,
+            "total_cost": 0.0001,
+            "status": 200,
+        },
+        {
+            "timestamp": "2026-11-23T11:30:00Z",
+            "provider": "anthropic",
+            "model": "claude-sonnet-4-5",
+            "total_cost": 0.25,
+            "input_cost": 0.2,
+            "output_cost": 0.05,
+        },
     ]
     log = tmp_path / "log.jsonl"
     log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in old) + dumps(make_records(1, days=0.2)[0]))
@@ -502,7 +570,13 @@ def check_scan(path: Path, records: list[dict[str, Any]], jobs: int = 1) -> Any:
     exp = expect(records)
     t = res.totals()
     assert (t.requests, t.errors, t.total_cost, t.unpriced, t.unknown, t.tokens["total_tokens"]) == (
-        exp["requests"], exp["errors"], exp["cost"], exp["unpriced"], exp["unknown"], exp["tokens"])
+        exp["requests"],
+        exp["errors"],
+        exp["cost"],
+        exp["unpriced"],
+        exp["unknown"],
+        exp["tokens"],
+    )
     assert {k[0]: v.total_cost for k, v in res.rollup(["day"]).items()} == by_day(records)
     return res
 
@@ -510,8 +584,8 @@ def check_scan(path: Path, records: list[dict[str, Any]], jobs: int = 1) -> Any:
 def flip_digit(data: bytes, at: int) -> tuple[bytes, int]:
     """One digit of a cost near ``at`` changed: same size, other bytes, other total."""
     i = data.index(b'"total_cost":0.0', at) + len(b'"total_cost":0.0')
-    new = b"9" if data[i:i + 1] != b"9" else b"8"
-    return data[:i] + new + data[i + 1:], i
+    new = b"9" if data[i : i + 1] != b"9" else b"8"
+    return data[:i] + new + data[i + 1 :], i
 
 
 def rewrite_in_place(path: Path, data: bytes) -> None:
@@ -523,8 +597,7 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None, capsys: pytest.CaptureFixture[str]) -> None:
     from proxy.engine.cube import REQ
     from proxy.engine.query import Query
     from proxy.storage.index import _INDEX_DIMS, index_path
@@ -549,7 +622,7 @@ def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None
         f.write(b"".join(dumps(r) for r in more))
     check_scan(log, recs + more)
     grown = orjson.loads(index_path(log).read_bytes())["segments"]
-    assert len(grown) > len(segs) and grown[:len(segs)] == segs
+    assert len(grown) > len(segs) and grown[: len(segs)] == segs
 
     # One digit changed in an indexed segment, size, inode and mtime kept: the SHA-1
     # check must catch it and rebuild the index from the log.
@@ -562,7 +635,7 @@ def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None
     rebuilt = orjson.loads(index_path(log).read_bytes())["segments"]
     new_hit = next(s for s in rebuilt if s["a"] <= at < s["b"])
     assert new_hit["sha1"] != hit["sha1"]
-    assert new_hit["sha1"] == hashlib.sha1(data[new_hit["a"]:new_hit["b"]]).hexdigest()
+    assert new_hit["sha1"] == hashlib.sha1(data[new_hit["a"] : new_hit["b"]]).hexdigest()
     # The report itself, with the rebuilt index and without any.
     args = ["--file", str(log), "--since", "all", "--format", "json", "--group-by", "day"]
     for extra in ([], ["--no-index"]):
@@ -618,8 +691,9 @@ def remount(where: Path, mode: str) -> None:
         pytest.skip(f"cannot remount the tmpfs {mode}: {p.stderr.strip()}")
 
 
-def test_read_only_log_directory_answers_without_writing_an_index(tmpfs: Path, small_segments: None,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_only_log_directory_answers_without_writing_an_index(
+    tmpfs: Path, small_segments: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from proxy.storage.index import index_path
 
     recs = make_records(2000, seed=14, days=5)
@@ -653,8 +727,14 @@ def test_read_only_log_directory_answers_without_writing_an_index(tmpfs: Path, s
 
 HOSTILE_MODEL = "evil\x1b[2J\x1b[Hmodel\u202egnp.exe\u2028next\x9b31m"
 _C0_BUT_NEWLINE = {chr(c) for c in range(0x20)} - {"\n"}
-UNSAFE = (_C0_BUT_NEWLINE | {"\x7f"} | {chr(c) for c in range(0x80, 0xA0)} | {"\u2028", "\u2029", "\u200e", "\u200f",
-          "\u061c"} | {chr(c) for c in range(0x202A, 0x202F)} | {chr(c) for c in range(0x2066, 0x206A)})
+UNSAFE = (
+    _C0_BUT_NEWLINE
+    | {"\x7f"}
+    | {chr(c) for c in range(0x80, 0xA0)}
+    | {"\u2028", "\u2029", "\u200e", "\u200f", "\u061c"}
+    | {chr(c) for c in range(0x202A, 0x202F)}
+    | {chr(c) for c in range(0x2066, 0x206A)}
+)
 
 
 def hostile_log(path: Path) -> list[dict[str, Any]]:
@@ -671,7 +751,7 @@ def hostile_log(path: Path) -> list[dict[str, Any]]:
 
 
 def test_printable_replaces_controls_separators_and_bidi() -> None:
-    from proxy.text import printable
+    from proxy.core.text import printable
 
     assert printable(HOSTILE_MODEL) == "evil?[2J?[Hmodel?gnp.exe?next?31m"
     assert printable("ユーザー café 🙂") == "ユーザー café 🙂"  # other scripts kept
@@ -682,12 +762,16 @@ def test_printable_replaces_controls_separators_and_bidi() -> None:
     assert not set(printable("".join(chr(c) for c in range(0x3000)))) & UNSAFE
 
 
-@pytest.mark.parametrize("fmt,extra", [
-    ("summary", ["--all"]),
-    ("summary", ["--group-by", "user,tag:feature,tag:team,endpoint", "--top", "5"]),
-    ("detailed", []),
-    ("daily", ["--latency", "--top", "3"]),
-], ids=["summary-all", "summary-groups", "detailed", "daily"])
+@pytest.mark.parametrize(
+    "fmt,extra",
+    [
+        ("summary", ["--all"]),
+        ("summary", ["--group-by", "user,tag:feature,tag:team,endpoint", "--top", "5"]),
+        ("detailed", []),
+        ("daily", ["--latency", "--top", "3"]),
+    ],
+    ids=["summary-all", "summary-groups", "detailed", "daily"],
+)
 def test_text_reports_neutralise_control_and_bidi_characters(tmp_path: Path, fmt: str, extra: list[str]) -> None:
     log = tmp_path / "cost.jsonl"
     recs = hostile_log(log)
@@ -714,6 +798,7 @@ def test_machine_outputs_keep_the_values_as_logged(tmp_path: Path) -> None:
 
 # --- sections ---------------------------------------------------------------------------
 
+
 def nearest_rank(values: list[float], p: int) -> float:
     v = sorted(int(x + 0.5) for x in values)
     return float(v[max(1, math.ceil(p / 100 * len(v))) - 1])
@@ -721,8 +806,23 @@ def nearest_rank(values: list[float], p: int) -> float:
 
 def test_latency_top_savings_projection(data: tuple[Path, list]) -> None:
     d, recs = data
-    body = as_json(run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--config",
-                       str(d / "config.yml"), "--format", "json", "--latency", "--top", "3", "--savings", "--projection"))
+    body = as_json(
+        run(
+            "--file",
+            str(d / "cost-tracking.jsonl"),
+            "--since",
+            "all",
+            "--config",
+            str(d / "config.yml"),
+            "--format",
+            "json",
+            "--latency",
+            "--top",
+            "3",
+            "--savings",
+            "--projection",
+        )
+    )
     for row in body["latency"]["provider"]:
         sel = [r for r in recs if r["provider"] == row["provider"]]
         assert row["requests"] == len(sel)
@@ -731,8 +831,14 @@ def test_latency_top_savings_projection(data: tuple[Path, list]) -> None:
     top = sorted((r for r in recs if r["total_cost"]), key=lambda r: -r["total_cost"])[:3]
     assert [t["request_id"] for t in body["top_requests"]] == [r["request_id"] for r in top]
     rates = {m[3]: (Decimal(m[4]) - Decimal(m[6])) for m in MODELS if m[4] is not None and m[6] is not None}
-    saved = sum((r["cache_read_tokens"] * rates[r["response_model"]] / 1_000_000 for r in recs
-                 if r["cache_read_tokens"] and r["total_cost"] is not None), Decimal(0))
+    saved = sum(
+        (
+            r["cache_read_tokens"] * rates[r["response_model"]] / 1_000_000
+            for r in recs
+            if r["cache_read_tokens"] and r["total_cost"] is not None
+        ),
+        Decimal(0),
+    )
     assert body["cache_savings"]["saved"] == saved.quantize(Decimal("1e-10")).normalize()
     # Projection: November so far, plus the last 7 days' rate for the rest of the month.
     cost = lambda a, b: sum((r["total_cost"] or 0 for r in recs if a <= dt(r) < b), Decimal(0))  # noqa: E731
@@ -758,7 +864,12 @@ def test_savings_without_config_and_suggestions(data: tuple[Path, list]) -> None
 def test_python_m_proxy_report(data: tuple[Path, list]) -> None:
     d, recs = data
     e = {**os.environ, "ANALYZE_COSTS_NOW": NOW.isoformat()}
-    p = subprocess.run([sys.executable, "-m", "proxy", "report", "--file", str(d / "cost-tracking.jsonl"),
-                        "--since", "all", "--format", "json"], capture_output=True, text=True, cwd=ROOT, env=e)
+    p = subprocess.run(
+        [sys.executable, "-m", "proxy", "report", "--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=e,
+    )
     assert p.returncode == 0, p.stderr
     check_totals(json.loads(p.stdout, parse_float=Decimal)["totals"], expect(recs))

@@ -34,22 +34,17 @@ from conftest import (
     dec,
 )
 from mock_upstream import anthropic_message, chat_completion
-from proxy.budgets import (
-    BudgetLedger,
-    Limit,
-    Subject,
-    max_output_tokens,
-    period_bounds,
-    refusal_message,
-    replay_log,
-    usd_to_units,
-    worst_case_usage,
-)
-from proxy.config import ConfigError, parse_config
-from proxy.core.money import cost_units
-from proxy.estimate import estimate_input_tokens
-from proxy.keys import KeyEntry, key_hash, new_key, save_keys
-from proxy.records import iso_utc
+from proxy.budgets import BudgetLedger, Limit, Subject, refusal_message
+from proxy.config import parse_config
+from proxy.core.estimate import estimate_input_tokens
+from proxy.core.money import cost_units, usd_to_units
+from proxy.core.periods import period_bounds
+from proxy.core.policy import max_output_tokens, worst_case_usage
+from proxy.core.records import iso_utc
+from proxy.errors import ConfigError
+from proxy.keys import KeyEntry, key_hash, new_key
+from proxy.storage.keyfile import save_keys
+from proxy.storage.replay import replay_log
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = timezone.utc
@@ -71,8 +66,7 @@ def launch(tmp_path, start_proxy):
     """The real proxy app (conftest's start_proxy) with an injectable clock."""
 
     async def start(cfg: dict, log_path: Path | None = None, clock: Any = time.time) -> ProxyHandle:
-        return await start_proxy(cfg, log_path or tmp_path / "cost.jsonl", clock=clock,
-                                 config_path=str(tmp_path / "config.yml"))
+        return await start_proxy(cfg, log_path or tmp_path / "cost.jsonl", clock=clock, config_path=str(tmp_path / "config.yml"))
 
     return start
 
@@ -255,8 +249,10 @@ def test_refusal_message_names_budget_limit_spend_and_reset():
     ledger.settle(ledger.reserve(Subject(user_id="bob"), 4 * USD).hold, 4 * USD + USD // 4)
     d = ledger.reserve(Subject(user_id="bob"), USD)
     msg = refusal_message(d.refused, USD)
-    assert msg == ("Budget exceeded: user:bob daily (a limit for each user) has a limit of $5.00 and $4.25 is spent; "
-                   "this call may cost up to $1.00. The budget resets at 2026-05-06T00:00:00Z.")
+    assert msg == (
+        "Budget exceeded: user:bob daily (a limit for each user) has a limit of $5.00 and $4.25 is spent; "
+        "this call may cost up to $1.00. The budget resets at 2026-05-06T00:00:00Z."
+    )
 
 
 # --- the worst case of a request ---------------------------------------------------------
@@ -329,8 +325,17 @@ def test_usd_amounts_are_exact():
 
 
 def _line(t: float, cost: str | None, **fields: Any) -> bytes:
-    rec = {"schema_version": 1, "timestamp": iso_utc(t), "user_id": fields.pop("user_id", "alice"), "team": None,
-           "key_id": None, "session_id": None, "total_cost": None if cost is None else Decimal(cost), "tags": {}, **fields}
+    rec = {
+        "schema_version": 1,
+        "timestamp": iso_utc(t),
+        "user_id": fields.pop("user_id", "alice"),
+        "team": None,
+        "key_id": None,
+        "session_id": None,
+        "total_cost": None if cost is None else Decimal(cost),
+        "tags": {},
+        **fields,
+    }
     return orjson.dumps(rec, default=lambda d: orjson.Fragment(str(d))) + b"\n"
 
 
@@ -417,9 +422,14 @@ async def test_warning_headers_log_line_and_webhook(mock, launch, caplog):
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         mock.on("/v1/chat/completions", echo_usage("flat-1"))
-        budgets = {"warn_at": 0.8, "webhook": f"http://127.0.0.1:{port}/hook",
-                   "limits": [{"scope": "user", "match": "alice", "period": "daily", "usd": 0.05},
-                              {"scope": "global", "period": "monthly", "usd": 10}]}
+        budgets = {
+            "warn_at": 0.8,
+            "webhook": f"http://127.0.0.1:{port}/hook",
+            "limits": [
+                {"scope": "user", "match": "alice", "period": "daily", "usd": 0.05},
+                {"scope": "global", "period": "monthly", "usd": 10},
+            ],
+        }
         proxy = await launch(config(mock.url, budgets))
         async with oai(proxy.url, headers={"x-user-id": "alice"}) as c:
             seen = []
@@ -473,8 +483,13 @@ def _admin_keys(tmp_path: Path) -> tuple[str, str, Path]:
     """An admin key and a user key, created with the store's own writer."""
     admin, user = new_key(), new_key()
     path = tmp_path / "keys.yml"
-    save_keys(path, [KeyEntry(key_hash(admin)[:12], key_hash(admin), "ops", None, None, None, True),
-                     KeyEntry(key_hash(user)[:12], key_hash(user), "alice", "research")])
+    save_keys(
+        path,
+        [
+            KeyEntry(key_hash(admin)[:12], key_hash(admin), "ops", None, None, None, True),
+            KeyEntry(key_hash(user)[:12], key_hash(user), "alice", "research"),
+        ],
+    )
     return admin, user, path
 
 
@@ -542,8 +557,13 @@ async def test_spend_survives_a_restart(mock, launch, tmp_path):
     # The operator's view, from the log alone.
     (tmp_path / "config.yml").write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COST_TRACKING_FILE": str(log)}
-    out = subprocess.run([sys.executable, "-m", "proxy", "budgets", "--config", str(tmp_path / "config.yml")],
-                         capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "budgets", "--config", str(tmp_path / "config.yml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["BUDGET", "LIMIT", "SPENT", "REMAINING", "USED", "RESETS"]

@@ -11,7 +11,7 @@ from anthropic import AsyncAnthropic
 
 from conftest import CLIENT_ANTHROPIC_KEY, PROXY_ANTHROPIC_KEY, assert_no_secrets, dec
 from mock_upstream import SONNET_USAGE, anthropic_message, anthropic_stream_events, json_reply, sse, stream_reply
-from proxy.records import fingerprint
+from proxy.core.records import fingerprint
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
@@ -27,8 +27,7 @@ def costs(rec: dict) -> tuple:
 async def test_messages_non_stream_cache_read_and_1h_write(mock, proxy):
     mock.on("/v1/messages", json_reply(anthropic_message()))
     async with client(proxy.url) as c:
-        msg = await c.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=MESSAGES,
-                                      metadata={"user_id": "user-7"})
+        msg = await c.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=MESSAGES, metadata={"user_id": "user-7"})
     assert msg.content[0].text == "Done." and msg.usage.cache_read_input_tokens == 10000
 
     sent = mock.requests[-1]
@@ -59,8 +58,13 @@ async def test_messages_non_stream_cache_read_and_1h_write(mock, proxy):
 
 async def test_web_search_requests_are_priced(mock, proxy):
     """§7 vector: opus-4.1, in 10, read 50000, out 1000, 2 web searches = $0.17015."""
-    usage = {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 50000,
-             "output_tokens": 1000, "server_tool_use": {"web_search_requests": 2}}
+    usage = {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 50000,
+        "output_tokens": 1000,
+        "server_tool_use": {"web_search_requests": 2},
+    }
     mock.on("/v1/messages", json_reply(anthropic_message("claude-opus-4-1-20250805", usage)))
     async with client(proxy.url) as c:
         await c.messages.create(model="claude-opus-4-1", max_tokens=1024, messages=MESSAGES)
@@ -72,8 +76,7 @@ async def test_web_search_requests_are_priced(mock, proxy):
 async def test_configured_key_replaces_x_api_key(mock, proxy):
     mock.on("/v1/messages", json_reply(anthropic_message()))
     async with client(proxy.url, "anthropic-keyed") as c:
-        await c.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=MESSAGES,
-                                extra_headers={"x-user-id": "team-a"})
+        await c.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=MESSAGES, extra_headers={"x-user-id": "team-a"})
     sent = mock.requests[-1]
     assert sent.headers.getall("x-api-key") == [PROXY_ANTHROPIC_KEY]
     assert "authorization" not in sent.headers and "x-user-id" not in sent.headers
@@ -144,12 +147,20 @@ async def test_stream_with_server_tool_use_takes_the_last_cumulative_counts(mock
     included) is cumulative: 1 then 2 searches means 2, not 3."""
     evs = anthropic_stream_events(model="claude-opus-4-1-20250805")
     start = evs[0][1]["message"]["usage"]
-    start.update(input_tokens=10, cache_creation_input_tokens=0, cache_read_input_tokens=50000,
-                 cache_creation={"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0})
+    start.update(
+        input_tokens=10,
+        cache_creation_input_tokens=0,
+        cache_read_input_tokens=50000,
+        cache_creation={"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+    )
     deltas = [e for name, e in evs if name == "message_delta"]
     deltas[0]["usage"] = {"output_tokens": 400, "server_tool_use": {"web_search_requests": 1}}
-    deltas[1]["usage"] = {"input_tokens": 10, "cache_read_input_tokens": 50000, "output_tokens": 1000,
-                          "server_tool_use": {"web_search_requests": 2}}
+    deltas[1]["usage"] = {
+        "input_tokens": 10,
+        "cache_read_input_tokens": 50000,
+        "output_tokens": 1000,
+        "server_tool_use": {"web_search_requests": 2},
+    }
     mock.on("/v1/messages", stream_reply(mock, sse(evs)))
     async with client(proxy.url) as c:
         async with c.messages.stream(model="claude-opus-4-1", max_tokens=1024, messages=MESSAGES) as stream:

@@ -46,8 +46,8 @@ from mock_upstream import (
     sse,
     stream_reply,
 )
-from proxy.bodies import OFFLOAD_BYTES
-from proxy.estimate import estimate_input_tokens
+from proxy.core.estimate import estimate_input_tokens
+from proxy.web.bodies import OFFLOAD_BYTES
 from proxy.web.state import APP_STATE
 
 LIMIT = Decimal("0.10")
@@ -79,8 +79,7 @@ PRICES: dict[str, dict[str, Any]] = {
 }
 
 
-def config(upstream: str, limits: list[dict] | None = None, *, server: dict | None = None, catalog: bool = False,
-           **budgets: Any) -> dict:
+def config(upstream: str, limits: list[dict] | None = None, *, server: dict | None = None, catalog: bool = False, **budgets: Any) -> dict:
     cfg: dict[str, Any] = {
         "providers": {
             "openai": {"base_url": upstream, "models": PRICES["openai"]},
@@ -89,8 +88,7 @@ def config(upstream: str, limits: list[dict] | None = None, *, server: dict | No
             "compat": {"type": "openai", "base_url": upstream + "/compat", "models": COMPAT_MODELS},
         },
         "catalog": {"enabled": catalog},
-        "budgets": {"limits": limits if limits is not None else [{"scope": "user", "period": "daily", "usd": float(LIMIT)}],
-                    **budgets},
+        "budgets": {"limits": limits if limits is not None else [{"scope": "user", "period": "daily", "usd": float(LIMIT)}], **budgets},
     }
     if server:
         cfg["server"] = server
@@ -136,8 +134,11 @@ def family_error(family: str, body: Any, status: int) -> str:
 
 
 async def post(http: aiohttp.ClientSession, url: str, headers: dict, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
-    kw: dict[str, Any] = {"data": data, "headers": {**headers, "Content-Type": "application/json"}} if data is not None \
+    kw: dict[str, Any] = (
+        {"data": data, "headers": {**headers, "Content-Type": "application/json"}}
+        if data is not None
         else {"json": body, "headers": headers}
+    )
     async with http.post(url, **kw) as r:
         raw = await r.read()
         try:
@@ -146,8 +147,9 @@ async def post(http: aiohttp.ClientSession, url: str, headers: dict, body: Any =
             return r.status, raw
 
 
-async def race(http: aiohttp.ClientSession, url: str, headers: dict, body: Any = None, data: bytes | None = None,
-               n: int = N) -> list[tuple[int, Any]]:
+async def race(
+    http: aiohttp.ClientSession, url: str, headers: dict, body: Any = None, data: bytes | None = None, n: int = N
+) -> list[tuple[int, Any]]:
     return list(await asyncio.gather(*(post(http, url, headers, body, data) for _ in range(n))))
 
 
@@ -166,14 +168,28 @@ def billing(shape: str, model: str, bill: Bill, delay: float = 0.3) -> Any:
         if shape == "chat":
             payload = chat_completion(model, {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out})
         elif shape == "responses":
-            payload = response_object(model, {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
-                                              "output_tokens": out, "output_tokens_details": {"reasoning_tokens": out // 2},
-                                              "total_tokens": inp + out})
+            payload = response_object(
+                model,
+                {
+                    "input_tokens": inp,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": out,
+                    "output_tokens_details": {"reasoning_tokens": out // 2},
+                    "total_tokens": inp + out,
+                },
+            )
         elif shape == "anthropic":
             payload = anthropic_message(model, {"input_tokens": inp, "output_tokens": out})
         else:  # gemini: thinking counts towards maxOutputTokens and is billed as output
-            payload = gemini_response(model, {"promptTokenCount": inp, "candidatesTokenCount": out - out // 2,
-                                              "thoughtsTokenCount": out // 2, "totalTokenCount": inp + out})
+            payload = gemini_response(
+                model,
+                {
+                    "promptTokenCount": inp,
+                    "candidatesTokenCount": out - out // 2,
+                    "thoughtsTokenCount": out // 2,
+                    "totalTokenCount": inp + out,
+                },
+            )
         return web.json_response(payload)
 
     return handler
@@ -214,11 +230,16 @@ async def test_unpriced_model_is_refused_under_a_budget_and_passes_without_one(m
         msg = family_error("openai", reply, 403)
         assert "mystery-model-9" in msg and "allow_unpriced" in msg and "pricing" in msg
     # The same refusal in the other families' words.
-    status, reply = await post(http, f"{proxy.url}/anthropic/v1/messages", user_h("anthropic", "alice"),
-                               {"model": "claude-mystery", "max_tokens": 100, "messages": MSG})
+    status, reply = await post(
+        http,
+        f"{proxy.url}/anthropic/v1/messages",
+        user_h("anthropic", "alice"),
+        {"model": "claude-mystery", "max_tokens": 100, "messages": MSG},
+    )
     assert status == 403 and "claude-mystery" in family_error("anthropic", reply, 403)
-    status, reply = await post(http, f"{proxy.url}/gemini/v1beta/models/gemini-mystery:generateContent",
-                               user_h("gemini", "alice"), {"contents": CONTENTS})
+    status, reply = await post(
+        http, f"{proxy.url}/gemini/v1beta/models/gemini-mystery:generateContent", user_h("gemini", "alice"), {"contents": CONTENTS}
+    )
     assert status == 403 and "gemini-mystery" in family_error("gemini", reply, 403)
     assert len(mock.requests) == 0
     # No budget applies to bob: his unpriced call passes (and is priced by the reply's model).
@@ -235,8 +256,12 @@ async def test_unpriced_model_is_refused_under_a_budget_and_passes_without_one(m
 async def test_allow_unpriced_lets_unpriced_models_through(mock, start_proxy, http):
     mock.on("/v1/chat/completions", billing("chat", "some-unpriced-model-2", lambda b: (10000, 1000), delay=0.1))
     proxy = await start_proxy(config(mock.url, allow_unpriced=True))
-    results = await race(http, f"{proxy.url}/openai/v1/chat/completions", user_h("openai", "carol"),
-                         {"model": "some-unpriced-model", "messages": MSG, "max_tokens": 1000})
+    results = await race(
+        http,
+        f"{proxy.url}/openai/v1/chat/completions",
+        user_h("openai", "carol"),
+        {"model": "some-unpriced-model", "messages": MSG, "max_tokens": 1000},
+    )
     assert [s for s, _ in results] == [200] * N
     assert len(mock.requests) == N
     records = await proxy.records()
@@ -260,8 +285,16 @@ async def test_lone_surrogate_body_is_reserved_forwarded_intact_and_invalid_json
     # The upstream got the escape exactly as sent.
     assert mock.requests and all(q.body == raw for q in mock.requests)
     # A streamed call, whose body the proxy re-serializes (to ask for usage), keeps it too.
-    mock.on("/v1/chat/completions", stream_reply(mock, sse((None, c) for c in chat_chunks(
-        "gpt-4o-2024-08-06", ["x"], {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}, True))))
+    mock.on(
+        "/v1/chat/completions",
+        stream_reply(
+            mock,
+            sse(
+                (None, c)
+                for c in chat_chunks("gpt-4o-2024-08-06", ["x"], {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}, True)
+            ),
+        ),
+    )
     stream_raw = raw[:-1] + b',"stream":true}'
     status, _ = await post(http, f"{proxy.url}/openai/v1/chat/completions", user_h("openai", "erin"), data=stream_raw)
     assert status == 200
@@ -270,8 +303,11 @@ async def test_lone_surrogate_body_is_reserved_forwarded_intact_and_invalid_json
     # Not JSON at all, under budgets: refused in each family's format, never forwarded.
     sent = len(mock.requests)
     bad = b'{"model":"gpt-4o","max_tokens":2000,"messages":[{"role":"user","content":"unterminated'
-    for family, path in [("openai", "/openai/v1/chat/completions"), ("anthropic", "/anthropic/v1/messages"),
-                         ("gemini", "/gemini/v1beta/models/gemini-2.5-flash:generateContent")]:
+    for family, path in [
+        ("openai", "/openai/v1/chat/completions"),
+        ("anthropic", "/anthropic/v1/messages"),
+        ("gemini", "/gemini/v1beta/models/gemini-2.5-flash:generateContent"),
+    ]:
         status, reply = await post(http, proxy.url + path, user_h(family, "frank"), data=bad)
         assert status == 400, (family, status, reply)
         assert "JSON" in family_error(family, reply, 400)
@@ -286,28 +322,116 @@ async def test_lone_surrogate_body_is_reserved_forwarded_intact_and_invalid_json
 GEMINI_FLASH = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
 # (what, provider, path, mock path, reply shape, reply model, body, billed output or None: the mock computes it)
 CAP_CASES: list[tuple[str, str, str, str, str, str, dict, int | None]] = [
-    ("chat max_completion_tokens", "openai", "/openai/v1/chat/completions", "/v1/chat/completions", "chat", "gpt-4o",
-     {"model": "gpt-4o", "messages": MSG, "max_completion_tokens": 2000}, 2000),
-    ("responses max_output_tokens", "openai", "/openai/v1/responses", "/v1/responses", "responses", "gpt-5",
-     {"model": "gpt-5", "input": "Write a long essay about budgets.", "max_output_tokens": 2000}, 2000),
-    ("chat n=3", "openai", "/openai/v1/chat/completions", "/v1/chat/completions", "chat", "gpt-4o",
-     {"model": "gpt-4o", "messages": MSG, "max_completion_tokens": 700, "n": 3}, 2100),
-    ("generationConfig.maxOutputTokens", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 8000}}, 8000),
-    ("generationConfig.max_output_tokens", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generationConfig": {"max_output_tokens": 8000}}, 8000),
-    ("generation_config.maxOutputTokens", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generation_config": {"maxOutputTokens": 8000}}, 8000),
-    ("generation_config.max_output_tokens", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generation_config": {"max_output_tokens": 8000}}, 8000),
-    ("maxOutputTokens as a numeric string", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": "8000"}}, 8000),
-    ("candidateCount=2", "gemini", GEMINI_FLASH, "", "gemini", "gemini-2.5-flash",
-     {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": "4000", "candidateCount": 2}}, 8000),
-    ("no cap: the model's max_output_tokens from config.yml", "openai", "/openai/v1/chat/completions",
-     "/v1/chat/completions", "chat", "long-1", {"model": "long-1", "messages": MSG}, 20000),
-    ("no cap: the catalog's context window less the input", "openai", "/openai/v1/chat/completions",
-     "/v1/chat/completions", "chat", "gpt-3.5-turbo", {"model": "gpt-3.5-turbo", "messages": MSG}, None),
+    (
+        "chat max_completion_tokens",
+        "openai",
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "chat",
+        "gpt-4o",
+        {"model": "gpt-4o", "messages": MSG, "max_completion_tokens": 2000},
+        2000,
+    ),
+    (
+        "responses max_output_tokens",
+        "openai",
+        "/openai/v1/responses",
+        "/v1/responses",
+        "responses",
+        "gpt-5",
+        {"model": "gpt-5", "input": "Write a long essay about budgets.", "max_output_tokens": 2000},
+        2000,
+    ),
+    (
+        "chat n=3",
+        "openai",
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "chat",
+        "gpt-4o",
+        {"model": "gpt-4o", "messages": MSG, "max_completion_tokens": 700, "n": 3},
+        2100,
+    ),
+    (
+        "generationConfig.maxOutputTokens",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 8000}},
+        8000,
+    ),
+    (
+        "generationConfig.max_output_tokens",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generationConfig": {"max_output_tokens": 8000}},
+        8000,
+    ),
+    (
+        "generation_config.maxOutputTokens",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generation_config": {"maxOutputTokens": 8000}},
+        8000,
+    ),
+    (
+        "generation_config.max_output_tokens",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generation_config": {"max_output_tokens": 8000}},
+        8000,
+    ),
+    (
+        "maxOutputTokens as a numeric string",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": "8000"}},
+        8000,
+    ),
+    (
+        "candidateCount=2",
+        "gemini",
+        GEMINI_FLASH,
+        "",
+        "gemini",
+        "gemini-2.5-flash",
+        {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": "4000", "candidateCount": 2}},
+        8000,
+    ),
+    (
+        "no cap: the model's max_output_tokens from config.yml",
+        "openai",
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "chat",
+        "long-1",
+        {"model": "long-1", "messages": MSG},
+        20000,
+    ),
+    (
+        "no cap: the catalog's context window less the input",
+        "openai",
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "chat",
+        "gpt-3.5-turbo",
+        {"model": "gpt-3.5-turbo", "messages": MSG},
+        None,
+    ),
 ]
 
 
@@ -335,12 +459,16 @@ async def test_output_caps_in_every_spelling_hold_the_race_within_the_limit(mock
 # (provider, path, body or raw bytes, content type); each reaches the mock at path minus the provider.
 BILLABLE = [
     ("openai", "/v1/images/generations", {"model": "gpt-image-1", "prompt": "a cat"}),
-    ("openai", "/v1/images/edits", b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhat\r\n--b--\r\n"),
+    ("openai", "/v1/images/edits", b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhat\r\n--b--\r\n'),
     ("openai", "/v1/audio/speech", {"model": "gpt-4o-mini-tts", "input": "hello", "voice": "alloy"}),
-    ("openai", "/v1/audio/transcriptions", b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n"),
+    ("openai", "/v1/audio/transcriptions", b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'),
     ("openai", "/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
     ("openai", "/v1/fine_tuning/jobs", {"model": "gpt-4o-mini", "training_file": "file-1"}),
-    ("anthropic", "/v1/messages/batches", {"requests": [{"custom_id": "a", "params": {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": MSG}}]}),
+    (
+        "anthropic",
+        "/v1/messages/batches",
+        {"requests": [{"custom_id": "a", "params": {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": MSG}}]},
+    ),
     ("gemini", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", {"batch": {"input_config": {}}}),
     ("gemini", "/v1beta/models/gemini-embedding-001:batchEmbedContents", {"requests": []}),
     ("gemini", "/v1beta/models/imagen-4.0-generate-001:predict", {"instances": [{"prompt": "a cat"}]}),
@@ -350,8 +478,9 @@ BILLABLE = [
 async def _call(http: aiohttp.ClientSession, proxy: ProxyHandle, provider: str, path: str, body: Any, user: str) -> tuple[int, Any]:
     headers = user_h(provider, user)
     if isinstance(body, bytes):
-        async with http.post(f"{proxy.url}/{provider}{path}", data=body,
-                             headers={**headers, "Content-Type": "multipart/form-data; boundary=b"}) as r:
+        async with http.post(
+            f"{proxy.url}/{provider}{path}", data=body, headers={**headers, "Content-Type": "multipart/form-data; boundary=b"}
+        ) as r:
             return r.status, await r.read()
     return await post(http, f"{proxy.url}/{provider}{path}", headers, body)
 
@@ -373,8 +502,9 @@ async def test_billable_endpoints_are_refused_once_the_budget_is_spent(mock, sta
     assert len(mock.requests) == len(BILLABLE) + 1
     # Spend the rest of the limit exactly: the embedding cost 2000 x $0.15/M = $0.0003, and
     # 9970 output tokens at $10/M of a model with free input cost $0.0997.
-    status, _ = await post(http, f"{proxy.url}/openai/v1/chat/completions", user_h("openai", "gina"),
-                           {"model": "flat-1", "messages": MSG, "max_tokens": 9970})
+    status, _ = await post(
+        http, f"{proxy.url}/openai/v1/chat/completions", user_h("openai", "gina"), {"model": "flat-1", "messages": MSG, "max_tokens": 9970}
+    )
     assert status == 200
     sent = len(mock.requests)
     for provider, path, body in BILLABLE:
@@ -418,8 +548,9 @@ def _odd_chat(mock: Any) -> Any:
         "model-int": json_reply(with_(model=123)),
         "tier-object": json_reply(with_(service_tier={"tier": "flex"})),
         "negative": json_reply(with_(usage={"prompt_tokens": -5, "completion_tokens": 30, "total_tokens": 25})),
-        "huge": raw_reply(json.dumps(with_(usage={"prompt_tokens": 10**30, "completion_tokens": 1})).encode(),
-                          content_type="application/json"),
+        "huge": raw_reply(
+            json.dumps(with_(usage={"prompt_tokens": 10**30, "completion_tokens": 1})).encode(), content_type="application/json"
+        ),
         "usage-list": json_reply(with_(usage=[1, 2])),
         "usage-strings": json_reply(with_(usage={"prompt_tokens": "20", "completion_tokens": {"n": 1}})),
         "not-json": raw_reply(b'{"id":"chatcmpl-1","usage":{"prompt_tokens":', content_type="application/json"),
@@ -427,8 +558,9 @@ def _odd_chat(mock: Any) -> Any:
         "timeout": json_reply(with_(), delay=2.0),  # read_timeout is 0.4 s
         "stream-timeout": stream_reply(mock, [chunks[0], chunks[1], 2.0, *chunks[2:]]),
         "stream-cut": cut_stream([chunks[0], chunks[1]]),
-        "stream-garbage": stream_reply(mock, [chunks[0], b"data: {not json\n\n",
-                                              b'data: {"choices":[],"model":5,"usage":{"prompt_tokens":-1}}\n\n']),
+        "stream-garbage": stream_reply(
+            mock, [chunks[0], b"data: {not json\n\n", b'data: {"choices":[],"model":5,"usage":{"prompt_tokens":-1}}\n\n']
+        ),
         "client-abort": stream_reply(mock, [chunks[0], chunks[1], 5.0, *chunks[2:]]),
         "over-worst-case": json_reply(with_(usage={"prompt_tokens": 20, "completion_tokens": 5000, "total_tokens": 5020})),
         "under-worst-case": json_reply(with_(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})),
@@ -460,30 +592,61 @@ async def _odd_call(http: aiohttp.ClientSession, proxy: ProxyHandle, case: str, 
         r.release()
 
 
-ODD_CASES = ["model-int", "tier-object", "negative", "huge", "usage-list", "usage-strings", "not-json", "http500",
-             "timeout", "stream-timeout", "stream-cut", "stream-garbage", "client-abort"]
+ODD_CASES = [
+    "model-int",
+    "tier-object",
+    "negative",
+    "huge",
+    "usage-list",
+    "usage-strings",
+    "not-json",
+    "http500",
+    "timeout",
+    "stream-timeout",
+    "stream-cut",
+    "stream-garbage",
+    "client-abort",
+]
 
 
 async def test_every_reservation_is_settled_whatever_the_reply(mock, start_proxy, http):
     mock.on(ODD, _odd_chat(mock))
 
     async def anthropic_odd(request: web.Request, rec: Received) -> web.StreamResponse:
-        start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": [],
-                 "model": ["claude"], "usage": {"input_tokens": "many", "output_tokens": 1}}}
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "m",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": ["claude"],
+                "usage": {"input_tokens": "many", "output_tokens": 1},
+            },
+        }
         delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": -7}}
-        return await mock.write_pieces(request, sse([("message_start", start), ("message_delta", delta), ("message_stop", {"type": "message_stop"})]))
+        return await mock.write_pieces(
+            request, sse([("message_start", start), ("message_delta", delta), ("message_stop", {"type": "message_stop"})])
+        )
 
     mock.on("/v1/messages", anthropic_odd)
-    mock.on("/v1beta/models/gemini-2.5-flash:generateContent",
-            json_reply(gemini_response("gemini-2.5-flash", {"promptTokenCount": -1, "candidatesTokenCount": 10**25})))
+    mock.on(
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        json_reply(gemini_response("gemini-2.5-flash", {"promptTokenCount": -1, "candidatesTokenCount": 10**25})),
+    )
     # A user whose worst case per call is about $0.0011: nine leaked holds would not block,
     # so the test counts what is held rather than waiting for a refusal.
     proxy = await start_proxy(config(mock.url, server={"read_timeout": 0.4}))
     statuses = await asyncio.gather(*(_odd_call(http, proxy, case, "odd") for case in ODD_CASES))
-    status, _ = await post(http, f"{proxy.url}/anthropic/v1/messages", user_h("anthropic", "odd"),
-                           {"model": "claude-haiku-4-5", "max_tokens": 100, "stream": True, "messages": MSG})
-    status2, _ = await post(http, f"{proxy.url}{GEMINI_FLASH}", user_h("gemini", "odd"),
-                            {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100}})
+    status, _ = await post(
+        http,
+        f"{proxy.url}/anthropic/v1/messages",
+        user_h("anthropic", "odd"),
+        {"model": "claude-haiku-4-5", "max_tokens": 100, "stream": True, "messages": MSG},
+    )
+    status2, _ = await post(
+        http, f"{proxy.url}{GEMINI_FLASH}", user_h("gemini", "odd"), {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100}}
+    )
     deadline = time.monotonic() + 5
     while proxy.raw_log().count("\n") < len(ODD_CASES) + 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)  # every call has ended (the client-abort one a little later)
@@ -505,8 +668,7 @@ async def test_settlement_adds_the_real_cost_whatever_it_differs_by(mock, start_
     mock.on(ODD, _odd_chat(mock))
     proxy = await start_proxy(config(mock.url, server={"read_timeout": 0.4}))
     seen = 0
-    for case in ["over-worst-case", "under-worst-case", "http500", "timeout", "stream-timeout", "client-abort",
-                 "stream-cut", "normal"]:
+    for case in ["over-worst-case", "under-worst-case", "http500", "timeout", "stream-timeout", "client-abort", "stream-cut", "normal"]:
         before = spent_usd(proxy, "settle")
         await _odd_call(http, proxy, case, "settle", max_tokens=100)
         seen += 1
@@ -518,8 +680,12 @@ async def test_settlement_adds_the_real_cost_whatever_it_differs_by(mock, start_
         delta = spent_usd(proxy, "settle") - before
         assert delta == (dec(rec["total_cost"]) or 0), case
         if case == "over-worst-case":
-            worst = cost("openai", "gpt-4o", estimate_input_tokens({"model": "gpt-4o", "max_tokens": 100, "messages": [
-                {"role": "user", "content": case}]}, "gpt-4o"), 100)
+            worst = cost(
+                "openai",
+                "gpt-4o",
+                estimate_input_tokens({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": case}]}, "gpt-4o"),
+                100,
+            )
             assert delta == cost("openai", "gpt-4o", 20, 5000) > worst  # more than was reserved: all of it counts
         if case in ("http500", "timeout"):
             assert delta == 0 and rec["status"] in (500, 504)
@@ -557,8 +723,12 @@ def _send_from_a_thread(port: int, path: str, headers: dict[str, str], body: byt
 async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
     release = threading.Event()
     small_reply = chat_completion("gpt-4o-mini", {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
-    no_usage = {"id": "big", "object": "chat.completion", "model": "gpt-4o-mini",
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]}
+    no_usage = {
+        "id": "big",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+    }
 
     def respond(path: str, body: bytes) -> tuple[int, Any]:
         if len(body) > 20_000_000:
@@ -568,8 +738,7 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
 
     upstream = ThreadedUpstream(respond)
     try:
-        proxy = await start_proxy(config(upstream.url, [{"scope": "user", "period": "daily", "usd": 1000}],
-                                         server={"max_body_mb": 64}))
+        proxy = await start_proxy(config(upstream.url, [{"scope": "user", "period": "daily", "usd": 1000}], server={"max_body_mb": 64}))
         port = int(proxy.url.rsplit(":", 1)[1])
         path = "/compat/v1/chat/completions"
         big = _huge_body(700_000)
@@ -631,8 +800,7 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
     # shared 2-core CI machine can't hold that line without flaking (a fresh clone once
     # saw 263 ms while its worker process was still cold), so the suite checks the
     # class of fault: the old code stalled every call for 2-4.7 s.
-    assert worst - baseline <= 0.500, \
-        f"a small call took {worst * 1000:.0f} ms during the huge one (baseline {baseline * 1000:.1f} ms)"
+    assert worst - baseline <= 0.500, f"a small call took {worst * 1000:.0f} ms during the huge one (baseline {baseline * 1000:.1f} ms)"
     [huge] = [r for r in records if r["user_id"] == "huge"]
     assert huge["status"] == 200 and huge["usage_source"] == "estimated"
     # Plausible: each message is its framing plus a few tokens of text, as in a sample.

@@ -58,8 +58,19 @@ async def serve(tmp_path):
         log = tmp_path / "logs" / "cost.jsonl"
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
-            cwd=tmp_path, env=_env(log), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(cfg),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            cwd=tmp_path,
+            env=_env(log),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -161,9 +172,14 @@ async def test_sigterm_lets_the_in_flight_call_finish(stream, mock, serve):
 
 BAD_CONFIGS = [
     ({"providers": {"openai": {"base_url": "ftp://example.com"}}}, "providers.openai.base_url"),
-    ({"providers": {"openai": {"base_url": "http://127.0.0.1:1",
-                               "models": {"gpt-4o": {"pricing": {"input": 2.5, "output": 10, "bogus": 1}}}}}},
-     "providers.openai.models.gpt-4o.pricing.bogus"),
+    (
+        {
+            "providers": {
+                "openai": {"base_url": "http://127.0.0.1:1", "models": {"gpt-4o": {"pricing": {"input": 2.5, "output": 10, "bogus": 1}}}}
+            }
+        },
+        "providers.openai.models.gpt-4o.pricing.bogus",
+    ),
     ({"providers": {"mystery": {"base_url": "http://127.0.0.1:1"}}}, "providers.mystery.type"),
     ({"providers": {"openai": {"base_url": "http://127.0.0.1:1"}}, "server": {"read_timeout": -1}}, "server.read_timeout"),
 ]
@@ -175,7 +191,11 @@ def test_malformed_config_exits_naming_file_and_key(config, key, tmp_path):
     cfg.write_text(json.dumps(config))
     proc = subprocess.run(
         [sys.executable, "-m", "proxy", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(free_port())],
-        cwd=tmp_path, env=_env(tmp_path / "log.jsonl"), capture_output=True, text=True, timeout=30,
+        cwd=tmp_path,
+        env=_env(tmp_path / "log.jsonl"),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode != 0
     assert f"error: {cfg}: {key}: " in proc.stderr, proc.stderr
@@ -185,8 +205,14 @@ def test_malformed_config_exits_naming_file_and_key(config, key, tmp_path):
 def test_config_that_is_not_yaml_exits_naming_file(tmp_path):
     cfg = tmp_path / "broken.yml"
     cfg.write_text("providers:\n  openai: {base_url: [unclosed\n")
-    proc = subprocess.run([sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(free_port())],
-                          cwd=tmp_path, env=_env(tmp_path / "log.jsonl"), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(free_port())],
+        cwd=tmp_path,
+        env=_env(tmp_path / "log.jsonl"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert f"error: {cfg}: " in proc.stderr and "YAML" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -205,9 +231,11 @@ async def test_sigterm_past_shutdown_timeout_still_records_the_cut_call(mock, se
     async def call():
         nonlocal got
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{served.url}/anthropic/v1/messages",
-                              json={"model": "claude-haiku-4-5", "max_tokens": 5, "stream": True, "messages": []},
-                              headers={"x-api-key": "sk-ant-test-client-0123456789abcdef"}) as r:
+            async with s.post(
+                f"{served.url}/anthropic/v1/messages",
+                json={"model": "claude-haiku-4-5", "max_tokens": 5, "stream": True, "messages": []},
+                headers={"x-api-key": "sk-ant-test-client-0123456789abcdef"},
+            ) as r:
                 async for piece in r.content.iter_any():
                     got += piece
 

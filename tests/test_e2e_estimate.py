@@ -26,8 +26,13 @@ def tokens(text: str) -> int:
 
 def chunk(content: str | None, finish: str | None = None) -> dict:
     delta = {} if content is None else {"content": content}
-    return {"id": "chatcmpl-e1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": None}
+    return {
+        "id": "chatcmpl-e1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "usage": None,
+    }
 
 
 def gpt4o_cost(inp: int, out: int) -> Decimal:
@@ -76,14 +81,27 @@ async def test_server_that_ignores_include_usage_is_estimated(mock, proxy):
 
 
 async def test_anthropic_stream_cut_after_message_start_keeps_reported_input(mock, http, proxy):
-    start = {"type": "message_start", "message": {"id": "msg_cut", "type": "message", "role": "assistant", "content": [],
-             "model": "claude-haiku-4-5-20251001",
-             "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2000, "output_tokens": 1}}}
-    deltas = [("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}) for p in PIECES]
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_cut",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": "claude-haiku-4-5-20251001",
+            "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2000, "output_tokens": 1},
+        },
+    }
+    deltas = [
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}) for p in PIECES
+    ]
     # The upstream closes the connection without message_delta / message_stop.
     mock.on("/v1/messages", stream_reply(mock, sse([("message_start", start), *deltas])))
-    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 100, "stream": True,
-                         "messages": [{"role": "user", "content": PROMPT}]}, headers={"x-api-key": "sk-ant-x"}) as r:
+    async with http.post(
+        f"{proxy.url}/anthropic/v1/messages",
+        json={"model": "claude-haiku-4-5", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": PROMPT}]},
+        headers={"x-api-key": "sk-ant-x"},
+    ) as r:
         await r.read()
     [rec] = await proxy.records()
     assert rec["input_tokens"] == 2100 and rec["cache_read_tokens"] == 2000  # as reported

@@ -143,8 +143,7 @@ async def test_stream_that_stalls_before_its_first_byte_is_504(mock, start_proxy
     by a second status line inside the body."""
     proxy = await start_proxy(make_config(mock.url, server={"read_timeout": 0.3}))
     mock.on("/v1/chat/completions", stream_reply(mock, [3.0, b"data: [DONE]\n\n"]))
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True},
-                         headers=CALLS["openai"][3]) as r:
+    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True}, headers=CALLS["openai"][3]) as r:
         assert r.status == 504
         assert_family_error("openai", await r.json(), 504)
     [rec] = await proxy.records()
@@ -156,8 +155,7 @@ async def test_stream_that_stalls_mid_reply_is_cut_and_recorded(mock, start_prox
     events = sse(anthropic_stream_events())
     mock.on("/v1/messages", stream_reply(mock, [events[0], 3.0, *events[1:]]))
     got = b""
-    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                         headers=CALLS["anthropic"][3]) as r:
+    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3]) as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):  # the client learns the stream was cut
             async for chunk in r.content.iter_any():
@@ -221,7 +219,9 @@ async def test_keys_echoed_in_upstream_errors_never_reach_the_log(configured, mo
         key = rec.headers["Authorization"][7:]
         masked = key[:8] + "*" * 20 + key[-4:]
         msg = f"Incorrect API key provided: {key} ({masked}). You can find your API key at https://platform.openai.com/account/api-keys."
-        return web.json_response({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, status=401)
+        return web.json_response(
+            {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, status=401
+        )
 
     mock.on("/v1/chat/completions", echo_key)
     provider = "openai-keyed" if configured else "openai"
@@ -254,7 +254,8 @@ async def _raw_upstream(reply: bytes):
 async def test_upstream_closes_mid_body_is_502(start_proxy, http):
     """Content-Length promises 1000 bytes, 19 come, then the connection closes."""
     server, url = await _raw_upstream(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"id\":\"chatcmpl-1\",")
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"id":"chatcmpl-1",'
+    )
     try:
         proxy = await start_proxy(make_config(url))
         async with http.post(f"{proxy.url}/openai/v1/chat/completions", json=OPENAI_BODY, headers=CALLS["openai"][3]) as r:
@@ -267,12 +268,12 @@ async def test_upstream_closes_mid_body_is_502(start_proxy, http):
 
 
 async def test_upstream_stream_closed_before_any_event_is_502(start_proxy, http):
-    server, url = await _raw_upstream(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    server, url = await _raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
     try:
         proxy = await start_proxy(make_config(url))
-        async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                             headers=CALLS["anthropic"][3]) as r:
+        async with http.post(
+            f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3]
+        ) as r:
             assert r.status == 502
             assert_family_error("anthropic", await r.json(), 502)
         [rec] = await proxy.records()
@@ -284,14 +285,14 @@ async def test_upstream_stream_closed_before_any_event_is_502(start_proxy, http)
 async def test_upstream_stream_closed_mid_stream_keeps_what_came(start_proxy, http):
     first = sse(anthropic_stream_events())[0]
     chunk = b"%x\r\n%s\r\n" % (len(first), first)
-    server, url = await _raw_upstream(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+    server, url = await _raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
     try:
         proxy = await start_proxy(make_config(url))
         got = b""
         cut_seen = False
-        async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                             headers=CALLS["anthropic"][3]) as r:
+        async with http.post(
+            f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3]
+        ) as r:
             assert r.status == 200
             try:
                 async for piece in r.content.iter_any():
@@ -314,8 +315,7 @@ async def test_client_disconnect_mid_stream_closes_upstream_and_is_recorded(mock
     events = sse(anthropic_stream_events())
     pieces = [events[0]] + [p for ev in events[1:] for p in (0.2, ev)]
     mock.on("/v1/messages", stream_reply(mock, pieces))
-    r = await http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                        headers=CALLS["anthropic"][3])
+    r = await http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3])
     assert r.status == 200
     first = await r.content.readuntil(b"\n\n")
     assert b"message_start" in first
@@ -330,8 +330,7 @@ async def test_client_disconnect_mid_stream_closes_upstream_and_is_recorded(mock
 
 async def test_client_disconnect_during_a_filtered_openai_stream(mock, proxy, http):
     mock.on("/v1/chat/completions", openai_chat(mock, first_gap=3))
-    r = await http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True},
-                        headers=CALLS["openai"][3])
+    r = await http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True}, headers=CALLS["openai"][3])
     assert b"chat.completion.chunk" in await r.content.readuntil(b"\n\n")
     r.close()
     await asyncio.wait_for(mock.disconnected.wait(), 3)
@@ -353,8 +352,12 @@ async def test_client_gives_up_before_any_reply(mock, proxy, http):
 
     mock.on("/v1/chat/completions", slow)
     with pytest.raises(asyncio.TimeoutError):
-        async with http.post(f"{proxy.url}/openai/v1/chat/completions", json=OPENAI_BODY, headers=CALLS["openai"][3],
-                             timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+        async with http.post(
+            f"{proxy.url}/openai/v1/chat/completions",
+            json=OPENAI_BODY,
+            headers=CALLS["openai"][3],
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ) as r:
             await r.read()
     await asyncio.wait_for(cancelled.wait(), 3)  # upstream call closed too
     [rec] = await proxy.records()
@@ -369,8 +372,9 @@ async def test_32_mb_request_body_goes_through(mock, proxy, http):
     mock.on("/v1/chat/completions", openai_chat(mock))
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (32 * 1024 * 1024)}]}
     data = json.dumps(big).encode()
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", data=data,
-                         headers={**CALLS["openai"][3], "Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/chat/completions", data=data, headers={**CALLS["openai"][3], "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 200
         assert (await r.json())["usage"]["prompt_tokens"] == 10000
     assert len(mock.requests[-1].body) == len(data)
@@ -411,8 +415,7 @@ async def test_openai_stream_split_in_odd_pieces(mock, proxy, http):
     events = sse([(None, c) for c in chat_chunks("gpt-4o-2024-08-06", ["Hel", "lo", "!"], GPT4O_USAGE, True)] + [(None, "[DONE]")])
     raw = b"".join(events)
     mock.on("/v1/chat/completions", stream_reply(mock, split_bytes(raw, [1, 3, 7, 2, 11], pause=0.0005)))
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True},
-                         headers=CALLS["openai"][3]) as r:
+    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={**OPENAI_BODY, "stream": True}, headers=CALLS["openai"][3]) as r:
         got = await r.read()
     assert got == b"".join(events[:-2] + events[-1:])  # everything but the choices=[] chunk
     [rec] = await proxy.records()
@@ -426,13 +429,15 @@ async def test_anthropic_and_gemini_streams_split_in_odd_pieces(sizes, mock, pro
     g_raw = b"".join(sse([(None, c) for c in gemini_stream_chunks()], sep="\r\n\r\n"))
     # Byte by byte only around the usage-bearing events; odd pieces elsewhere.
     mock.on("/v1/messages", stream_reply(mock, split_bytes(a_raw, sizes if sizes != [1] else [1, 1, 1, 29], pause=0.0003)))
-    mock.on("/v1beta/models/gemini-2.5-flash:streamGenerateContent",
-            stream_reply(mock, split_bytes(g_raw, sizes if sizes != [1] else [1, 1, 1, 31], pause=0.0003)))
-    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                         headers=CALLS["anthropic"][3]) as r:
+    mock.on(
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        stream_reply(mock, split_bytes(g_raw, sizes if sizes != [1] else [1, 1, 1, 31], pause=0.0003)),
+    )
+    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3]) as r:
         assert await r.read() == a_raw
-    async with http.post(f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
-                         json=GEMINI_BODY, headers=CALLS["gemini"][3]) as r:
+    async with http.post(
+        f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", json=GEMINI_BODY, headers=CALLS["gemini"][3]
+    ) as r:
         assert await r.read() == g_raw
     a, g = await proxy.records()
     assert (a["input_tokens"], a["output_tokens"], dec(a["total_cost"])) == (3100, 200, Decimal("0.00485"))
@@ -442,8 +447,9 @@ async def test_anthropic_and_gemini_streams_split_in_odd_pieces(sizes, mock, pro
 async def test_responses_stream_split_byte_by_byte(mock, proxy, http):
     raw = b"".join(sse(responses_stream_events()))
     mock.on("/v1/responses", stream_reply(mock, split_bytes(raw, [1, 1, 1, 1, 1, 1, 1, 64], pause=0.0003)))
-    async with http.post(f"{proxy.url}/openai/v1/responses", json={"model": "gpt-5", "input": "hi", "stream": True},
-                         headers=CALLS["openai"][3]) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/responses", json={"model": "gpt-5", "input": "hi", "stream": True}, headers=CALLS["openai"][3]
+    ) as r:
         assert await r.read() == raw
     [rec] = await proxy.records()
     assert (rec["input_tokens"], rec["output_tokens"], dec(rec["total_cost"])) == (40, 210, Decimal("0.00215"))
@@ -462,11 +468,20 @@ def _incremental_cases(mock) -> dict:
     stream = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
     return {
         # the filtered path (the proxy re-frames events to drop the injected usage chunk)
-        "openai-filtered": ("/v1/chat/completions", openai_chat(mock, first_gap=GAP), "openai/v1/chat/completions", {**OPENAI_BODY, "stream": True}),
+        "openai-filtered": (
+            "/v1/chat/completions",
+            openai_chat(mock, first_gap=GAP),
+            "openai/v1/chat/completions",
+            {**OPENAI_BODY, "stream": True},
+        ),
         "anthropic": ("/v1/messages", stream_reply(mock, [a[0], GAP, *a[1:]]), "anthropic/v1/messages", {**ANTHROPIC_BODY, "stream": True}),
         "gemini-sse": (stream, stream_reply(mock, [g[0], GAP, *g[1:]]), "gemini" + stream + "?alt=sse", GEMINI_BODY),
-        "gemini-array": (stream, stream_reply(mock, [arr[0].encode(), GAP, *(x.encode() for x in arr[1:])], content_type="application/json"),
-                         "gemini" + stream, GEMINI_BODY),
+        "gemini-array": (
+            stream,
+            stream_reply(mock, [arr[0].encode(), GAP, *(x.encode() for x in arr[1:])], content_type="application/json"),
+            "gemini" + stream,
+            GEMINI_BODY,
+        ),
     }
 
 
@@ -499,8 +514,10 @@ async def test_200_concurrent_calls_give_200_well_formed_lines(mock, proxy, http
         return sse(anthropic_stream_events(rid=f"msg_{mock.next_id()}"))
 
     mock.on("/v1/messages", stream_reply(mock, anthropic_events))
-    mock.on("/v1beta/models/gemini-2.5-flash:streamGenerateContent",
-            stream_reply(mock, lambda rec: sse([(None, c) for c in gemini_stream_chunks()], sep="\r\n\r\n")))
+    mock.on(
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        stream_reply(mock, lambda rec: sse([(None, c) for c in gemini_stream_chunks()], sep="\r\n\r\n")),
+    )
 
     async def one(i: int) -> int:
         kind = i % 4
@@ -512,8 +529,7 @@ async def test_200_concurrent_calls_give_200_well_formed_lines(mock, proxy, http
         elif kind == 2:
             url, body, headers = "anthropic/v1/messages", {**ANTHROPIC_BODY, "stream": True}, CALLS["anthropic"][3]
         else:
-            url, body, headers = ("gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", GEMINI_BODY,
-                                  CALLS["gemini"][3])
+            url, body, headers = ("gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", GEMINI_BODY, CALLS["gemini"][3])
         async with http.post(f"{proxy.url}/{url}", json=body, headers={**headers, "x-user-id": f"user-{i}"}) as r:
             await r.read()
             return r.status
@@ -537,9 +553,11 @@ async def test_200_concurrent_calls_give_200_well_formed_lines(mock, proxy, http
 
 def _line(ts: datetime, provider: str, cost: str, tokens: int) -> str:
     stamp = ts.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    return (f'{{"schema_version":1,"timestamp":"{stamp}","provider":"{provider}","status":200,"error":null,'
-            f'"input_tokens":{tokens},"output_tokens":0,"total_tokens":{tokens},"input_cost":{cost},'
-            f'"output_cost":0,"total_cost":{cost}}}\n')
+    return (
+        f'{{"schema_version":1,"timestamp":"{stamp}","provider":"{provider}","status":200,"error":null,'
+        f'"input_tokens":{tokens},"output_tokens":0,"total_tokens":{tokens},"input_cost":{cost},'
+        f'"output_cost":0,"total_cost":{cost}}}\n'
+    )
 
 
 async def test_health_includes_records_already_in_the_log(mock, start_proxy, http, tmp_path):
@@ -563,8 +581,9 @@ async def test_health_includes_records_already_in_the_log(mock, start_proxy, htt
     assert stats["total_cost"] == Decimal("0.75")
     assert stats["provider_costs"] == {"anthropic": Decimal("0.25"), "openai": Decimal("0.5")}
 
-    async with http.post(f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent", json=GEMINI_BODY,
-                         headers=CALLS["gemini"][3]) as r:
+    async with http.post(
+        f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent", json=GEMINI_BODY, headers=CALLS["gemini"][3]
+    ) as r:
         assert r.status == 200
     async with http.get(f"{proxy.url}/health") as r:
         stats = json.loads(await r.read(), parse_float=Decimal)["cost_stats_24h"]
@@ -585,12 +604,17 @@ async def test_gzip_replies_are_decoded_for_metering_and_relayed_plain(mock, pro
     mock.on("/v1/messages", stream_reply(mock, sse(anthropic_stream_events()), gzip=True))
     async with http.post(f"{mock.url}/v1/messages", json={}, auto_decompress=False) as r:  # the mock really compresses
         assert r.headers["Content-Encoding"] == "gzip" and (await r.read())[:2] == b"\x1f\x8b"
-    async with http.post(f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent", json=GEMINI_BODY,
-                         headers=CALLS["gemini"][3], auto_decompress=False) as r:
+    async with http.post(
+        f"{proxy.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+        json=GEMINI_BODY,
+        headers=CALLS["gemini"][3],
+        auto_decompress=False,
+    ) as r:
         assert "Content-Encoding" not in r.headers
         assert json.loads(await r.read())["usageMetadata"] == FLASH_USAGE
-    async with http.post(f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True},
-                         headers=CALLS["anthropic"][3], auto_decompress=False) as r:
+    async with http.post(
+        f"{proxy.url}/anthropic/v1/messages", json={**ANTHROPIC_BODY, "stream": True}, headers=CALLS["anthropic"][3], auto_decompress=False
+    ) as r:
         assert "Content-Encoding" not in r.headers
         assert await r.read() == b"".join(sse(anthropic_stream_events()))
     g, a = await proxy.records()
@@ -653,8 +677,9 @@ async def test_gzip_request_body_is_forwarded_decoded_and_labelled_so(mock, prox
 
     mock.on("/v1/chat/completions", openai_chat(mock))
     headers = {**CALLS["openai"][3], "Content-Encoding": "gzip", "Content-Type": "application/json"}
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", data=gz.compress(json.dumps(OPENAI_BODY).encode()),
-                         headers=headers) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/chat/completions", data=gz.compress(json.dumps(OPENAI_BODY).encode()), headers=headers
+    ) as r:
         assert r.status == 200
     sent = mock.requests[0]
     assert "Content-Encoding" not in sent.headers and sent.json == OPENAI_BODY
@@ -665,8 +690,11 @@ async def test_gzip_request_body_is_forwarded_decoded_and_labelled_so(mock, prox
 @pytest.mark.parametrize("family", ["openai", "anthropic", "gemini"])
 async def test_unreadable_request_body_is_400_in_family_format_and_recorded(family, mock, proxy, http):
     provider, path, body, headers = CALLS[family]
-    async with http.post(f"{proxy.url}/{provider}{path}", data=json.dumps(body).encode(),
-                         headers={**headers, "Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{proxy.url}/{provider}{path}",
+        data=json.dumps(body).encode(),
+        headers={**headers, "Content-Encoding": "gzip", "Content-Type": "application/json"},
+    ) as r:
         assert r.status == 400
         assert_family_error(family, await r.json(), 400)
     assert mock.requests == []  # never forwarded

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from conftest import CLIENT_GEMINI_KEY, PROXY_GEMINI_KEY, assert_no_secrets, dec
 from mock_upstream import FLASH_USAGE, dumps, gemini_response, gemini_stream_chunks, json_reply, sse, stream_reply
-from proxy.records import fingerprint
+from proxy.core.records import fingerprint
 
 BODY = {"contents": [{"role": "user", "parts": [{"text": "Capital of France?"}]}]}
 GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -20,7 +20,10 @@ def assert_flash_cost(rec: dict) -> None:
     assert (rec["input_tokens"], rec["cache_read_tokens"], rec["output_tokens"], rec["reasoning_tokens"]) == (12000, 10000, 1000, 700)
     assert rec["total_tokens"] == 13000
     assert (dec(rec["input_cost"]), dec(rec["output_cost"]), dec(rec["total_cost"])) == (
-        Decimal("0.0009"), Decimal("0.0025"), Decimal("0.0034"))
+        Decimal("0.0009"),
+        Decimal("0.0025"),
+        Decimal("0.0034"),
+    )
     assert rec["pricing_source"] == "config" and rec["usage_source"] == "provider"
 
 

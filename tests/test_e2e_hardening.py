@@ -64,7 +64,8 @@ from mock_upstream import (
     stream_reply,
 )
 from proxy.config import parse_config
-from proxy.keys import KeyEntry, key_hash, new_key, save_keys
+from proxy.keys import KeyEntry, key_hash, new_key
+from proxy.storage.keyfile import save_keys
 from proxy.web.app import create_app
 
 OPENAI_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -81,8 +82,12 @@ CLIENT_HEADERS = {
 CONFIGURED_KEY = {"openai": PROXY_OPENAI_KEY, "anthropic": PROXY_ANTHROPIC_KEY, "gemini": PROXY_GEMINI_KEY}
 # family -> (path, non-streamed body, streamed body, streamed path)
 CALLS = {
-    "openai": ("/v1/chat/completions", OPENAI_BODY,
-               {**OPENAI_BODY, "stream": True, "stream_options": {"include_usage": True}}, "/v1/chat/completions"),
+    "openai": (
+        "/v1/chat/completions",
+        OPENAI_BODY,
+        {**OPENAI_BODY, "stream": True, "stream_options": {"include_usage": True}},
+        "/v1/chat/completions",
+    ),
     "anthropic": ("/v1/messages", ANTHROPIC_BODY, {**ANTHROPIC_BODY, "stream": True}, "/v1/messages"),
     "gemini": (GEMINI_GEN, GEMINI_BODY, GEMINI_BODY, GEMINI_STREAM),
 }
@@ -101,13 +106,13 @@ def family_error(family: str, body: Any, status: int) -> str:
     return body["error"]["message"]
 
 
-async def raw_http(base: str, target: str, method: str = "POST", body: bytes = b"",
-                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+async def raw_http(
+    base: str, target: str, method: str = "POST", body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request with ``target`` sent exactly as given (no client normalizes it)."""
     u = URL(base)
     reader, writer = await asyncio.open_connection(u.host, u.port)
-    head = [f"{method} {target} HTTP/1.1", f"Host: {u.host}:{u.port}", "Connection: close",
-            f"Content-Length: {len(body)}"]
+    head = [f"{method} {target} HTTP/1.1", f"Host: {u.host}:{u.port}", "Connection: close", f"Content-Length: {len(body)}"]
     if body:
         head.append("Content-Type: application/json")
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -163,8 +168,13 @@ def keyed_auth_config(upstream: str, tmp_path: Path, **server: Any) -> tuple[dic
 
 def all_encodings(secret: str) -> list[str]:
     """The secret as it could be spelled in a query string."""
-    return [secret, quote(secret, safe=""), "".join(f"%{b:02X}" for b in secret.encode()),
-            "".join(f"%{b:02x}" for b in secret.encode()), secret[4:]]
+    return [
+        secret,
+        quote(secret, safe=""),
+        "".join(f"%{b:02X}" for b in secret.encode()),
+        "".join(f"%{b:02x}" for b in secret.encode()),
+        secret[4:],
+    ]
 
 
 # === 1. the configured key never reaches a client ======================================
@@ -194,8 +204,10 @@ async def test_configured_key_is_redacted_from_whole_replies_and_headers(family,
     key = CONFIGURED_KEY[family]
     path, body, _, _ = CALLS[family]
     raw = _echo_body(family, status, key)
-    mock.on(path, raw_reply(raw, status=status, content_type="application/json",
-                            headers={"x-debug-auth": f"Bearer {key}", "x-request-id": "req_1"}))
+    mock.on(
+        path,
+        raw_reply(raw, status=status, content_type="application/json", headers={"x-debug-auth": f"Bearer {key}", "x-request-id": "req_1"}),
+    )
     async with http.post(f"{proxy.url}/{family}-keyed{path}", json=body, headers=CLIENT_HEADERS[family]) as r:
         got = await r.read()
         assert r.status == status
@@ -247,12 +259,12 @@ async def test_key_split_across_stream_chunks_is_redacted_at_every_split_point(f
     cuts: list[list[Any]] = [[data[:i], 0.002, data[i:]] for i in range(start - 2, start + len(key) + 3)]
     # Around the key, pieces of n bytes (the key in many chunks); the rest whole.
     a, b = start - 3, start + len(key) + 3
-    cuts += [[data[:a], *split_bytes(data[a:b], [n], pause=0.0005), data[b:]]
-             for n in (1, 2, 3, 5, 8, 13, len(key) - 1, len(key), len(key) + 1)]
+    cuts += [
+        [data[:a], *split_bytes(data[a:b], [n], pause=0.0005), data[b:]] for n in (1, 2, 3, 5, 8, 13, len(key) - 1, len(key), len(key) + 1)
+    ]
     cuts.append([data])
     pieces = iter(cuts)
-    mock.on(path.partition("?")[0], stream_reply(mock, lambda rec: next(pieces), content_type=ctype,
-                                                 headers={"x-echo": key.decode()}))
+    mock.on(path.partition("?")[0], stream_reply(mock, lambda rec: next(pieces), content_type=ctype, headers={"x-echo": key.decode()}))
     body = OPENAI_BODY | {"stream": True} if family == "openai-reframed" else CALLS[fam][2]
     expected = data.replace(key, R)
     for _ in range(len(cuts)):
@@ -329,9 +341,12 @@ async def test_key_echoed_in_reply_fields_stays_out_of_log_console_and_health(fa
     elif family == "anthropic":
         reply = {**anthropic_message(model=key, rid=key), "stop_reason": key}
     else:
-        reply = {**gemini_response(model=key, finish=key, usage={"promptTokenCount": 5, "candidatesTokenCount": 2,
-                                                                 "totalTokenCount": 7, "trafficType": key}),
-                 "responseId": key}
+        reply = {
+            **gemini_response(
+                model=key, finish=key, usage={"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7, "trafficType": key}
+            ),
+            "responseId": key,
+        }
     mock.on(path, json_reply(reply))
     async with http.post(f"{proxy.url}/{family}-keyed{path}", json=body, headers=CLIENT_HEADERS[family]) as r:
         assert r.status == 200
@@ -346,8 +361,9 @@ async def test_key_echoed_in_reply_fields_stays_out_of_log_console_and_health(fa
     mock.on(path, json_reply(echo))
     async with http.post(f"{proxy.url}/{family}{path}", json=body, headers=CLIENT_HEADERS[family]) as r:
         assert r.status == 200
-    placeholder = {"openai": {"Authorization": "Bearer EMPTY"}, "anthropic": {"x-api-key": "EMPTY"},
-                   "gemini": {"x-goog-api-key": "EMPTY"}}[family]
+    placeholder = {"openai": {"Authorization": "Bearer EMPTY"}, "anthropic": {"x-api-key": "EMPTY"}, "gemini": {"x-goog-api-key": "EMPTY"}}[
+        family
+    ]
     mock.on(path, json_reply(json.loads(json.dumps(reply).replace(key, "EMPTY-model"))))
     async with http.post(f"{proxy.url}/{family}{path}", json=body, headers=placeholder) as r:
         assert r.status == 200
@@ -402,8 +418,7 @@ async def test_proxy_key_in_any_spelling_of_the_key_parameter_stays_in_the_proxy
     for query, authenticates, _ in cases:
         # Those that do not authenticate by query carry the key in the header too.
         headers = {} if authenticates else {"x-goog-api-key": key}
-        async with http.post(URL(f"{proxy.url}/gemini{GEMINI_GEN}?{query}", encoded=True), json=GEMINI_BODY,
-                             headers=headers) as r:
+        async with http.post(URL(f"{proxy.url}/gemini{GEMINI_GEN}?{query}", encoded=True), json=GEMINI_BODY, headers=headers) as r:
             assert r.status == 200, (query, await r.text())
     assert len(mock.requests) == len(cases)
     spellings = all_encodings(key)
@@ -477,17 +492,18 @@ async def test_dot_segments_in_any_encoding_are_400_in_family_format_and_recorde
     body = json.dumps(CALLS[family][1]).encode()
     for tail in paths:
         for provider in (family, f"{family}-keyed"):
-            status, headers, payload = await raw_http(proxy.url, f"/{provider}{tail}", body=body,
-                                                      headers=CLIENT_HEADERS[family])
+            status, headers, payload = await raw_http(proxy.url, f"/{provider}{tail}", body=body, headers=CLIENT_HEADERS[family])
             assert status == 400, (provider, tail, payload)
             assert headers["content-type"].startswith("application/json")
             msg = family_error(family, json.loads(payload), 400)
             assert "segment" in msg
     assert mock.requests == []  # nothing reached the upstream
     # Dots inside a segment (versions, file names) and in the query are not dot segments.
-    ordinary = {"openai": ["/v1/models/gpt-4.1..x", "/v1/files/a.b..c/content?x=../.."],
-                "anthropic": ["/v1/models/claude-3.5..x", "/v1/files/...x?p=%2e%2e"],
-                "gemini": ["/v1beta/models/gemini-2.5..x", "/v1beta/files/..a?y=.."]}[family]
+    ordinary = {
+        "openai": ["/v1/models/gpt-4.1..x", "/v1/files/a.b..c/content?x=../.."],
+        "anthropic": ["/v1/models/claude-3.5..x", "/v1/files/...x?p=%2e%2e"],
+        "gemini": ["/v1beta/models/gemini-2.5..x", "/v1beta/files/..a?y=.."],
+    }[family]
     for target in ordinary:
         mock.on(target.partition("?")[0], json_reply({"ok": True}))
         status, _, _ = await raw_http(proxy.url, f"/{family}{target}", method="GET", headers=CLIENT_HEADERS[family])
@@ -495,12 +511,14 @@ async def test_dot_segments_in_any_encoding_are_400_in_family_format_and_recorde
     assert [r.path for r in mock.requests] == [t.partition("?")[0] for t in ordinary]
     records = await proxy.records()
     assert len(records) == 2 * len(paths) + len(ordinary)
-    assert [r["status"] for r in records[-len(ordinary):]] == [200] * len(ordinary)
+    assert [r["status"] for r in records[-len(ordinary) :]] == [200] * len(ordinary)
     for rec in records[: 2 * len(paths)]:
         assert (rec["status"], rec["provider_type"]) == (400, family)
         assert rec["error"] == "path has dot segments"
         assert rec["total_cost"] == 0 and rec["total_tokens"] == 0
-        assert rec["key_id"] == hashlib.sha256(next(iter(CLIENT_HEADERS[family].values())).removeprefix("Bearer ").encode()).hexdigest()[:12]
+        assert (
+            rec["key_id"] == hashlib.sha256(next(iter(CLIENT_HEADERS[family].values())).removeprefix("Bearer ").encode()).hexdigest()[:12]
+        )
 
 
 # === 4. client-chosen strings are capped in records, memory and /health ==================
@@ -531,13 +549,21 @@ async def test_huge_client_strings_on_refused_calls_add_only_kilobytes_to_the_lo
     ]
     for i, (provider, path, model, body) in enumerate(calls):
         if body is None:
-            body = {"model": model, "max_tokens": 5, "user": "u" * 1_000_000,
-                    "metadata": {"user_id": "v" * 500_000}, "messages": [{"role": "user", "content": "hi"}]}
+            body = {
+                "model": model,
+                "max_tokens": 5,
+                "user": "u" * 1_000_000,
+                "metadata": {"user_id": "v" * 500_000},
+                "messages": [{"role": "user", "content": "hi"}],
+            }
         headers = {"x-user-id": "w" * 7000, "x-feature": "f" * 7000, "x-tag-team": "t" * 7000}
         if i % 2:
             headers[_auth_header(provider)] = "lcp-" + "Q" * 43  # unknown
-        async with http.post(f"{proxy.url}/{provider}{path.format(m=model)}", data=json.dumps(body).encode(),
-                             headers={**headers, "Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{proxy.url}/{provider}{path.format(m=model)}",
+            data=json.dumps(body).encode(),
+            headers={**headers, "Content-Type": "application/json"},
+        ) as r:
             assert r.status == 401
             family_error(provider, await r.json(), 401)
     assert mock.requests == []
@@ -574,8 +600,9 @@ async def test_many_distinct_huge_model_names_do_not_stay_in_memory(mock, start_
     async def call(i: int) -> None:
         data = b'{"model":"m%04d-%s","messages":[{"role":"user","content":"hi"}]}' % (i, filler)
         route = "/openai" if i % 2 else "/compat"
-        async with http.post(f"{proxy.url}{route}/v1/chat/completions", data=data,
-                             headers={**CLIENT_HEADERS["openai"], "Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{proxy.url}{route}/v1/chat/completions", data=data, headers={**CLIENT_HEADERS["openai"], "Content-Type": "application/json"}
+        ) as r:
             assert r.status == 200
             await r.read()
 
@@ -585,6 +612,7 @@ async def test_many_distinct_huge_model_names_do_not_stay_in_memory(mock, start_
         async def one(i: int) -> None:
             async with sem:
                 await call(i)
+
         await asyncio.gather(*(one(i) for i in ids))
         mock.requests.clear()  # the mock's own copies of the bodies
 
@@ -620,8 +648,11 @@ async def test_invented_provider_names_are_one_name_in_health_and_capped_in_reco
     proxy = await start_proxy(cfg, log_path)
     invented = [f"nosuch{i}" for i in range(30)] + ["p" * 5000, "x%20y", "%00zz", "n\u202eame"]
     for name in invented:
-        async with http.post(URL(f"{proxy.url}/{quote(name, safe='%')}/v1/chat/completions", encoded=True),
-                             json=OPENAI_BODY, headers=CLIENT_HEADERS["openai"]) as r:
+        async with http.post(
+            URL(f"{proxy.url}/{quote(name, safe='%')}/v1/chat/completions", encoded=True),
+            json=OPENAI_BODY,
+            headers=CLIENT_HEADERS["openai"],
+        ) as r:
             assert r.status == 404
             msg = family_error("openai", await r.json(), 404)
         for p in configured:
@@ -651,16 +682,33 @@ async def test_invented_provider_names_are_one_name_in_health_and_capped_in_reco
 
 # === 5. control characters never reach a console line nor split a log line ===============
 
-NASTY = ["\x1b[2J", "\x1b]0;pwned\x07", "\u202e", "\u2066", "\u200f", "\u2028", "\u2029", "\x85", "\x9b",
-         "\r\n", "\x00", "\x0b", "\x0c", "\x1c", "\x7f"]
-NASTY_MODELS = [f"gpt-4o{c}evil" for c in NASTY] + ["".join(NASTY) * 30, "\u2028" * 300, "\U0001F600\u202egpt"]
+NASTY = [
+    "\x1b[2J",
+    "\x1b]0;pwned\x07",
+    "\u202e",
+    "\u2066",
+    "\u200f",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    "\x9b",
+    "\r\n",
+    "\x00",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x7f",
+]
+NASTY_MODELS = [f"gpt-4o{c}evil" for c in NASTY] + ["".join(NASTY) * 30, "\u2028" * 300, "\U0001f600\u202egpt"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_control_characters_in_model_names_are_neutralised_on_console_and_escaped_in_json(family, mock, proxy, http, capfd, caplog):
-    usage = {"openai": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
-             "anthropic": {"input_tokens": 10, "output_tokens": 2},
-             "gemini": {"promptTokenCount": 10, "candidatesTokenCount": 2, "totalTokenCount": 12}}[family]
+    usage = {
+        "openai": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+        "anthropic": {"input_tokens": 10, "output_tokens": 2},
+        "gemini": {"promptTokenCount": 10, "candidatesTokenCount": 2, "totalTokenCount": 12},
+    }[family]
 
     def reply(rec: Any) -> Any:
         # The upstream echoes the (possibly odd) model name back, as OpenAI does.
@@ -681,11 +729,14 @@ async def test_control_characters_in_model_names_are_neutralised_on_console_and_
             target = f"{proxy.url}/gemini/v1beta/models/{quote(model, safe='')}:generateContent"
             req = {**body, "echo": model}
         else:
-            target, req = f"{proxy.url}/{family}{path}", {**body, "model": model, "user": f"bob{model}",
-                                                          "metadata": {"user_id": f"bob{model}"}}
+            target, req = (
+                f"{proxy.url}/{family}{path}",
+                {**body, "model": model, "user": f"bob{model}", "metadata": {"user_id": f"bob{model}"}},
+            )
         data = json.dumps(req).encode()
-        async with http.post(URL(target, encoded=True), data=data,
-                             headers={**CLIENT_HEADERS[family], "Content-Type": "application/json"}) as r:
+        async with http.post(
+            URL(target, encoded=True), data=data, headers={**CLIENT_HEADERS[family], "Content-Type": "application/json"}
+        ) as r:
             assert r.status in (200, 404), await r.text()
     sent = [m for m in NASTY_MODELS]
     records = await proxy.records()
@@ -705,8 +756,23 @@ async def test_control_characters_in_model_names_are_neutralised_on_console_and_
     err = capfd.readouterr().err + caplog.text
     console = [line for line in err.splitlines() if "Cost Tracking" in line]
     assert len(console) >= len(sent) - 2
-    for ch in ("\x1b", "\u202e", "\u2066", "\u200f", "\u2028", "\u2029", "\x85", "\x9b", "\r", "\x00", "\x0b",
-               "\x0c", "\x1c", "\x7f", "\x07"):
+    for ch in (
+        "\x1b",
+        "\u202e",
+        "\u2066",
+        "\u200f",
+        "\u2028",
+        "\u2029",
+        "\x85",
+        "\x9b",
+        "\r",
+        "\x00",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x7f",
+        "\x07",
+    ):
         assert ch not in err, repr(ch)
     # str.splitlines() of the console output: one line per call, nothing split.
     assert all("Cost Tracking" in line or "Not calculated" in line for line in err.splitlines() if line.strip()), err[:2000]
@@ -733,8 +799,11 @@ async def test_413_record_keeps_user_key_and_tags(family, framing, mock, start_p
         for i in range(0, len(big), 65536):
             yield big[i : i + 65536]
 
-    async with http.post(f"{proxy.url}/{family}{path}", data=big if framing == "length" else chunks(),
-                         headers={**CLIENT_HEADERS[family], **WHO, "Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{proxy.url}/{family}{path}",
+        data=big if framing == "length" else chunks(),
+        headers={**CLIENT_HEADERS[family], **WHO, "Content-Type": "application/json"},
+    ) as r:
         assert r.status == 413
         family_error(family, await r.json(), 413)
     assert mock.requests == []
@@ -748,21 +817,26 @@ async def test_413_under_auth_keeps_the_key_owner(mock, start_proxy, http, tmp_p
     cfg, key, kid = keyed_auth_config(mock.url, tmp_path, max_body_mb=1)
     proxy = await start_proxy(cfg)
     big = json.dumps({**ANTHROPIC_BODY, "pad": "y" * (2 * 1024 * 1024)}).encode()
-    async with http.post(f"{proxy.url}/anthropic/v1/messages", data=big,
-                         headers={"x-api-key": key, **WHO, "Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{proxy.url}/anthropic/v1/messages", data=big, headers={"x-api-key": key, **WHO, "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 413
     [rec] = await proxy.records()
     assert (rec["status"], rec["user_id"], rec["team"], rec["key_id"], rec["tags"]) == (413, "alice", "research", kid, WHO_TAGS)
 
 
-async def _cut_upload(url: str, target: str, headers: dict[str, str], sent: bytes, length: int,
-                      until_server_closes: bool = False) -> None:
+async def _cut_upload(url: str, target: str, headers: dict[str, str], sent: bytes, length: int, until_server_closes: bool = False) -> None:
     """Headers promising ``length`` bytes, ``sent`` of them, then the connection closes
     (or, ``until_server_closes``, waits for the server to close it)."""
     u = URL(url)
     reader, writer = await asyncio.open_connection(u.host, u.port)
-    head = [f"POST {target} HTTP/1.1", f"Host: {u.host}", f"Content-Length: {length}", "Content-Type: application/json",
-            *(f"{k}: {v}" for k, v in headers.items())]
+    head = [
+        f"POST {target} HTTP/1.1",
+        f"Host: {u.host}",
+        f"Content-Length: {length}",
+        "Content-Type: application/json",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + sent)
     await writer.drain()
     if until_server_closes:
@@ -789,8 +863,9 @@ async def test_upload_cut_mid_body_is_recorded_with_its_caller(family, size, moc
 async def _start_like_cli(cfg: dict, log_path: Path) -> tuple[web.AppRunner, str]:
     """The proxy with the runner settings ``python -m proxy`` uses, shutdown_timeout included."""
     config = parse_config(cfg, "test-config.yml")
-    runner = web.AppRunner(create_app(config, log_path), handler_cancellation=True,
-                           shutdown_timeout=config.shutdown_timeout, access_log=None)
+    runner = web.AppRunner(
+        create_app(config, log_path), handler_cancellation=True, shutdown_timeout=config.shutdown_timeout, access_log=None
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -819,20 +894,27 @@ async def test_calls_cut_by_our_own_shutdown_say_so(mock, http, tmp_path):
         u = URL(url)
         reader, writer = await asyncio.open_connection(u.host, u.port)
         data = json.dumps(OPENAI_BODY).encode()
-        head = ["POST /openai-keyed/v1/chat/completions HTTP/1.1", f"Host: {u.host}", f"Content-Length: {len(data)}",
-                "Content-Type: application/json", *(f"{k}: {v}" for k, v in {**CLIENT_HEADERS["openai"], **WHO}.items())]
+        head = [
+            "POST /openai-keyed/v1/chat/completions HTTP/1.1",
+            f"Host: {u.host}",
+            f"Content-Length: {len(data)}",
+            "Content-Type: application/json",
+            *(f"{k}: {v}" for k, v in {**CLIENT_HEADERS["openai"], **WHO}.items()),
+        ]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
         await shutting_down.wait()
         await asyncio.sleep(0.2)  # the client's own doing, well inside the 0.5 s grace period
         writer.close()
 
-    tasks = [asyncio.create_task(call_waiting("/openai/v1/chat/completions", OPENAI_BODY, CLIENT_HEADERS["openai"])),
-             asyncio.create_task(call_waiting("/anthropic/v1/messages", {**ANTHROPIC_BODY, "stream": True},
-                                              CLIENT_HEADERS["anthropic"])),
-             asyncio.create_task(gives_up_during_the_grace_period()),
-             asyncio.create_task(_cut_upload(url, f"/gemini{GEMINI_GEN}", {**CLIENT_HEADERS["gemini"], **WHO},
-                                             b'{"contents": [', 1000, until_server_closes=True))]
+    tasks = [
+        asyncio.create_task(call_waiting("/openai/v1/chat/completions", OPENAI_BODY, CLIENT_HEADERS["openai"])),
+        asyncio.create_task(call_waiting("/anthropic/v1/messages", {**ANTHROPIC_BODY, "stream": True}, CLIENT_HEADERS["anthropic"])),
+        asyncio.create_task(gives_up_during_the_grace_period()),
+        asyncio.create_task(
+            _cut_upload(url, f"/gemini{GEMINI_GEN}", {**CLIENT_HEADERS["gemini"], **WHO}, b'{"contents": [', 1000, until_server_closes=True)
+        ),
+    ]
     await asyncio.wait_for(stalled.wait(), 3)
     while len(mock.requests) < 3:
         await asyncio.sleep(0.01)
@@ -865,8 +947,16 @@ OK_ANTHROPIC = {"input_tokens": 10, "output_tokens": 2}
 OK_GEMINI = {"promptTokenCount": 10, "candidatesTokenCount": 2, "totalTokenCount": 12}
 OK, BAD, NONE = "provider", "implausible", "estimated"
 # name -> (usage field, value): counts no real reply carries
-GARBAGE_COUNTS = {"negative": -5, "fractional": 10.5, "string": "12", "huge_float": 1e308, "huge_int": 10**30,
-                  "list": [3], "object": {"n": 3}, "bool": True}
+GARBAGE_COUNTS = {
+    "negative": -5,
+    "fractional": 10.5,
+    "string": "12",
+    "huge_float": 1e308,
+    "huge_int": 10**30,
+    "list": [3],
+    "object": {"n": 3},
+    "bool": True,
+}
 
 
 def _odd_nonstream(family: str) -> list[tuple[str, bytes, str]]:
@@ -874,53 +964,73 @@ def _odd_nonstream(family: str) -> list[tuple[str, bytes, str]]:
     out: list[tuple[str, str | bytes, str]] = []
     if family == "openai":
         base = chat_completion(usage=OK_OPENAI)
-        out += [("model_int", json.dumps({**base, "model": 123}), OK),
-                ("tier_object", json.dumps({**base, "service_tier": {"tier": "flex"}}), OK),
-                ("choices_object", json.dumps({**base, "choices": {"0": {"finish_reason": "stop"}}}), OK),
-                ("message_list", json.dumps({**base, "choices": [{"message": [], "finish_reason": ["stop"]}]}), OK),
-                ("details_list", json.dumps({**base, "usage": {**OK_OPENAI, "prompt_tokens_details": [1]}}), OK),
-                ("whole_floats", json.dumps({**base, "usage": {"prompt_tokens": 10.0, "completion_tokens": 2.0, "total_tokens": 12}}), OK),
-                ("usage_list", json.dumps({**base, "usage": [OK_OPENAI]}), BAD),
-                ("usage_string", json.dumps({**base, "usage": "lots"}), BAD)]
+        out += [
+            ("model_int", json.dumps({**base, "model": 123}), OK),
+            ("tier_object", json.dumps({**base, "service_tier": {"tier": "flex"}}), OK),
+            ("choices_object", json.dumps({**base, "choices": {"0": {"finish_reason": "stop"}}}), OK),
+            ("message_list", json.dumps({**base, "choices": [{"message": [], "finish_reason": ["stop"]}]}), OK),
+            ("details_list", json.dumps({**base, "usage": {**OK_OPENAI, "prompt_tokens_details": [1]}}), OK),
+            ("whole_floats", json.dumps({**base, "usage": {"prompt_tokens": 10.0, "completion_tokens": 2.0, "total_tokens": 12}}), OK),
+            ("usage_list", json.dumps({**base, "usage": [OK_OPENAI]}), BAD),
+            ("usage_string", json.dumps({**base, "usage": "lots"}), BAD),
+        ]
         out += [(f"prompt_{n}", json.dumps({**base, "usage": {**OK_OPENAI, "prompt_tokens": v}}), BAD) for n, v in GARBAGE_COUNTS.items()]
         out += [("cached_negative", json.dumps({**base, "usage": {**OK_OPENAI, "prompt_tokens_details": {"cached_tokens": -1}}}), BAD)]
     elif family == "anthropic":
         base = anthropic_message(usage=OK_ANTHROPIC)
-        out += [("model_int", json.dumps({**base, "model": 123}), OK),
-                ("content_object", json.dumps({**base, "content": {"type": "text"}, "stop_reason": 7}), OK),
-                ("cache_creation_list", json.dumps({**base, "usage": {**OK_ANTHROPIC, "cache_creation": [1]}}), OK),
-                ("tier_object", json.dumps({**base, "usage": {**OK_ANTHROPIC, "service_tier": {"x": 1}}}), OK),
-                ("usage_list", json.dumps({**base, "usage": [1, 2]}), BAD)]
+        out += [
+            ("model_int", json.dumps({**base, "model": 123}), OK),
+            ("content_object", json.dumps({**base, "content": {"type": "text"}, "stop_reason": 7}), OK),
+            ("cache_creation_list", json.dumps({**base, "usage": {**OK_ANTHROPIC, "cache_creation": [1]}}), OK),
+            ("tier_object", json.dumps({**base, "usage": {**OK_ANTHROPIC, "service_tier": {"x": 1}}}), OK),
+            ("usage_list", json.dumps({**base, "usage": [1, 2]}), BAD),
+        ]
         out += [(f"input_{n}", json.dumps({**base, "usage": {**OK_ANTHROPIC, "input_tokens": v}}), BAD) for n, v in GARBAGE_COUNTS.items()]
         out += [("output_huge", json.dumps({**base, "usage": {**OK_ANTHROPIC, "output_tokens": 10**30}}), BAD)]
     else:
         base = gemini_response(usage=OK_GEMINI)
-        out += [("model_int", json.dumps({**base, "modelVersion": 123, "responseId": [1]}), OK),
-                ("candidates_object", json.dumps({**base, "candidates": {"0": {}}}), OK),
-                ("parts_object", json.dumps({**base, "candidates": [{"content": {"parts": {"text": "x"}}, "finishReason": 3}]}), OK),
-                ("traffic_object", json.dumps({**base, "usageMetadata": {**OK_GEMINI, "trafficType": {"a": 1}}}), OK),
-                ("usage_list", json.dumps({**base, "usageMetadata": [OK_GEMINI]}), BAD)]
-        out += [(f"prompt_{n}", json.dumps({**base, "usageMetadata": {**OK_GEMINI, "promptTokenCount": v}}), BAD) for n, v in GARBAGE_COUNTS.items()]
+        out += [
+            ("model_int", json.dumps({**base, "modelVersion": 123, "responseId": [1]}), OK),
+            ("candidates_object", json.dumps({**base, "candidates": {"0": {}}}), OK),
+            ("parts_object", json.dumps({**base, "candidates": [{"content": {"parts": {"text": "x"}}, "finishReason": 3}]}), OK),
+            ("traffic_object", json.dumps({**base, "usageMetadata": {**OK_GEMINI, "trafficType": {"a": 1}}}), OK),
+            ("usage_list", json.dumps({**base, "usageMetadata": [OK_GEMINI]}), BAD),
+        ]
+        out += [
+            (f"prompt_{n}", json.dumps({**base, "usageMetadata": {**OK_GEMINI, "promptTokenCount": v}}), BAD)
+            for n, v in GARBAGE_COUNTS.items()
+        ]
         out += [("thoughts_negative", json.dumps({**base, "usageMetadata": {**OK_GEMINI, "thoughtsTokenCount": -700}}), BAD)]
     # Not even an object: no usage at all, so the accepted call is estimated from the request.
-    out += [("top_list", json.dumps([1, "a", None]), NONE), ("top_null", "null", NONE),
-            ("top_number", "1e999", NONE), ("top_string", json.dumps("usage"), NONE)]
+    out += [
+        ("top_list", json.dumps([1, "a", None]), NONE),
+        ("top_null", "null", NONE),
+        ("top_number", "1e999", NONE),
+        ("top_string", json.dumps("usage"), NONE),
+    ]
     return [(name, body.encode() if isinstance(body, str) else body, ok) for name, body, ok in out]
 
 
 def _odd_streams(family: str) -> list[tuple[str, bytes, str]]:
     out: list[tuple[str, Any, str]] = []
     if family == "openai":
+
         def chat(usage: Any, model: Any = "gpt-4o-2024-08-06") -> bytes:
             chunks = chat_chunks("gpt-4o-2024-08-06", ["Hel", "lo"], OK_OPENAI, True)
             for c in chunks:
                 c["model"] = model
             chunks[-1]["usage"] = usage
             return b"".join(sse([(None, c) for c in chunks] + [(None, "[DONE]")]))
-        out += [("model_int", chat(OK_OPENAI, 123), OK), ("model_object", chat(OK_OPENAI, {"m": 1}), OK),
-                ("usage_list", chat([1]), BAD), ("usage_number", chat(12), BAD)]
+
+        out += [
+            ("model_int", chat(OK_OPENAI, 123), OK),
+            ("model_object", chat(OK_OPENAI, {"m": 1}), OK),
+            ("usage_list", chat([1]), BAD),
+            ("usage_number", chat(12), BAD),
+        ]
         out += [(f"prompt_{n}", chat({**OK_OPENAI, "prompt_tokens": v}), BAD) for n, v in GARBAGE_COUNTS.items()]
     elif family == "anthropic":
+
         def msgs(start_usage: Any = None, delta_usage: Any = None, model: Any = "claude-haiku-4-5-20251001") -> bytes:
             evs = anthropic_stream_events()
             evs[0][1]["message"]["model"] = model
@@ -929,17 +1039,27 @@ def _odd_streams(family: str) -> list[tuple[str, bytes, str]]:
             # The last message_delta: as given, else only the output count (as is usual).
             evs[-2][1]["usage"] = {"output_tokens": 200} if delta_usage is None else delta_usage
             return b"".join(sse(evs))
-        out += [("model_int", msgs(model=123), OK), ("message_list", msgs(start_usage=None, model=[1]), OK),
-                # message_start's usage is garbage, but the last message_delta carries the
-                # whole cumulative usage, and the last value wins.
-                ("start_usage_list_then_whole_delta", msgs(start_usage=[1], delta_usage=dict(
-                    input_tokens=100, cache_creation_input_tokens=3000, cache_read_input_tokens=0, output_tokens=200)), OK),
-                ("delta_input_string", msgs(delta_usage={"input_tokens": "100", "output_tokens": 200}), BAD),
-                ("delta_output_huge", msgs(delta_usage={"output_tokens": 1e308}), BAD),
-                ("delta_output_negative", msgs(delta_usage={"output_tokens": -200}), BAD)]
-        out += [(f"start_input_{n}", msgs(start_usage={"input_tokens": v, "output_tokens": 1}), BAD)
-                for n, v in GARBAGE_COUNTS.items()]
+
+        out += [
+            ("model_int", msgs(model=123), OK),
+            ("message_list", msgs(start_usage=None, model=[1]), OK),
+            # message_start's usage is garbage, but the last message_delta carries the
+            # whole cumulative usage, and the last value wins.
+            (
+                "start_usage_list_then_whole_delta",
+                msgs(
+                    start_usage=[1],
+                    delta_usage=dict(input_tokens=100, cache_creation_input_tokens=3000, cache_read_input_tokens=0, output_tokens=200),
+                ),
+                OK,
+            ),
+            ("delta_input_string", msgs(delta_usage={"input_tokens": "100", "output_tokens": 200}), BAD),
+            ("delta_output_huge", msgs(delta_usage={"output_tokens": 1e308}), BAD),
+            ("delta_output_negative", msgs(delta_usage={"output_tokens": -200}), BAD),
+        ]
+        out += [(f"start_input_{n}", msgs(start_usage={"input_tokens": v, "output_tokens": 1}), BAD) for n, v in GARBAGE_COUNTS.items()]
     else:
+
         def gem(last_usage: Any, model: Any = "gemini-2.5-flash", array: bool = False) -> bytes:
             chunks = gemini_stream_chunks()
             for c in chunks:
@@ -948,12 +1068,11 @@ def _odd_streams(family: str) -> list[tuple[str, bytes, str]]:
             if array:
                 return ("[" + ",\r\n".join(json.dumps(c) for c in chunks) + "]").encode()
             return b"".join(sse((None, c) for c in chunks))
+
         for array in (False, True):
             tag = "array_" if array else "sse_"
-            out += [(tag + "model_int", gem(FLASH_USAGE, 123, array), OK),
-                    (tag + "usage_list", gem([1], array=array), BAD)]
-            out += [(tag + f"prompt_{n}", gem({**FLASH_USAGE, "promptTokenCount": v}, array=array), BAD)
-                    for n, v in GARBAGE_COUNTS.items()]
+            out += [(tag + "model_int", gem(FLASH_USAGE, 123, array), OK), (tag + "usage_list", gem([1], array=array), BAD)]
+            out += [(tag + f"prompt_{n}", gem({**FLASH_USAGE, "promptTokenCount": v}, array=array), BAD) for n, v in GARBAGE_COUNTS.items()]
     return out
 
 
@@ -979,8 +1098,7 @@ async def test_odd_upstream_replies_pass_through_byte_for_byte_with_one_honest_r
         target = spath if stream else path
         if stream and family == "gemini" and not name.startswith("array_"):
             target += "?alt=sse"
-        async with http.post(f"{proxy.url}/{family}{target}", json=sbody if stream else body,
-                             headers=CLIENT_HEADERS[family]) as r:
+        async with http.post(f"{proxy.url}/{family}{target}", json=sbody if stream else body, headers=CLIENT_HEADERS[family]) as r:
             assert r.status == 200, name
             got = await r.read()
         assert got == data, name  # the upstream's bytes, unchanged
@@ -1020,8 +1138,7 @@ async def test_proxy_key_in_any_header_param_or_body_is_not_forwarded(mock, star
     for extra, query in cases:
         url = f"{proxy.url}/openai/v1/chat/completions" + (f"?{query}" if query else "")
         body = {**OPENAI_BODY, "user": f"copied {key} here"}
-        async with http.post(URL(url, encoded=True), json=body,
-                             headers={"Authorization": f"Bearer {key}", **extra}) as r:
+        async with http.post(URL(url, encoded=True), json=body, headers={"Authorization": f"Bearer {key}", **extra}) as r:
             assert r.status == 200, await r.text()
     assert len(mock.requests) == len(cases)
     spellings = all_encodings(key)
@@ -1041,9 +1158,11 @@ async def test_an_unauthenticated_caller_s_huge_body_is_never_parsed(mock, start
 
     big = orjson.dumps({**OPENAI_BODY, "messages": [{"role": "user", "content": "x" * 1000}] * 3000})
     assert len(big) > 2_000_000
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", data=big,
-                         headers={"Authorization": "Bearer lcp-wrong", "Content-Type": "application/json",
-                                  "x-user-id": "mallory"}) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/chat/completions",
+        data=big,
+        headers={"Authorization": "Bearer lcp-wrong", "Content-Type": "application/json", "x-user-id": "mallory"},
+    ) as r:
         assert r.status == 401
         assert (await r.json())["error"]["type"] == "authentication_error"
     # The digest worker (which parses bodies over 1 MiB) was never started for it.

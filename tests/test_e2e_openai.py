@@ -30,7 +30,7 @@ from mock_upstream import (
     sse,
     stream_reply,
 )
-from proxy.records import fingerprint
+from proxy.core.records import fingerprint
 
 
 def client(base: str, provider: str = "openai", key: str = CLIENT_OPENAI_KEY) -> AsyncOpenAI:
@@ -39,7 +39,10 @@ def client(base: str, provider: str = "openai", key: str = CLIENT_OPENAI_KEY) ->
 
 def assert_cost(rec: dict, input_cost: str, output_cost: str, total: str) -> None:
     assert (dec(rec["input_cost"]), dec(rec["output_cost"]), dec(rec["total_cost"])) == (
-        Decimal(input_cost), Decimal(output_cost), Decimal(total)), rec
+        Decimal(input_cost),
+        Decimal(output_cost),
+        Decimal(total),
+    ), rec
     assert rec["pricing_source"] == "config" and rec["price_id"]
     assert rec["usage_source"] == "provider"
 
@@ -156,7 +159,7 @@ async def test_chat_stream_raw_bytes_without_include_usage(mock, proxy, http):
         raw = await r.read()
     events = [e for e in raw.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert len(chunks) == 5 and all(c["choices"] for c in chunks)
     assert all(c.get("usage") is None for c in chunks)
     # Merged into the client's stream_options, not replaced.
@@ -168,8 +171,12 @@ async def test_chat_stream_raw_bytes_without_include_usage(mock, proxy, http):
 async def test_chat_stream_with_include_usage_client_gets_usage_chunk(mock, proxy):
     mock.on("/v1/chat/completions", openai_chat(mock))
     async with client(proxy.url) as c:
-        got = [ch async for ch in await c.chat.completions.create(
-            model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True})]
+        got = [
+            ch
+            async for ch in await c.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+        ]
     assert got[-1].choices == [] and got[-1].usage.prompt_tokens == 10000
     assert got[-1].usage.prompt_tokens_details.cached_tokens == 8000
     assert all(ch.usage is None for ch in got[:-1])
@@ -179,8 +186,13 @@ async def test_chat_stream_with_include_usage_client_gets_usage_chunk(mock, prox
     assert_gpt4o_usage(rec)
 
 
-MINI_USAGE = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14,
-              "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+MINI_USAGE = {
+    "prompt_tokens": 12,
+    "completion_tokens": 2,
+    "total_tokens": 14,
+    "prompt_tokens_details": {"cached_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0},
+}
 
 
 async def test_mini_is_not_priced_as_gpt4o_and_unknown_model_is_null(mock, proxy):
@@ -275,8 +287,13 @@ async def test_responses_stream_named_events_usage_from_completed(mock, proxy):
     mock.on("/v1/responses", stream_reply(mock, sse(responses_stream_events())))
     async with client(proxy.url) as c:
         events = [ev async for ev in await c.responses.create(model="gpt-5", input="hi", stream=True)]
-    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_text.delta",
-                                        "response.output_text.delta", "response.completed"]
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.completed",
+    ]
     assert events[-1].response.usage.output_tokens == 210
     # The Responses API carries usage without opt-in: the proxy must not touch the body.
     assert "stream_options" not in mock.requests[-1].json
@@ -359,7 +376,9 @@ async def test_service_tier_in_the_reply_selects_the_price(mock, proxy):
 
 async def test_chat_stream_error_chunk_after_200(mock, proxy):
     first = chat_chunks("gpt-4o-2024-08-06", ["Hel"], GPT4O_USAGE, True)[:2]
-    err = {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": None, "code": None}}
+    err = {
+        "error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": None, "code": None}
+    }
     mock.on("/v1/chat/completions", stream_reply(mock, sse([(None, c) for c in first] + [(None, err)])))
     async with client(proxy.url) as c:
         with pytest.raises(openai.APIError, match="server had an error"):

@@ -45,20 +45,27 @@ from mock_upstream import (
     sse,
     stream_reply,
 )
-from proxy.bodies import UnreadableBody, parse_json
-from proxy.catalog import pricebook_for
-from proxy.config import parse_config
+from proxy.config import parse_config, pricebook_for
+from proxy.core.records import CallContext, build_record, dumps_record
+from proxy.core.usage import CallInfo, Usage
 from proxy.pricing import PriceBook, price_call
 from proxy.providers import ADAPTERS, Endpoint
 from proxy.providers.base import MAX_TEXT_CHARS, MAX_TOKENS, error_message, json_safe, merge_usage
-from proxy.records import CallContext, build_record, dumps_record
-from proxy.usage import CallInfo, Usage
+from proxy.web.bodies import UnreadableBody, parse_json
 
 FAMILIES = ("openai", "anthropic", "gemini")
 WHEN = datetime(2026, 11, 22, tzinfo=timezone.utc)
 COST_FIELDS = ("input_cost", "output_cost", "total_cost")
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
-                "cache_write_1h_tokens", "reasoning_tokens", "web_search_requests")
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+)
 # Anthropic input is the sum of three counts, each at most MAX_TOKENS.
 MAX_FIELD = 3 * MAX_TOKENS
 
@@ -66,16 +73,33 @@ MAX_FIELD = 3 * MAX_TOKENS
 PATHS: dict[str, tuple[str, ...]] = {
     "openai": ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
     "anthropic": ("/v1/messages",),
-    "gemini": ("/v1beta/models/gemini-2.5-pro:generateContent",
-               "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
-               "/v1beta/models/gemini-embedding-001:embedContent",
-               "/v1beta/tunedModels/my-tuned:generateContent"),
+    "gemini": (
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        "/v1beta/models/gemini-embedding-001:embedContent",
+        "/v1beta/tunedModels/my-tuned:generateContent",
+    ),
 }
 # Models that resolve to a price (config.yml-like table, or the catalog) and ones that do not.
-MODEL_NAMES = ("gpt-4o", "gpt-4o-2024-08-06", "gpt-5", "o4-mini", "text-embedding-3-small", "gpt-4o-mini",
-               "claude-sonnet-4-5-20250929", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest",
-               "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.0-flash", "gemini-embedding-001",
-               "models/gemini-2.5-pro", "no-such-model", "")
+MODEL_NAMES = (
+    "gpt-4o",
+    "gpt-4o-2024-08-06",
+    "gpt-5",
+    "o4-mini",
+    "text-embedding-3-small",
+    "gpt-4o-mini",
+    "claude-sonnet-4-5-20250929",
+    "claude-haiku-4-5",
+    "claude-opus-4-1",
+    "claude-3-5-haiku-latest",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.0-flash",
+    "gemini-embedding-001",
+    "models/gemini-2.5-pro",
+    "no-such-model",
+    "",
+)
 
 
 # --- strategies ------------------------------------------------------------------------
@@ -84,28 +108,96 @@ MODEL_NAMES = ("gpt-4o", "gpt-4o-2024-08-06", "gpt-5", "o4-mini", "text-embeddin
 # Typed: mypy cannot infer the category literal through hypothesis's decorated st.characters().
 SURROGATES: tuple[Literal["Cs"]] = ("Cs",)
 _TEXT = st.text(st.characters(exclude_categories=SURROGATES), max_size=12) | st.sampled_from(
-    ["", "\n", "\u2028", "a\u2029b", "x\x85y", "\ud800", "a\udfffb", "\U0001f600", "x" * (MAX_TEXT_CHARS + 50),
-     "flex", "priority", "batch", "fast",
-     "default", "standard", "STOP", "ON_DEMAND_FLEX", "error", "12", "-5", "1e308", "NaN", *MODEL_NAMES]
+    [
+        "",
+        "\n",
+        "\u2028",
+        "a\u2029b",
+        "x\x85y",
+        "\ud800",
+        "a\udfffb",
+        "\U0001f600",
+        "x" * (MAX_TEXT_CHARS + 50),
+        "flex",
+        "priority",
+        "batch",
+        "fast",
+        "default",
+        "standard",
+        "STOP",
+        "ON_DEMAND_FLEX",
+        "error",
+        "12",
+        "-5",
+        "1e308",
+        "NaN",
+        *MODEL_NAMES,
+    ]
 )
-_INTS = st.integers(-(2**70), 2**70) | st.sampled_from(
-    [0, 1, -1, 12, MAX_TOKENS, MAX_TOKENS + 1, 2**63, 2**64, 10**30, -(10**30), 10**400]
-)
+_INTS = st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, -1, 12, MAX_TOKENS, MAX_TOKENS + 1, 2**63, 2**64, 10**30, -(10**30), 10**400])
 _FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
     [1e308, -1e308, -0.0, 0.5, 1.5, 12.0, -12.0, 1e9, 1e9 + 1, math.nan, math.inf, -math.inf]
 )
 _SCALARS = st.none() | st.booleans() | _INTS | _FLOATS | _TEXT
 # Keys the adapters read, so that arbitrary objects reach their code paths.
 _KNOWN_KEYS = (
-    "id", "model", "object", "choices", "message", "delta", "content", "text", "parts", "tool_calls", "function",
-    "name", "arguments", "finish_reason", "usage", "service_tier", "error", "message", "type", "code",
-    "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "cached_tokens",
-    "cache_write_tokens", "completion_tokens_details", "reasoning_tokens", "response", "status", "output",
-    "incomplete_details", "reason", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details",
-    "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation", "ephemeral_1h_input_tokens",
-    "server_tool_use", "web_search_requests", "speed", "stop_reason", "candidates", "finishReason",
-    "usageMetadata", "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "cachedContentTokenCount",
-    "toolUsePromptTokenCount", "trafficType", "modelVersion", "responseId", "embedding",
+    "id",
+    "model",
+    "object",
+    "choices",
+    "message",
+    "delta",
+    "content",
+    "text",
+    "parts",
+    "tool_calls",
+    "function",
+    "name",
+    "arguments",
+    "finish_reason",
+    "usage",
+    "service_tier",
+    "error",
+    "message",
+    "type",
+    "code",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_tokens_details",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens_details",
+    "reasoning_tokens",
+    "response",
+    "status",
+    "output",
+    "incomplete_details",
+    "reason",
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation",
+    "ephemeral_1h_input_tokens",
+    "server_tool_use",
+    "web_search_requests",
+    "speed",
+    "stop_reason",
+    "candidates",
+    "finishReason",
+    "usageMetadata",
+    "promptTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+    "cachedContentTokenCount",
+    "toolUsePromptTokenCount",
+    "trafficType",
+    "modelVersion",
+    "responseId",
+    "embedding",
 )
 _KEYS = st.sampled_from(_KNOWN_KEYS) | st.text(max_size=6)
 JSON = st.recursive(
@@ -114,7 +206,9 @@ JSON = st.recursive(
     max_leaves=25,
 )
 # What goes where a token count belongs: mostly garbage, sometimes a fine count.
-COUNTS: st.SearchStrategy[Any] = _INTS | _FLOATS | st.none() | st.booleans() | st.sampled_from(["12", "", "1e3"]) | st.just([]) | st.just({})
+COUNTS: st.SearchStrategy[Any] = (
+    _INTS | _FLOATS | st.none() | st.booleans() | st.sampled_from(["12", "", "1e3"]) | st.just([]) | st.just({})
+)
 
 
 def _reply_shapes(family: str, path: str) -> list[Any]:
@@ -124,36 +218,60 @@ def _reply_shapes(family: str, path: str) -> list[Any]:
             usage = {**GPT4O_USAGE, "prompt_tokens_details": {"cached_tokens": 8000, "cache_write_tokens": 100}}
             return [chat_completion(), chat_completion("gpt-5", usage), {**chat_completion(), "usage": None}]
         if path.endswith("/completions"):
-            return [{"id": "cmpl-1", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
-                     "choices": [{"index": 0, "text": " world", "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}]
+            return [
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "model": "gpt-3.5-turbo-instruct",
+                    "choices": [{"index": 0, "text": " world", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                }
+            ]
         if path.endswith("embeddings"):
-            return [{"object": "list", "model": "text-embedding-3-small",
-                     "data": [{"object": "embedding", "index": 0, "embedding": [0.0123, -0.0456]}],
-                     "usage": {"prompt_tokens": 1000, "total_tokens": 1000}}]
+            return [
+                {
+                    "object": "list",
+                    "model": "text-embedding-3-small",
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.0123, -0.0456]}],
+                    "usage": {"prompt_tokens": 1000, "total_tokens": 1000},
+                }
+            ]
         resp = response_object()
         resp["output"].append({"type": "web_search_call", "id": "ws_1", "status": "completed"})
         return [resp, response_object(status="incomplete", incomplete="max_output_tokens")]
     if family == "anthropic":
-        usage = {**SONNET_USAGE, "speed": "fast", "server_tool_use": {"web_search_requests": 2},
-                 "output_tokens_details": {"thinking_tokens": 100}}
-        return [anthropic_message(), anthropic_message("claude-opus-4-1", usage),
-                {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}]
+        usage = {
+            **SONNET_USAGE,
+            "speed": "fast",
+            "server_tool_use": {"web_search_requests": 2},
+            "output_tokens_details": {"thinking_tokens": 100},
+        }
+        return [
+            anthropic_message(),
+            anthropic_message("claude-opus-4-1", usage),
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        ]
     if path.endswith("embedContent"):
-        return [{"embedding": {"values": [0.1, 0.2]}, "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}},
-                {"embedding": {"values": [0.1]}}]
-    return [gemini_response(usage={**FLASH_USAGE, "toolUsePromptTokenCount": 50, "trafficType": "ON_DEMAND_FLEX"}),
-            gemini_response("gemini-2.5-pro", {"promptTokenCount": 250000, "candidatesTokenCount": 1000,
-                                               "thoughtsTokenCount": 2000}),
-            gemini_stream_chunks()]  # a stream read whole (no alt=sse) is one JSON array
+        return [
+            {"embedding": {"values": [0.1, 0.2]}, "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}},
+            {"embedding": {"values": [0.1]}},
+        ]
+    return [
+        gemini_response(usage={**FLASH_USAGE, "toolUsePromptTokenCount": 50, "trafficType": "ON_DEMAND_FLEX"}),
+        gemini_response("gemini-2.5-pro", {"promptTokenCount": 250000, "candidatesTokenCount": 1000, "thoughtsTokenCount": 2000}),
+        gemini_stream_chunks(),
+    ]  # a stream read whole (no alt=sse) is one JSON array
 
 
 def _stream_shapes(family: str, path: str) -> list[Sequence[tuple[str | None, Any]]]:
     """Real streams as (event name, payload) lists."""
     if family == "openai":
         if path.endswith("responses"):
-            return [responses_stream_events(), responses_stream_events("response.incomplete", incomplete="max_output_tokens"),
-                    responses_stream_events("response.failed")]
+            return [
+                responses_stream_events(),
+                responses_stream_events("response.incomplete", incomplete="max_output_tokens"),
+                responses_stream_events("response.failed"),
+            ]
         chunks = chat_chunks("gpt-4o-mini-2024-07-18", ["Hel", "lo"], GPT4O_USAGE, include_usage=True)
         return [[*((None, c) for c in chunks), (None, "[DONE]")]]
     if family == "anthropic":
@@ -218,9 +336,23 @@ def reply_case(draw: st.DrawFn, family: str, garble: bool) -> tuple[str, Any]:
 
 
 _EVENT_NAMES = st.sampled_from(
-    [None, "message_start", "message_delta", "message_stop", "content_block_delta", "ping", "error",
-     "response.created", "response.completed", "response.incomplete", "response.failed", "response.output_text.delta",
-     "response.in_progress", "x.delta", "unknown"]
+    [
+        None,
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_delta",
+        "ping",
+        "error",
+        "response.created",
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "response.output_text.delta",
+        "response.in_progress",
+        "x.delta",
+        "unknown",
+    ]
 )
 
 
@@ -271,23 +403,48 @@ def check_info(info: CallInfo) -> None:
     orjson.dumps(info.raw_usage)  # json_safe: always writable
 
 
-def meter(family: str, endpoint: Endpoint, info: CallInfo, *, catalog: bool, model: str | None,
-          stream: bool = False) -> dict[str, Any]:
+def meter(family: str, endpoint: Endpoint, info: CallInfo, *, catalog: bool, model: str | None, stream: bool = False) -> dict[str, Any]:
     """Price ``info`` and write its record as the proxy does; returns the parsed line."""
     check_info(info)
-    ctx = CallContext(timestamp=WHEN.timestamp(), provider=family, family=family, endpoint="/fuzz", model=model,
-                      is_streaming=stream, metered=endpoint.kind is not None, billable=endpoint.billable)
+    ctx = CallContext(
+        timestamp=WHEN.timestamp(),
+        provider=family,
+        family=family,
+        endpoint="/fuzz",
+        model=model,
+        is_streaming=stream,
+        metered=endpoint.kind is not None,
+        billable=endpoint.billable,
+    )
     usage, price, cost, variant = info.usage, None, None, None
     if usage is not None:
-        priced = price_call(pricebook(catalog), provider=family, family=family, model=model,
-                            response_model=info.response_model, usage=usage, when=WHEN,
-                            service_tier=info.service_tier, speed=info.speed)
+        priced = price_call(
+            pricebook(catalog),
+            provider=family,
+            family=family,
+            model=model,
+            response_model=info.response_model,
+            usage=usage,
+            when=WHEN,
+            service_tier=info.service_tier,
+            speed=info.speed,
+        )
         price, cost, variant = priced.price, priced.cost, priced.variant
         if cost is not None:
             assert cost.input_cost >= 0 and cost.output_cost >= 0, cost
-    record = build_record(ctx, info, usage=usage, status=200, error=info.error, latency_ms=1.5, ttft_ms=None,
-                          usage_source="provider" if usage is not None else None, price=price, cost=cost,
-                          price_variant=variant)
+    record = build_record(
+        ctx,
+        info,
+        usage=usage,
+        status=200,
+        error=info.error,
+        latency_ms=1.5,
+        ttft_ms=None,
+        usage_source="provider" if usage is not None else None,
+        price=price,
+        cost=cost,
+        price_variant=variant,
+    )
     if currently_in_test_context():  # pytest --hypothesis-show-statistics: what the inputs reached
         event(f"{family}: " + ("implausible" if info.usage_error else "priced" if cost else "unpriced" if usage else "no usage"))
     line = dumps_record(record)
@@ -443,11 +600,11 @@ def test_implausible_chat_count_leaves_the_call_unpriced(count, reason):
 
 
 def test_huge_counts_stay_in_raw_usage_as_text():
-    info = openai.parse_reply(CHAT, chat_completion(usage={"prompt_tokens": 10**30, "completion_tokens": math.inf,
-                                                           "completion_tokens_details": {"x": -(10**25)}}))
+    info = openai.parse_reply(
+        CHAT, chat_completion(usage={"prompt_tokens": 10**30, "completion_tokens": math.inf, "completion_tokens_details": {"x": -(10**25)}})
+    )
     assert info.usage is None
-    assert info.raw_usage == {"prompt_tokens": str(10**30), "completion_tokens": "inf",
-                              "completion_tokens_details": {"x": str(-(10**25))}}
+    assert info.raw_usage == {"prompt_tokens": str(10**30), "completion_tokens": "inf", "completion_tokens_details": {"x": str(-(10**25))}}
     rec = meter("openai", CHAT, info, catalog=False, model="gpt-4o")
     assert rec["raw_usage"]["prompt_tokens"] == "1000000000000000000000000000000"
 
@@ -488,17 +645,20 @@ def test_lists_and_strings_where_objects_go():
     assert openai.parse_reply(CHAT, no_usage).usage is None
     info = anthropic.parse_reply(MESSAGES, anthropic_message(usage={**SONNET_USAGE, "cache_creation": [1, 2]}))
     assert info.usage.cache_write_1h_tokens == 0
-    info = gemini.parse_reply(GENERATE, {"candidates": [{"content": ["x"]}, {"content": {"parts": "abc"}}, "c"],
-                                         "usageMetadata": {"promptTokenCount": 3}})
+    info = gemini.parse_reply(
+        GENERATE, {"candidates": [{"content": ["x"]}, {"content": {"parts": "abc"}}, "c"], "usageMetadata": {"promptTokenCount": 3}}
+    )
     assert info.usage.input_tokens == 3
 
 
 def test_stream_events_with_wrong_shapes():
     tap = anthropic.stream_tap(MESSAGES, False)
-    for name, payload in (("message_start", {"type": "message_start", "message": ["m"]}),
-                          ("content_block_delta", {"type": "content_block_delta", "delta": "text"}),
-                          ("message_delta", {"type": "message_delta", "delta": [], "usage": {"output_tokens": 5}}),
-                          ("message_stop", {"type": "message_stop"})):
+    for name, payload in (
+        ("message_start", {"type": "message_start", "message": ["m"]}),
+        ("content_block_delta", {"type": "content_block_delta", "delta": "text"}),
+        ("message_delta", {"type": "message_delta", "delta": [], "usage": {"output_tokens": 5}}),
+        ("message_stop", {"type": "message_stop"}),
+    ):
         tap.on_event(name, dumps(payload))
     info = tap.result()
     assert info.usage.output_tokens == 5 and info.response_model is None
@@ -574,8 +734,10 @@ def test_unicode_line_separators_stay_on_one_line(text):
 
 
 def test_lone_surrogates_from_the_lenient_parser_become_replacement_characters():
-    raw = b'{"model": "gpt-4o\\ud800", "id": "\\udc00x", "usage": {"prompt_tokens": 1, "\\ud83d": "\\ude00"},' \
-          b' "error": {"message": "bad \\udfff"}}'
+    raw = (
+        b'{"model": "gpt-4o\\ud800", "id": "\\udc00x", "usage": {"prompt_tokens": 1, "\\ud83d": "\\ude00"},'
+        b' "error": {"message": "bad \\udfff"}}'
+    )
     payload = parse_json(raw)  # orjson refuses this; the stdlib fallback does not
     info = openai.parse_reply(CHAT, payload)
     assert (info.response_model, info.request_id, info.error) == ("gpt-4o\ufffd", "\ufffdx", "bad \ufffd")
@@ -621,8 +783,15 @@ ENDPOINTS = [
     ("gemini", "POST", "/v1beta//models/gemini-2.5-pro:streamGenerateContent/", "generate", False, "gemini-2.5-pro", True),
     ("gemini", "POST", "/v1beta/tunedModels/my-model-7:generateContent", "generate", False, "tunedModels/my-model-7", False),
     ("gemini", "POST", "/v1beta/tunedModels/my-model-7:streamGenerateContent", "generate", False, "tunedModels/my-model-7", True),
-    ("gemini", "POST", "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
-     "generate", False, "gemini-2.5-flash", False),
+    (
+        "gemini",
+        "POST",
+        "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+        "generate",
+        False,
+        "gemini-2.5-flash",
+        False,
+    ),
     ("gemini", "POST", "/v1beta/models/gemini-embedding-001:embedContent", "embeddings", False, "gemini-embedding-001", False),
     ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", None, False, None, False),
     ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", None, True, "gemini-2.5-flash", False),
@@ -661,8 +830,11 @@ def test_gemini_embed_content_is_metered_from_usage_metadata():
 async def test_non_string_model_reply_reaches_the_client_unchanged_and_is_recorded(mock, proxy, http):
     body = orjson.dumps({**chat_completion(), "model": 4, "service_tier": {"t": 1}})
     mock.on("/v1/chat/completions", raw_reply(body, content_type="application/json"))
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={"model": "gpt-4o", "messages": []},
-                         headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"}) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": []},
+        headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"},
+    ) as r:
         assert r.status == 200 and await r.read() == body
     [rec] = await proxy.records()
     assert (rec["status"], rec["response_model"], rec["service_tier"], rec["input_tokens"]) == (200, None, None, 10000)
@@ -676,8 +848,9 @@ async def test_non_string_model_stream_reaches_the_client_unchanged_and_is_recor
     pieces = sse([*((None, c) for c in chunks), (None, "[DONE]")])
     mock.on("/v1/chat/completions", stream_reply(mock, pieces))
     req = {"model": "gpt-4o", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
-    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json=req,
-                         headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"}) as r:
+    async with http.post(
+        f"{proxy.url}/openai/v1/chat/completions", json=req, headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"}
+    ) as r:
         assert r.status == 200 and await r.read() == b"".join(pieces)
     [rec] = await proxy.records()
     assert (rec["response_model"], rec["request_id"], rec["input_tokens"], rec["error"]) == (None, None, 10000, None)

@@ -29,7 +29,8 @@ from conftest import (
     PROXY_OPENAI_KEY,
 )
 from mock_upstream import anthropic_message, gemini_response, json_reply, openai_chat
-from proxy.config import ConfigError, load_config, parse_config
+from proxy.config import load_config, parse_config
+from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 MSG = [{"role": "user", "content": "hi"}]
@@ -57,8 +58,13 @@ class Keys:
 
     def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "COST_TRACKING_FILE": str(self.log)}
-        p = subprocess.run([sys.executable, "-m", "proxy", "keys", "--config", str(self.config_path), *args],
-                           capture_output=True, text=True, env=env, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "proxy", "keys", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         self.outputs += [p.stdout, p.stderr]
         if ok:
             assert p.returncode == 0, p.stderr
@@ -86,8 +92,10 @@ def routes(mock) -> None:
     mock.on("/v1/chat/completions", openai_chat(mock))
     mock.on("/v1/messages", json_reply(anthropic_message()))
     for model in ("gemini-2.5-flash", "gemini-2.5-pro"):
-        mock.on(GEMINI_PATH.format(model=model),
-                json_reply(gemini_response(usage={"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7})))
+        mock.on(
+            GEMINI_PATH.format(model=model),
+            json_reply(gemini_response(usage={"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7})),
+        )
 
 
 def seen_by_upstream(mock) -> str:
@@ -133,7 +141,10 @@ async def test_keys_are_stored_hashed_and_shown_once(tmp_path, mock):
 
 async def test_proxy_key_in_provider_key_out(tmp_path, mock, start_proxy, caplog):
     routes(mock)
-    mock.on("/v1/embeddings", json_reply(lambda rec: {"error": {"message": f"Incorrect API key provided: {rec.headers['Authorization'][7:]}"}}, status=401))
+    mock.on(
+        "/v1/embeddings",
+        json_reply(lambda rec: {"error": {"message": f"Incorrect API key provided: {rec.headers['Authorization'][7:]}"}}, status=401),
+    )
     keys = Keys(tmp_path, mock.url)
     key, kid = keys.create("--user", "alice", "--team", "research")
     proxy = await start_proxy(keys.config(), keys.log)
@@ -148,13 +159,19 @@ async def test_proxy_key_in_provider_key_out(tmp_path, mock, start_proxy, caplog
         # (also the proxy key in another family's key header: it stays in the proxy)
         await a.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=MSG, extra_headers={"x-goog-api-key": key})
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{proxy.url}/gemini{GEMINI_PATH.format(model='gemini-2.5-flash')}?key={key}&alt=json",
-                          json={"contents": [{"parts": [{"text": "hi"}]}]}) as r:
+        async with s.post(
+            f"{proxy.url}/gemini{GEMINI_PATH.format(model='gemini-2.5-flash')}?key={key}&alt=json",
+            json={"contents": [{"parts": [{"text": "hi"}]}]},
+        ) as r:
             assert r.status == 200, await r.text()
     # Upstream got the configured provider keys, in each family's header, and never the proxy key.
     auth = [(r.headers.get("Authorization"), r.headers.get("x-api-key"), r.headers.get("x-goog-api-key")) for r in mock.requests]
-    assert auth == [(f"Bearer {PROXY_OPENAI_KEY}", None, None), (f"Bearer {PROXY_OPENAI_KEY}", None, None),
-                    (None, PROXY_ANTHROPIC_KEY, None), (None, None, PROXY_GEMINI_KEY)]
+    assert auth == [
+        (f"Bearer {PROXY_OPENAI_KEY}", None, None),
+        (f"Bearer {PROXY_OPENAI_KEY}", None, None),
+        (None, PROXY_ANTHROPIC_KEY, None),
+        (None, None, PROXY_GEMINI_KEY),
+    ]
     assert dict(mock.requests[3].query) == {"alt": "json"}  # Gemini's ?key= was taken out
     assert key not in seen_by_upstream(mock) and key[4:] not in seen_by_upstream(mock)
     raw = await proxy.wait_raw_log(4)  # every record, the last one's line included
@@ -179,8 +196,10 @@ async def test_bad_keys_are_401_in_each_family_with_one_message(case, tmp_path, 
     messages = []
     if case == "missing":
         async with aiohttp.ClientSession() as s:
-            for path, body in (("/openai/v1/chat/completions", {"model": "gpt-4o", "messages": MSG}),
-                               ("/anthropic/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": MSG})):
+            for path, body in (
+                ("/openai/v1/chat/completions", {"model": "gpt-4o", "messages": MSG}),
+                ("/anthropic/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": MSG}),
+            ):
                 async with s.post(proxy.url + path, json=body) as r:
                     assert r.status == 401
                     messages.append((await r.json())["error"]["message"])
@@ -258,13 +277,17 @@ async def test_model_allowlist_is_403_in_each_family(tmp_path, mock, start_proxy
         assert e2.value.body["error"]["type"] == "permission_error"
     async with aiohttp.ClientSession() as s:
         for model, status in (("gemini-2.5-flash", 200), ("gemini-2.5-pro", 403)):
-            async with s.post(f"{proxy.url}/gemini{GEMINI_PATH.format(model=model)}", json={"contents": []},
-                              headers={"x-goog-api-key": key}) as r:
+            async with s.post(
+                f"{proxy.url}/gemini{GEMINI_PATH.format(model=model)}", json={"contents": []}, headers={"x-goog-api-key": key}
+            ) as r:
                 assert r.status == status
                 if status == 403:
                     assert (await r.json())["error"]["status"] == "PERMISSION_DENIED"
     assert [r.json.get("model") or r.path for r in mock.requests] == [
-        "gpt-4o-2024-08-06", "claude-haiku-4-5-20251001", GEMINI_PATH.format(model="gemini-2.5-flash")]
+        "gpt-4o-2024-08-06",
+        "claude-haiku-4-5-20251001",
+        GEMINI_PATH.format(model="gemini-2.5-flash"),
+    ]
     records = await proxy.records()
     assert [r["status"] for r in records] == [200, 403, 403, 200, 403, 200, 403]
 
@@ -273,8 +296,7 @@ async def test_model_allowlist_is_403_in_each_family(tmp_path, mock, start_proxy
 
 
 def _cfg(tmp_path: Path, auth: Any, api_key: bool = True) -> dict:
-    return {"providers": {"openai": {"base_url": "http://127.0.0.1:1", **({"api_key": "sk-x"} if api_key else {})}},
-            "auth": auth}
+    return {"providers": {"openai": {"base_url": "http://127.0.0.1:1", **({"api_key": "sk-x"} if api_key else {})}}, "auth": auth}
 
 
 @pytest.mark.parametrize(
@@ -296,23 +318,39 @@ def test_bad_auth_config(tmp_path, auth, api_key, key):
 
 
 def test_a_broken_keys_file_stops_start_up(tmp_path):
+    # config.yml itself parses (the keys file is storage's, read when the proxy starts);
+    # starting the proxy on it stops with the file, the entry and the reason.
+    from proxy.web.app import create_app
+
     kf = tmp_path / "keys.yml"
     kf.write_text(yaml.safe_dump({"keys": [{"id": "abc", "sha256": "0" * 64}]}))
+    config = parse_config(_cfg(tmp_path, {"keys_file": "keys.yml"}), str(tmp_path / "config.yml"))
     with pytest.raises(ConfigError) as e:
-        parse_config(_cfg(tmp_path, {"keys_file": "keys.yml"}), str(tmp_path / "config.yml"))
+        create_app(config, tmp_path / "cost.jsonl")
     assert (e.value.path, e.value.key) == (str(kf), "keys[0].id")
     kf.write_text("keys: [unclosed")
+    config = parse_config(_cfg(tmp_path, {"keys_file": str(kf)}), str(tmp_path / "config.yml"))
     with pytest.raises(ConfigError, match="not valid YAML"):
-        parse_config(_cfg(tmp_path, {"keys_file": str(kf)}), str(tmp_path / "config.yml"))
+        create_app(config, tmp_path / "cost.jsonl")
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(_cfg(tmp_path, {"keys_file": str(kf)})))
+    res = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(tmp_path / "config.yml"), "--port", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert res.returncode == 2 and str(kf) in res.stderr and "not valid YAML" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_key_store_admins_and_reloading(tmp_path, caplog):
-    from proxy.keys import KeyEntry, KeyStore, key_hash, new_key, save_keys
+    from proxy.keys import KeyEntry, key_hash, new_key
+    from proxy.storage.keyfile import KeyStore, save_keys
 
     cfg_admin, file_admin, user = new_key(), new_key(), new_key()
     kf = tmp_path / "keys.yml"
-    entries = [KeyEntry(key_hash(file_admin)[:12], key_hash(file_admin), "ops", admin=True),
-               KeyEntry(key_hash(user)[:12], key_hash(user), "u")]
+    entries = [
+        KeyEntry(key_hash(file_admin)[:12], key_hash(file_admin), "ops", admin=True),
+        KeyEntry(key_hash(user)[:12], key_hash(user), "u"),
+    ]
     save_keys(kf, entries)
     store = KeyStore(kf, frozenset({key_hash(cfg_admin)}))
     assert store.is_admin(cfg_admin) and store.is_admin(file_admin)
@@ -329,7 +367,7 @@ def test_key_store_admins_and_reloading(tmp_path, caplog):
 
 
 def test_keys_cli_needs_an_auth_section(tmp_path, capsys):
-    from proxy.keys import keys_main
+    from proxy.cli.keys import keys_main
 
     cfg = tmp_path / "config.yml"
     cfg.write_text("providers: {openai: {base_url: 'http://x'}}\n")

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fs_faults import fill, remount, tmpfs_fixture, umount  # noqa: F401  (tmpfs_fixture provides the `tmpfs` fixture)
-from proxy.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,10 +133,17 @@ async def test_log_swapped_while_a_torn_line_is_pending_leaves_one_skippable_fra
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(
-    st.tuples(st.just("write"), st.integers(1, 300)),  # up to two pages: a full disk shows
-    st.just(("fill",)), st.just(("free",)), st.just(("rotate",)),
-), max_size=12))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("write"), st.integers(1, 300)),  # up to two pages: a full disk shows
+            st.just(("fill",)),
+            st.just(("free",)),
+            st.just(("rotate",)),
+        ),
+        max_size=12,
+    )
+)
 def test_any_sequence_of_fill_free_rotate_loses_and_duplicates_nothing(tmpfs, ops):
     fs = tmpfs(size="256k")  # room for every record once the fillers are gone
     log = fs / "cost.jsonl"
@@ -214,7 +221,7 @@ async def test_failed_reopen_never_touches_a_descriptor_it_no_longer_owns(tmp_pa
 
 _SHUTDOWN = """
 import asyncio, json, sys
-from proxy.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter
 log, n, fallback = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 async def main():
     w = JsonlWriter(log, console_fd=None, **({"fallback": fallback} if fallback else {}))
@@ -228,9 +235,13 @@ asyncio.run(main())
 
 
 def run_shutdown(log: Path, n: int, *fallback: Path, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run([sys.executable, "-c", _SHUTDOWN, str(log), str(n), *map(str, fallback)],
-                         capture_output=True, text=True, timeout=30,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-c", _SHUTDOWN, str(log), str(n), *map(str, fallback)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **(env or {})},
+    )
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     return res.stderr
 
@@ -244,8 +255,11 @@ def test_shutdown_with_the_disk_full_saves_the_held_records_and_says_so(tmp_path
     stderr = run_shutdown(log, 300, env={"COST_TRACKING_FALLBACK": str(fallback)})
     said = [ln for ln in stderr.splitlines() if "could not be written" in ln]
     assert len(said) == 1, stderr
-    m = re.fullmatch(rf"llm-cost-proxy: (\d+) records could not be written to {re.escape(str(log))} "
-                     rf"\(No space left on device\); saved to {re.escape(str(fallback))}", said[0])
+    m = re.fullmatch(
+        rf"llm-cost-proxy: (\d+) records could not be written to {re.escape(str(log))} "
+        rf"\(No space left on device\); saved to {re.escape(str(fallback))}",
+        said[0],
+    )
     assert m, said[0]
     in_log, bad = parse(log)
     saved, bad_saved = parse(fallback)
@@ -270,7 +284,7 @@ def test_shutdown_when_the_fallback_fails_too_says_how_many_were_lost(tmp_path, 
 
 _APPENDER = """
 import asyncio, json, sys
-from proxy.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter
 log, who = sys.argv[1], sys.argv[2]
 async def main():
     w = JsonlWriter(log, console_fd=None)
@@ -285,8 +299,7 @@ asyncio.run(main())
 
 def test_two_processes_appending_never_tear_or_merge_a_line(tmp_path):
     log = tmp_path / "cost.jsonl"
-    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(log), who], env={"PYTHONPATH": str(ROOT)})
-             for who in "ab"]
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(log), who], env={"PYTHONPATH": str(ROOT)}) for who in "ab"]
     assert [p.wait(60) for p in procs] == [0, 0]
     lines = log.read_bytes().split(b"\n")
     assert lines.pop() == b""
@@ -298,7 +311,7 @@ def test_two_processes_appending_never_tear_or_merge_a_line(tmp_path):
 
 _REPLIER = """
 import asyncio, json, os, sys
-from proxy.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter
 async def main():
     w = JsonlWriter(sys.argv[1], console_fd=None)
     i = 0

@@ -47,18 +47,18 @@ from typing import Any, Callable, Iterable
 import orjson
 import pytest
 
-from proxy.budgets import BudgetLedger, ledger_for, parse_budgets, replay_log
-from proxy.catalog import pricebook_for
+from proxy.budgets import BudgetLedger, ledger_for
 from proxy.cli import main as cli_main
-from proxy.config import parse_config
+from proxy.config import parse_budgets, parse_config, pricebook_for
 from proxy.core.money import cost_units, units_to_usd
+from proxy.core.records import CallContext, build_record, dumps_record, json_default
+from proxy.core.usage import CallInfo, Usage
 from proxy.engine.query import NONE_LABEL, Query
 from proxy.engine.totals import RollingWindow, Totals
 from proxy.pricing import PriceBook, price_call
-from proxy.records import CallContext, build_record, dumps_record, json_default
 from proxy.storage.logfiles import log_files, order_files
+from proxy.storage.replay import replay_log
 from proxy.storage.scan import scan
-from proxy.usage import CallInfo, Usage
 
 UTC = timezone.utc
 NOW = datetime(2026, 11, 25, 23, 30, tzinfo=UTC)  # a Wednesday
@@ -83,28 +83,69 @@ LOG_NAME = "cost-tracking.jsonl"
 CONFIG: dict[str, Any] = {
     "catalog": {"enabled": False},  # only the prices below: "unpriced" is deterministic
     "providers": {
-        "openai": {"base_url": "https://api.openai.com", "models": {
-            "gpt-4o-mini": {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}},
-            "gpt-5": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125,
-                                  "service_tiers": {"flex": {"input": 0.625, "output": 5.00, "cached_input": 0.0625}}}},
-            "o4-mini": {"pricing": {"input": 1.10, "output": 4.40, "cached_input": 0.275}},
-            "text-embedding-3-small": {"pricing": {"input": 0.02, "output": 0}},
-        }},
-        "anthropic": {"base_url": "https://api.anthropic.com", "models": {
-            "claude-sonnet-4-5": {"pricing": {"input": 3.00, "output": 15.00, "cached_input": 0.30, "cache_write": 3.75,
-                                              "cache_write_1h": 6.00, "web_search": 10}},
-            "claude-opus-4-1": {"pricing": {"input": 15.00, "output": 75.00, "cached_input": 1.50, "cache_write": 18.75,
-                                            "cache_write_1h": 30.00, "web_search": 10}},
-        }},
-        "gemini": {"base_url": "https://generativelanguage.googleapis.com", "models": {
-            "gemini-2.5-flash": {"pricing": {"input": 0.30, "output": 2.50, "cached_input": 0.03}},
-            "gemini-2.5-pro": {"pricing": {"input": 1.25, "output": 10.00, "cached_input": 0.125,
-                                           "tiers": [{"above": 200000, "input": 2.50, "output": 15.00, "cached_input": 0.25}]}},
-        }},
+        "openai": {
+            "base_url": "https://api.openai.com",
+            "models": {
+                "gpt-4o-mini": {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}},
+                "gpt-5": {
+                    "pricing": {
+                        "input": 1.25,
+                        "output": 10.00,
+                        "cached_input": 0.125,
+                        "service_tiers": {"flex": {"input": 0.625, "output": 5.00, "cached_input": 0.0625}},
+                    }
+                },
+                "o4-mini": {"pricing": {"input": 1.10, "output": 4.40, "cached_input": 0.275}},
+                "text-embedding-3-small": {"pricing": {"input": 0.02, "output": 0}},
+            },
+        },
+        "anthropic": {
+            "base_url": "https://api.anthropic.com",
+            "models": {
+                "claude-sonnet-4-5": {
+                    "pricing": {
+                        "input": 3.00,
+                        "output": 15.00,
+                        "cached_input": 0.30,
+                        "cache_write": 3.75,
+                        "cache_write_1h": 6.00,
+                        "web_search": 10,
+                    }
+                },
+                "claude-opus-4-1": {
+                    "pricing": {
+                        "input": 15.00,
+                        "output": 75.00,
+                        "cached_input": 1.50,
+                        "cache_write": 18.75,
+                        "cache_write_1h": 30.00,
+                        "web_search": 10,
+                    }
+                },
+            },
+        },
+        "gemini": {
+            "base_url": "https://generativelanguage.googleapis.com",
+            "models": {
+                "gemini-2.5-flash": {"pricing": {"input": 0.30, "output": 2.50, "cached_input": 0.03}},
+                "gemini-2.5-pro": {
+                    "pricing": {
+                        "input": 1.25,
+                        "output": 10.00,
+                        "cached_input": 0.125,
+                        "tiers": [{"above": 200000, "input": 2.50, "output": 15.00, "cached_input": 0.25}],
+                    }
+                },
+            },
+        },
         # An OpenAI-compatible host with odd rates: costs that use all ten decimals.
-        "compat": {"type": "openai", "base_url": "https://llm.internal.example", "models": {
-            "tiny-1b": {"pricing": {"input": 0.012345, "output": 0.0678901}},
-        }},
+        "compat": {
+            "type": "openai",
+            "base_url": "https://llm.internal.example",
+            "models": {
+                "tiny-1b": {"pricing": {"input": 0.012345, "output": 0.0678901}},
+            },
+        },
         "local": {"type": "openai", "base_url": "http://127.0.0.1:8000"},  # no prices: unpriced
     },
 }
@@ -200,7 +241,8 @@ def _usage(rng: random.Random, provider: str, model: str) -> Usage:
 def make_call(rng: random.Random, book: PriceBook, start_ms: int, seq: int) -> Call:
     kind = rng.choices(
         ["ok", "http_error", "stream_error", "estimated", "usage_error", "unknown_provider", "not_metered", "billable"],
-        [80, 8, 2, 3, 2, 2, 2, 1])[0]
+        [80, 8, 2, 3, 2, 2, 2, 1],
+    )[0]
     provider, family, model, rmodel, endpoint, _ = rng.choices(MODELS, [m[5] for m in MODELS])[0]
     key_id, owner, team = rng.choice(KEYS)
     if owner is not None:
@@ -216,10 +258,21 @@ def make_call(rng: random.Random, book: PriceBook, start_ms: int, seq: int) -> C
         tags["project"] = rng.choice(["apollo", "gemini-migration"])
     if rng.random() < 0.05:
         tags["team"] = "growth"  # a client's own x-tag-team header, whatever its key's team
-    ctx = CallContext(timestamp=(start_ms + 0.5) / 1000, provider=provider, family=family, endpoint=endpoint,
-                      model=model, is_streaming=rng.random() < 0.4, user_id=user, key_id=key_id,
-                      ip_address="10.0.%d.%d" % (rng.randrange(4), rng.randrange(1, 250)), metered=True,
-                      tags=tags, team=team, session_id=rng.choice([None, None, f"sess-{rng.randrange(40)}"]))
+    ctx = CallContext(
+        timestamp=(start_ms + 0.5) / 1000,
+        provider=provider,
+        family=family,
+        endpoint=endpoint,
+        model=model,
+        is_streaming=rng.random() < 0.4,
+        user_id=user,
+        key_id=key_id,
+        ip_address="10.0.%d.%d" % (rng.randrange(4), rng.randrange(1, 250)),
+        metered=True,
+        tags=tags,
+        team=team,
+        session_id=rng.choice([None, None, f"sess-{rng.randrange(40)}"]),
+    )
     info = CallInfo(response_model=rmodel, request_id=f"req_{seq:08x}", finish_reason="stop")
     usage: Usage | None = _usage(rng, provider, model)
     status = 200
@@ -237,8 +290,9 @@ def make_call(rng: random.Random, book: PriceBook, start_ms: int, seq: int) -> C
         usage, info.usage_error, source = None, "implausible usage: prompt_tokens=-5", None
     elif kind == "unknown_provider":
         provider = rng.choice(UNKNOWN_PROVIDERS)
-        ctx = CallContext(timestamp=ctx.timestamp, provider=provider, family="unknown", endpoint="/chat/completions",
-                          ip_address=ctx.ip_address)
+        ctx = CallContext(
+            timestamp=ctx.timestamp, provider=provider, family="unknown", endpoint="/chat/completions", ip_address=ctx.ip_address
+        )
         info, usage, status, error, source = CallInfo(), None, 404, "unknown provider", None
     elif kind == "not_metered":
         ctx.endpoint, ctx.model, ctx.metered, info.response_model = "/v1/models", None, False, None
@@ -250,13 +304,31 @@ def make_call(rng: random.Random, book: PriceBook, start_ms: int, seq: int) -> C
     if usage is not None:
         if provider == "openai" and model == "gpt-5" and rng.random() < 0.3:
             info.service_tier = "flex"
-        priced = price_call(book, provider=ctx.provider, family=ctx.family, model=ctx.model,
-                            response_model=info.response_model, usage=usage, when=ctx.timestamp_dt,
-                            service_tier=info.service_tier)
+        priced = price_call(
+            book,
+            provider=ctx.provider,
+            family=ctx.family,
+            model=ctx.model,
+            response_model=info.response_model,
+            usage=usage,
+            when=ctx.timestamp_dt,
+            service_tier=info.service_tier,
+        )
         price, cost, variant = priced.price, priced.cost, priced.variant
-    rec = build_record(ctx, info, usage=usage, status=status, error=error, latency_ms=latency, ttft_ms=None,
-                       usage_source=source, price=price, cost=cost, price_variant=variant,
-                       record_id=f"6d1f0c2a9b3e{seq:x}")
+    rec = build_record(
+        ctx,
+        info,
+        usage=usage,
+        status=status,
+        error=error,
+        latency_ms=latency,
+        ttft_ms=None,
+        usage_source=source,
+        price=price,
+        cost=cost,
+        price_variant=variant,
+        record_id=f"6d1f0c2a9b3e{seq:x}",
+    )
     end_ms = min(start_ms + int(latency), int(NOW_TS * 1000))
     return written(Call(rec, start_ms, end_ms, b"", b""))
 
@@ -267,8 +339,7 @@ def written(c: Call, *, old_writer: bool = False) -> Call:
         c.rec.pop("record_id", None)
         c.rec.pop("budget_override", None)
     c.line = dumps_record(c.rec)
-    c.reencoded = orjson.dumps({k: c.rec[k] for k in reversed(c.rec)}, default=json_default,
-                               option=orjson.OPT_APPEND_NEWLINE)
+    c.reencoded = orjson.dumps({k: c.rec[k] for k in reversed(c.rec)}, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
     return c
 
 
@@ -343,7 +414,7 @@ def render(calls: list[Call], *, rotated: bool) -> Layout:
             if not gz_done and c.end_ms >= GZ_ROTATE.timestamp() * 1000:
                 out, gz_done = new_file(), True
             k = rng.randrange(3, 12)
-            batch = list(itertools.takewhile(lambda x: "record_id" not in x.rec, calls[i:i + k]))
+            batch = list(itertools.takewhile(lambda x: "record_id" not in x.rec, calls[i : i + k]))
             batch_no += 1
             if batch_no % 5 == 0 and len(batch) >= 3:
                 j = rng.randrange(2, len(batch))  # b0..b(j-1) made it, then part of b_j
@@ -382,7 +453,7 @@ def render(calls: list[Call], *, rotated: bool) -> Layout:
         else:  # the writer with record ids
             r = rng.random()
             if r < 0.015:
-                out += c.line[:rng.randrange(60, len(c.line) - 1)] + b"\n"
+                out += c.line[: rng.randrange(60, len(c.line) - 1)] + b"\n"
                 layout.bad_24h += in_24h(c)
             out += c.line
             if 0.015 <= r < 0.03:
@@ -460,9 +531,17 @@ class Sum:
         return exact_units(self.cost)
 
     def counts(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "priced": self.priced, "unpriced": self.unpriced,
-                "unknown": self.unknown, "cost_units": self.units, "input_cost_units": exact_units(self.input_cost),
-                "output_cost_units": exact_units(self.output_cost), "tokens": dict(self.tokens)}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "priced": self.priced,
+            "unpriced": self.unpriced,
+            "unknown": self.unknown,
+            "cost_units": self.units,
+            "input_cost_units": exact_units(self.input_cost),
+            "output_cost_units": exact_units(self.output_cost),
+            "tokens": dict(self.tokens),
+        }
 
 
 def exact_units(d: Decimal) -> int:
@@ -492,19 +571,32 @@ def today(c: Call) -> bool:
 
 
 def of_totals(t: Totals) -> dict[str, Any]:
-    return {"requests": t.requests, "errors": t.errors, "priced": t.priced, "unpriced": t.unpriced, "unknown": t.unknown,
-            "cost_units": t.cost_units, "input_cost_units": t.input_cost_units, "output_cost_units": t.output_cost_units,
-            "tokens": {k: t.tokens[k] for k in TOKEN_FIELDS}}
+    return {
+        "requests": t.requests,
+        "errors": t.errors,
+        "priced": t.priced,
+        "unpriced": t.unpriced,
+        "unknown": t.unknown,
+        "cost_units": t.cost_units,
+        "input_cost_units": t.input_cost_units,
+        "output_cost_units": t.output_cost_units,
+        "tokens": {k: t.tokens[k] for k in TOKEN_FIELDS},
+    }
 
 
 def of_json(row: dict[str, Any]) -> dict[str, Any]:
     """A report's JSON totals, its money read as exact decimals."""
-    return {"requests": row["requests"], "errors": row["errors"], "priced": row["priced_requests"],
-            "unpriced": row["unpriced_requests"], "unknown": row["unknown_usage_requests"],
-            "cost_units": exact_units(Decimal(row["total_cost"])),
-            "input_cost_units": exact_units(Decimal(row["input_cost"])),
-            "output_cost_units": exact_units(Decimal(row["output_cost"])),
-            "tokens": {k: row["tokens"][k] for k in TOKEN_FIELDS}}
+    return {
+        "requests": row["requests"],
+        "errors": row["errors"],
+        "priced": row["priced_requests"],
+        "unpriced": row["unpriced_requests"],
+        "unknown": row["unknown_usage_requests"],
+        "cost_units": exact_units(Decimal(row["total_cost"])),
+        "input_cost_units": exact_units(Decimal(row["input_cost"])),
+        "output_cost_units": exact_units(Decimal(row["output_cost"])),
+        "tokens": {k: row["tokens"][k] for k in TOKEN_FIELDS},
+    }
 
 
 # --- the three readers ------------------------------------------------------------------
@@ -599,8 +691,9 @@ def test_the_generated_log_holds_what_real_logs_hold(gen: Generated, layout: str
 # --- one log, three sums ------------------------------------------------------------------------
 
 
-def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_reports_and_budgets_agree_to_the_last_unit(
+    gen: Generated, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = gen.single
     want = expect(gen.calls, today)
     want_counts = want.counts()
@@ -610,18 +703,24 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
     assert loaded == want.requests
     # (2) the report engine (raw, index build, index reuse) and the CLI
     files = report_files(log)
-    scans = {name: scan(files, summary_query(), jobs=1, use_index=use) for name, use in
-             (("raw", False), ("index build", True), ("index reuse", True))}
+    scans = {
+        name: scan(files, summary_query(), jobs=1, use_index=use)
+        for name, use in (("raw", False), ("index build", True), ("index reuse", True))
+    }
     cli = report_cli(capsys, monkeypatch, log)
     cli_no_index = report_cli(capsys, monkeypatch, log, "--no-index")
     # (3) the budget replay
     ledger, (read, counted) = budget_ledger(log)
     spent_today = ledger.spent(GLOBAL_DAILY, "*")
 
-    sums = {"expected": want.units, "/health": health.cost_units, "budget replay": spent_today,
-            **{f"report scan ({k})": r.totals().cost_units for k, r in scans.items()},
-            "report CLI": cost_units(cli["totals"]["total_cost"]),
-            "report CLI --no-index": cost_units(cli_no_index["totals"]["total_cost"])}
+    sums = {
+        "expected": want.units,
+        "/health": health.cost_units,
+        "budget replay": spent_today,
+        **{f"report scan ({k})": r.totals().cost_units for k, r in scans.items()},
+        "report CLI": cost_units(cli["totals"]["total_cost"]),
+        "report CLI --no-index": cost_units(cli_no_index["totals"]["total_cost"]),
+    }
     assert set(sums.values()) == {want.units}, sums
     assert cost_units(want.cost) == want.units  # the test's own Decimal sum, in the code's units
     # As Decimal too: what /health prints, what the report prints, what the budget says.
@@ -644,14 +743,14 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
     assert {p: of_totals(t) for p, t in health_by_provider.items()} == {p: s.counts() for p, s in by_health.items()}
     by_provider = expect_by(gen.calls, lambda c: c.rec["provider"], today)
     assert {row["provider"]: of_json(row) for row in cli["by_provider"]} == {p: s.counts() for p, s in by_provider.items()}
-    assert {k[0]: of_totals(t) for k, t in scans["raw"].rollup(["provider"]).items()} == \
-        {p: s.counts() for p, s in by_provider.items()}
+    assert {k[0]: of_totals(t) for k, t in scans["raw"].rollup(["provider"]).items()} == {p: s.counts() for p, s in by_provider.items()}
     # The two label a client-invented provider differently ("(unknown)" against its
     # name), and otherwise hold the same rows, which add up the same.
     unknown_names = {c.rec["provider"] for c in gen.calls if c.family == "unknown" and today(c)}
     assert unknown_names and "(unknown)" in health_by_provider
-    assert sum(row["requests"] for row in cli["by_provider"] if row["provider"] in unknown_names) == \
-        health_by_provider["(unknown)"].requests
+    assert (
+        sum(row["requests"] for row in cli["by_provider"] if row["provider"] in unknown_names) == health_by_provider["(unknown)"].requests
+    )
     for p, t in health_by_provider.items():
         if p != "(unknown)":
             assert t.cost_units == exact_units(Decimal(next(r["total_cost"] for r in cli["by_provider"] if r["provider"] == p)))
@@ -661,9 +760,11 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
     assert of_totals(cube.totals()) == want_counts
     cli_users = report_cli(capsys, monkeypatch, log, "--group-by", "user")
     assert of_json(cli_users["totals"]) == want_counts
-    for dim, budget_dim, field_of in (("user", USER_DAILY, lambda c: c.rec["user_id"]),
-                                      ("key", KEY_DAILY, lambda c: c.rec["key_id"]),
-                                      ("tag:feature", FEATURE_DAILY, lambda c: c.rec["tags"].get("feature"))):
+    for dim, budget_dim, field_of in (
+        ("user", USER_DAILY, lambda c: c.rec["user_id"]),
+        ("key", KEY_DAILY, lambda c: c.rec["key_id"]),
+        ("tag:feature", FEATURE_DAILY, lambda c: c.rec["tags"].get("feature")),
+    ):
         want_by = expect_by(gen.calls, field_of, today)
         assert None in want_by or dim == "key"  # records without the field: a report row "(none)", no budget
         report_rows = {k[0]: of_totals(t) for k, t in cube.rollup([dim]).items()}
@@ -674,8 +775,9 @@ def test_health_reports_and_budgets_agree_to_the_last_unit(gen: Generated, capsy
         listed = {s.value: s.spent for s in ledger.states() if s.limit == limit}
         assert listed == budget_rows, dim  # every value of the day has its budget, and none from nowhere
         if dim == "user":
-            assert {g["user"]: of_json(g) for g in cli_users["groups"]} == \
-                {NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()}
+            assert {g["user"]: of_json(g) for g in cli_users["groups"]} == {
+                NONE_LABEL if v is None else v: s.counts() for v, s in want_by.items()
+            }
     alice = next(s for s in ledger.states() if s.limit.match == "alice")
     assert alice.spent == ledger.spent(USER_DAILY, "alice") == expect(gen.calls, lambda c: today(c) and c.rec["user_id"] == "alice").units
 
@@ -696,16 +798,21 @@ def test_the_week_and_the_month_agree_too(gen: Generated) -> None:
         assert res.totals().total_cost == units_to_usd(ledger.spent(dim, "*")) == want.cost
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "report --group-by team (engine.query.tag_value) takes tags.team, which any client sets with an x-tag-team "
-    "header, before the record's own team (its proxy key's team, docs/budgets.md), while the budget replay "
-    "counts the record's team only. Of today's 2701 records, 134 carry tags.team=growth ($1.9915516604): "
-    "the report shows a team 'growth' no key has, at $1.9915516604, and research $14.5266089966 against the "
-    "budget's $15.4392699278 (60 records, -$0.9126609312), support $7.3955433739 against $7.6528767432 "
-    "(22, -$0.2573333693), platform $6.1144338621 against $6.4780198012 (21, -$0.3635859391); 31 of them "
-    "($0.4579714208) have no team and count towards no team budget"))
-def test_the_report_and_the_budgets_split_spend_by_team_the_same_way(gen: Generated, capsys: pytest.CaptureFixture[str],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "report --group-by team (engine.query.tag_value) takes tags.team, which any client sets with an x-tag-team "
+        "header, before the record's own team (its proxy key's team, docs/budgets.md), while the budget replay "
+        "counts the record's team only. Of today's 2701 records, 134 carry tags.team=growth ($1.9915516604): "
+        "the report shows a team 'growth' no key has, at $1.9915516604, and research $14.5266089966 against the "
+        "budget's $15.4392699278 (60 records, -$0.9126609312), support $7.3955433739 against $7.6528767432 "
+        "(22, -$0.2573333693), platform $6.1144338621 against $6.4780198012 (21, -$0.3635859391); 31 of them "
+        "($0.4579714208) have no team and count towards no team budget"
+    ),
+)
+def test_the_report_and_the_budgets_split_spend_by_team_the_same_way(
+    gen: Generated, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ledger, _ = budget_ledger(gen.single)
     budget_teams = {s.value: s.spent for s in ledger.states() if s.limit.dim == TEAM_DAILY}
     # The budgets follow the record's team (checked against the calls in the test above).
@@ -734,24 +841,31 @@ def test_a_rotated_log_health_and_budgets_count_each_call_once(gen: Generated) -
     assert (read, ledger.spent(GLOBAL_MONTHLY, "*")) == (month.requests, month.units)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scan() dedupes each file on its own (storage/tasks.py: 'copies in two files (a cut batch retried after a "
-    "rotation) are both counted'), records_since (/health, budgets) carries one Dedupe across the rotated "
-    "files. The batch retried across the 05:00 rotation repeats 5 records (stamped 2026-11-25T05:00:14.509Z "
-    "to 05:08:59.454Z, $0.0326534538) at the start of the new file: /health and the budget replay count 2701 "
-    "requests and $41.4016990264, storage.scan.scan and `report --format json` 2706 requests and $41.4343524802 "
-    "(+5 requests, +326534538 units) with duplicate_lines 103 instead of 108"))
-def test_a_rotated_log_report_counts_each_call_once(gen: Generated, capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "scan() dedupes each file on its own (storage/tasks.py: 'copies in two files (a cut batch retried after a "
+        "rotation) are both counted'), records_since (/health, budgets) carries one Dedupe across the rotated "
+        "files. The batch retried across the 05:00 rotation repeats 5 records (stamped 2026-11-25T05:00:14.509Z "
+        "to 05:08:59.454Z, $0.0326534538) at the start of the new file: /health and the budget replay count 2701 "
+        "requests and $41.4016990264, storage.scan.scan and `report --format json` 2706 requests and $41.4343524802 "
+        "(+5 requests, +326534538 units) with duplicate_lines 103 instead of 108"
+    ),
+)
+def test_a_rotated_log_report_counts_each_call_once(
+    gen: Generated, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = gen.rotated
     want = expect(gen.calls, today)
     _, health, _ = health_window(log)
     ledger, _ = budget_ledger(log)
     res = scan(report_files(log), summary_query(), jobs=1, use_index=False)
     cli = report_cli(capsys, monkeypatch, log)
-    got = {"/health": (health.requests, health.cost_units),
-           "budget replay": (want.requests, ledger.spent(GLOBAL_DAILY, "*")),  # (it counts no requests)
-           "report scan": (res.totals().requests, res.totals().cost_units),
-           "report CLI": (cli["totals"]["requests"], exact_units(Decimal(cli["totals"]["total_cost"])))}
+    got = {
+        "/health": (health.requests, health.cost_units),
+        "budget replay": (want.requests, ledger.spent(GLOBAL_DAILY, "*")),  # (it counts no requests)
+        "report scan": (res.totals().requests, res.totals().cost_units),
+        "report CLI": (cli["totals"]["requests"], exact_units(Decimal(cli["totals"]["total_cost"]))),
+    }
     assert got == {k: (want.requests, want.units) for k in got}
     assert res.duplicate_lines == cli["duplicate_lines"] == gen.rotated_layout.dup_24h

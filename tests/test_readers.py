@@ -22,9 +22,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.budgets import BudgetLedger, Limit, replay_log
-from proxy.catalog import pricebook_for
-from proxy.config import parse_config
+from proxy.budgets import BudgetLedger, Limit
+from proxy.config import parse_config, pricebook_for
 from proxy.core.money import cost_units
 from proxy.core.timestamps import iso_ms
 from proxy.engine.query import Query
@@ -34,6 +33,7 @@ from proxy.storage import index as index_module
 from proxy.storage import scan as scan_module
 from proxy.storage.index import index_path
 from proxy.storage.logfiles import iter_jsonl, records_since
+from proxy.storage.replay import replay_log
 from proxy.storage.scan import scan
 from proxy.web.app import load_window
 from test_analyze_costs_cli import CONFIG, NOW, as_json, check_totals, dt, dumps, expect, make_records, run
@@ -72,7 +72,7 @@ def old_writer_log(recs: list[dict[str, Any]], seed: int = 1, retry_every: int =
     i = batch_no = 0
     while i < len(lines):
         k = rng.randrange(3, 12)
-        batch = lines[i:i + k]
+        batch = lines[i : i + k]
         batch_no += 1
         if batch_no % retry_every == 0 and len(batch) >= 3:
             j = rng.randrange(2, len(batch))  # b0..b(j-1) made it, then part of b_j
@@ -136,7 +136,7 @@ def test_the_built_log_really_holds_duplicates_and_merged_lines(old_log: tuple[P
     assert bad == log.merged and len(parsed) == len(log.records) + log.duplicates
     same_bytes = 0
     for a, b in log.spans:
-        first, repeat = data[a:data.index(b"\n", a) + 1], data[b:data.index(b"\n", b) + 1]
+        first, repeat = data[a : data.index(b"\n", a) + 1], data[b : data.index(b"\n", b) + 1]
         same_bytes += first == repeat
         assert first == repeat or orjson.loads(first)["record_id"] == orjson.loads(repeat)["record_id"]
     assert 0 < same_bytes < log.duplicates  # both kinds of repeat are there
@@ -195,8 +195,7 @@ def test_a_repeat_across_a_task_or_segment_boundary_is_caught(tmp_path: Path, mo
     assert len(orjson.loads(index_path(path).read_bytes())["segments"]) > 10
     for name, res in runs.items():
         t = res.totals()
-        assert (t.requests, t.total_cost, t.unpriced, t.unknown) == (
-            exp["requests"], exp["cost"], exp["unpriced"], exp["unknown"]), name
+        assert (t.requests, t.total_cost, t.unpriced, t.unknown) == (exp["requests"], exp["cost"], exp["unpriced"], exp["unknown"]), name
         assert (res.bad_lines, res.duplicate_lines) == (log.merged, log.duplicates), name
         assert res.cells == runs["raw, one task"].cells, name
     # A window edge inside a segment: that segment is read line by line, still once each.
@@ -225,8 +224,7 @@ def test_records_since_and_the_health_window_count_each_call_once(old_log: tuple
 def test_budget_replay_counts_each_call_once(old_log: tuple[Path, OldLog]) -> None:
     path, log = old_log
     now = NOW.timestamp()
-    ledger = BudgetLedger([Limit("global", "monthly", 10**6 * USD), Limit("user", "daily", 10**6 * USD)],
-                          clock=lambda: now)
+    ledger = BudgetLedger([Limit("global", "monthly", 10**6 * USD), Limit("user", "daily", 10**6 * USD)], clock=lambda: now)
     read, counted = replay_log(ledger, path)
     november = [r for r in log.records if r["timestamp"] >= "2026-11-01"]
     today = [r for r in november if r["timestamp"] >= "2026-11-23"]
@@ -234,8 +232,7 @@ def test_budget_replay_counts_each_call_once(old_log: tuple[Path, OldLog]) -> No
     spent = {s.name: s.spent for s in ledger.states()}
     assert spent["global monthly"] == sum(cost_units(r["total_cost"]) or 0 for r in november)
     for user in {r["user_id"] for r in today}:
-        assert spent[f"user:{user} daily"] == sum(cost_units(r["total_cost"]) or 0 for r in today
-                                                 if r["user_id"] == user)
+        assert spent[f"user:{user} daily"] == sum(cost_units(r["total_cost"]) or 0 for r in today if r["user_id"] == user)
 
 
 def test_a_retry_that_landed_in_the_new_file_after_rotation(tmp_path: Path) -> None:

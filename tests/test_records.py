@@ -11,18 +11,24 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.core.records import MAX_NAME_CHARS, CallContext, build_record, cap_name, dumps_record, redact
+from proxy.core.redaction import REPLACEMENT, StreamRedactor, redact_bytes, redact_headers
+from proxy.core.usage import CallInfo, Usage
 from proxy.pricing import compute_cost, parse_model_price, select_rates
-from proxy.records import MAX_NAME_CHARS, CallContext, build_record, cap_name, dumps_record, redact
-from proxy.redaction import REPLACEMENT, StreamRedactor, redact_bytes, redact_headers
-from proxy.usage import CallInfo, Usage
 
 WHEN = datetime(2026, 11, 20, tzinfo=timezone.utc)
 PRICE = parse_model_price("gpt-4o", {"input": 2.5, "output": 10, "cached_input": 1.25}, "t")
 
 
 def _ctx(**kw: object) -> CallContext:
-    base: dict = {"timestamp": WHEN.timestamp(), "provider": "openai", "family": "openai",
-                  "endpoint": "/v1/chat/completions", "model": "gpt-4o", "metered": True}
+    base: dict = {
+        "timestamp": WHEN.timestamp(),
+        "provider": "openai",
+        "family": "openai",
+        "endpoint": "/v1/chat/completions",
+        "model": "gpt-4o",
+        "metered": True,
+    }
     base.update(kw)
     return CallContext(**base)
 
@@ -32,8 +38,18 @@ def _record(ctx: CallContext, info: CallInfo, *, usage: Usage | None, status: in
     if usage is not None and priced:
         rates, _ = select_rates(PRICE, usage, WHEN, ())
         cost = compute_cost(usage, rates)
-    rec = build_record(ctx, info, usage=usage, status=status, error=None, latency_ms=1.234, ttft_ms=None,
-                       usage_source="provider" if usage else None, price=PRICE if cost else None, cost=cost)
+    rec = build_record(
+        ctx,
+        info,
+        usage=usage,
+        status=status,
+        error=None,
+        latency_ms=1.234,
+        ttft_ms=None,
+        usage_source="provider" if usage else None,
+        price=PRICE if cost else None,
+        cost=cost,
+    )
     line = dumps_record(rec)
     parsed = orjson.loads(line)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -69,9 +85,20 @@ def test_implausible_usage_keeps_its_reason_and_no_cost() -> None:
 
 def test_costs_are_exact_decimals_in_the_json_text() -> None:
     usage = Usage(input_tokens=1234, output_tokens=567, cache_read_tokens=1000)
-    line = dumps_record(build_record(
-        _ctx(), CallInfo(), usage=usage, status=200, error=None, latency_ms=1, ttft_ms=None, usage_source="provider",
-        price=PRICE, cost=compute_cost(usage, select_rates(PRICE, usage, WHEN, ())[0])))
+    line = dumps_record(
+        build_record(
+            _ctx(),
+            CallInfo(),
+            usage=usage,
+            status=200,
+            error=None,
+            latency_ms=1,
+            ttft_ms=None,
+            usage_source="provider",
+            price=PRICE,
+            cost=compute_cost(usage, select_rates(PRICE, usage, WHEN, ())[0]),
+        )
+    )
     # 234 x 2.5 + 1000 x 1.25 = 1835 per 1M = 0.001835; 567 x 10 per 1M = 0.00567
     assert b'"input_cost":0.001835,' in line and b'"output_cost":0.00567,' in line
     assert b'"total_cost":0.007505,' in line
@@ -98,8 +125,18 @@ def test_long_names_are_capped_and_never_equal_a_real_name() -> None:
 def test_any_strings_give_one_valid_line(model: str, user: str) -> None:
     """Lone surrogates, U+2028/9, NEL, controls: one line for every splitter, the
     value decoded back unchanged (up to the cap)."""
-    rec = build_record(_ctx(model=model, user_id=user), CallInfo(finish_reason=user), usage=None, status=200,
-                       error=None, latency_ms=0, ttft_ms=None, usage_source=None, price=None, cost=None)
+    rec = build_record(
+        _ctx(model=model, user_id=user),
+        CallInfo(finish_reason=user),
+        usage=None,
+        status=200,
+        error=None,
+        latency_ms=0,
+        ttft_ms=None,
+        usage_source=None,
+        price=None,
+        cost=None,
+    )
     line = dumps_record(rec)
     assert len(line.splitlines()) == 1 and len(line.decode("utf-8").splitlines()) == 1
     back = orjson.loads(line)
@@ -108,8 +145,10 @@ def test_any_strings_give_one_valid_line(model: str, user: str) -> None:
 
 
 def test_redact_patterns() -> None:
-    text = ("Incorrect API key provided: sk-abc***wxyz. Also sk-ant-api03-XYZ, AIzaSyA1234567890abcdef, "
-            "ya29.a0AfH6SMBx, and the configured one: my-own-secret-value")
+    text = (
+        "Incorrect API key provided: sk-abc***wxyz. Also sk-ant-api03-XYZ, AIzaSyA1234567890abcdef, "
+        "ya29.a0AfH6SMBx, and the configured one: my-own-secret-value"
+    )
     out = redact(text, ("my-own-secret-value", None, "ab"))
     for secret in ("sk-abc***wxyz", "sk-ant-api03-XYZ", "AIzaSyA1234567890abcdef", "ya29.a0AfH6SMBx", "my-own-secret-value"):
         assert secret not in out
@@ -149,9 +188,18 @@ def test_header_redaction() -> None:
 
 def test_lone_surrogates_and_line_breakers_are_escaped() -> None:
     weird = "a\ud800b\u2028c\u2029d\x85e\x1b[2J"
-    rec = build_record(_ctx(model=weird), CallInfo(), usage=Usage(input_tokens=1), status=200, error=None,
-                       latency_ms=0, ttft_ms=None, usage_source="provider", price=PRICE,
-                       cost=compute_cost(Usage(input_tokens=1), PRICE.periods[-1].card.rates))
+    rec = build_record(
+        _ctx(model=weird),
+        CallInfo(),
+        usage=Usage(input_tokens=1),
+        status=200,
+        error=None,
+        latency_ms=0,
+        ttft_ms=None,
+        usage_source="provider",
+        price=PRICE,
+        cost=compute_cost(Usage(input_tokens=1), PRICE.periods[-1].card.rates),
+    )
     line = dumps_record(rec)
     assert line.isascii() or b"\xe2\x80\xa8" not in line
     for raw in (b"\xe2\x80\xa8", b"\xe2\x80\xa9", b"\xc2\x85", b"\x1b"):

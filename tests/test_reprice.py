@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def write_config(path: Path, gpt4o_input: str, with_history: bool = False) -> None:
@@ -39,13 +45,27 @@ def write_config(path: Path, gpt4o_input: str, with_history: bool = False) -> No
 
 def record(ts: str, inp: int, cached: int, out: int, cost: str | None, model: str = "gpt-4o") -> dict:
     return {
-        "schema_version": 1, "timestamp": ts, "provider": "openai", "provider_type": "openai",
-        "model": model, "response_model": f"{model}-2024-08-06", "status": 200,
-        "input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
-        "cache_read_tokens": cached, "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
-        "reasoning_tokens": 0, "web_search_requests": 0,
-        "input_cost": None, "output_cost": None, "total_cost": None if cost is None else float(cost),
-        "pricing_source": "config" if cost else None, "price_id": "old", "usage_source": "provider",
+        "schema_version": 1,
+        "timestamp": ts,
+        "provider": "openai",
+        "provider_type": "openai",
+        "model": model,
+        "response_model": f"{model}-2024-08-06",
+        "status": 200,
+        "input_tokens": inp,
+        "output_tokens": out,
+        "total_tokens": inp + out,
+        "cache_read_tokens": cached,
+        "cache_write_tokens": 0,
+        "cache_write_1h_tokens": 0,
+        "reasoning_tokens": 0,
+        "web_search_requests": 0,
+        "input_cost": None,
+        "output_cost": None,
+        "total_cost": None if cost is None else float(cost),
+        "pricing_source": "config" if cost else None,
+        "price_id": "old",
+        "usage_source": "provider",
     }
 
 
@@ -103,7 +123,7 @@ def test_reprice_in_place_is_atomic_and_dry_run_changes_nothing(log_dir: Path):
     assert res.returncode == 0 and "cost changed: 3 " in res.stdout and src.read_bytes() == before
     res = run("reprice", "--config", "config.yml", "--in", "log.jsonl", "--in-place", cwd=log_dir)
     assert res.returncode == 0, res.stderr
-    recs = [json.loads(ln) for ln in src.read_text().splitlines() if ln.startswith("{\"schema")]
+    recs = [json.loads(ln) for ln in src.read_text().splitlines() if ln.startswith('{"schema')]
     assert Decimal(str(recs[0]["total_cost"])) == expected_cost(10000, 8000, 500, "5.00")
     assert not list(log_dir.glob("*.reprice"))  # no temp file left behind
     # a second run finds nothing more to change
@@ -171,10 +191,9 @@ def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
     whole, in order."""
     import threading
 
-    from proxy.catalog import pricebook_for
-    from proxy.config import load_config
-    from proxy.logwriter import JsonlWriter
+    from proxy.config import load_config, pricebook_for
     from proxy.reprice import reprice_file
+    from proxy.storage.logwriter import JsonlWriter
 
     write_config(log_dir / "config.yml", "5.00")
     src = log_dir / "log.jsonl"
@@ -206,8 +225,8 @@ def test_in_place_reprice_under_a_running_writer_loses_no_line(log_dir: Path):
     counts = collections.Counter(seqs)
     duplicated = sorted(s for s, c in counts.items() if c > 1)
     missing = sorted(set(range(written[0])) - set(counts))
-    new_unparseable = got["unparseable"][len(base["unparseable"]):]
-    new_empty = got["empty"][len(base["empty"]):]
+    new_unparseable = got["unparseable"][len(base["unparseable"]) :]
+    new_empty = got["empty"][len(base["empty"]) :]
     assert (duplicated, missing, new_empty, new_unparseable) == ([], [], [], []), (
         f"{got['lines']} lines for {base['lines']} + {written[0]} written: "
         f"duplicated seqs {duplicated[:10]}, missing seqs {missing[:10]}, "
@@ -223,8 +242,7 @@ def test_in_place_reprice_keeps_a_line_caught_mid_write_whole(log_dir: Path, mon
     rewriter reads it, and the writer finishes that line just before the exclusive lock
     is taken. The line must come out whole, not as a fragment and its rest."""
     from proxy import reprice
-    from proxy.catalog import pricebook_for
-    from proxy.config import load_config
+    from proxy.config import load_config, pricebook_for
 
     write_config(log_dir / "config.yml", "5.00")
     src = log_dir / "log.jsonl"
@@ -258,6 +276,6 @@ def test_reprice_joins_a_line_read_in_two_pieces():
     from proxy.reprice import _all_lines, _complete_lines
 
     tail = bytearray()
-    pieces = [b'{"a": 1}\n', b'{"b":', b' 2}\n', b'{"c": 3']  # as readline returns them from a growing file
+    pieces = [b'{"a": 1}\n', b'{"b":', b" 2}\n", b'{"c": 3']  # as readline returns them from a growing file
     assert list(_complete_lines(iter(pieces), tail)) == [b'{"a": 1}\n', b'{"b": 2}\n'] and tail == b'{"c": 3'
     assert list(_all_lines(iter(pieces)))[-1] == b'{"c": 3'  # a snapshot ends there (reprice_lines ends the line)

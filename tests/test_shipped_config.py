@@ -21,10 +21,9 @@ import yaml
 
 from conftest import CLIENT_ANTHROPIC_KEY, CLIENT_GEMINI_KEY, CLIENT_OPENAI_KEY, dec, make_config
 from mock_upstream import anthropic_message, gemini_response, json_reply, raw_reply, sse, stream_reply
-from proxy.catalog import pricebook_for
-from proxy.config import Config, load_config
+from proxy.config import Config, load_config, pricebook_for
+from proxy.core.usage import Usage
 from proxy.pricing import price_call
-from proxy.usage import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config.yml"
@@ -67,8 +66,12 @@ def expected_cost(fam: str, rates: dict[str, Decimal], inp: int, cached: int, ou
 
 
 def priced_models() -> list[tuple[str, str, str]]:
-    return [(name, family(name, spec), model) for name, spec in RAW["providers"].items()
-            for model, mspec in (spec.get("models") or {}).items() if "pricing" in mspec]
+    return [
+        (name, family(name, spec), model)
+        for name, spec in RAW["providers"].items()
+        for model, mspec in (spec.get("models") or {}).items()
+        if "pricing" in mspec
+    ]
 
 
 def test_the_shipped_config_lists_every_family() -> None:
@@ -99,8 +102,11 @@ def test_shipped_config_loads_with_its_environment(monkeypatch: pytest.MonkeyPat
     assert cfg.cost_tracking is features.get("enabled", True)
     server = RAW.get("server", {})
     assert (cfg.connect_timeout, cfg.read_timeout, cfg.max_body_mb, cfg.shutdown_timeout) == (
-        server.get("connect_timeout", 10), server.get("read_timeout", 600), server.get("max_body_mb", 64),
-        server.get("shutdown_timeout", 30))
+        server.get("connect_timeout", 10),
+        server.get("read_timeout", 600),
+        server.get("max_body_mb", 64),
+        server.get("shutdown_timeout", 30),
+    )
     assert dict(cfg.aliases) == RAW.get("aliases", {})
 
 
@@ -110,15 +116,19 @@ def test_every_shipped_model_prices_a_sample_call(provider: str, fam: str, model
     book = pricebook_for(cfg)
     pricing = RAW["providers"][provider]["models"][model]["pricing"]
     samples = [(10_000, 2_000, 1_000), (300_000, 50_000, 2_000)]  # the second past any long-context tier
-    whens = [NOW] + [datetime.fromisoformat(f"{p['until']}T00:00:00+00:00").replace(day=1)
-                     for p in (pricing if isinstance(pricing, list) else []) if p.get("until")]
+    whens = [NOW] + [
+        datetime.fromisoformat(f"{p['until']}T00:00:00+00:00").replace(day=1)
+        for p in (pricing if isinstance(pricing, list) else [])
+        if p.get("until")
+    ]
     for when in whens:
         period = period_at(pricing, when)
         for tier in [None, *(period.get("service_tiers") or {})]:
             for inp, cached, out in samples:
                 usage = Usage(inp, out, cache_read_tokens=cached)
-                got = price_call(book, provider=provider, family=fam, model=model, response_model=None,
-                                 usage=usage, when=when, service_tier=tier)
+                got = price_call(
+                    book, provider=provider, family=fam, model=model, response_model=None, usage=usage, when=when, service_tier=tier
+                )
                 assert got.cost is not None and got.price is not None, (provider, model)
                 assert got.price.source == "config"
                 want = expected_cost(fam, rates_for(period, inp, tier), inp, cached, out)
@@ -144,34 +154,71 @@ async def test_shipped_config_meters_a_call_per_family(mock, start_proxy, monkey
     for var in ENV_REFS:
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(SHIPPED)
-    cfg = dataclasses.replace(cfg, providers={n: dataclasses.replace(p, base_url=mock.url) for n, p in cfg.providers.items()},
-                              catalog=False)
+    cfg = dataclasses.replace(
+        cfg, providers={n: dataclasses.replace(p, base_url=mock.url) for n, p in cfg.providers.items()}, catalog=False
+    )
     assert isinstance(cfg, Config)
-    usage = {"prompt_tokens": 10_000, "completion_tokens": 1_000, "total_tokens": 11_000,
-             "prompt_tokens_details": {"cached_tokens": 2_000}}
-    mock.on("/v1/chat/completions", json_reply({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
-                                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                                             "finish_reason": "stop"}], "usage": usage}))
-    mock.on("/v1/messages", json_reply(anthropic_message("claude-haiku-4-5-20251001", {
-        "input_tokens": 8_000, "cache_read_input_tokens": 2_000, "cache_creation_input_tokens": 0, "output_tokens": 1_000})))
-    mock.on("/v1beta/models/gemini-2.5-flash:generateContent", json_reply(gemini_response(usage={
-        "promptTokenCount": 10_000, "cachedContentTokenCount": 2_000, "candidatesTokenCount": 1_000, "totalTokenCount": 11_000})))
+    usage = {"prompt_tokens": 10_000, "completion_tokens": 1_000, "total_tokens": 11_000, "prompt_tokens_details": {"cached_tokens": 2_000}}
+    mock.on(
+        "/v1/chat/completions",
+        json_reply(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": "gpt-4o-mini-2024-07-18",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        ),
+    )
+    mock.on(
+        "/v1/messages",
+        json_reply(
+            anthropic_message(
+                "claude-haiku-4-5-20251001",
+                {"input_tokens": 8_000, "cache_read_input_tokens": 2_000, "cache_creation_input_tokens": 0, "output_tokens": 1_000},
+            )
+        ),
+    )
+    mock.on(
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        json_reply(
+            gemini_response(
+                usage={
+                    "promptTokenCount": 10_000,
+                    "cachedContentTokenCount": 2_000,
+                    "candidatesTokenCount": 1_000,
+                    "totalTokenCount": 11_000,
+                }
+            )
+        ),
+    )
     proxy = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
         for path, body, headers in (
-            ("/openai/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-             {"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"}),
-            ("/anthropic/v1/messages", {"model": "haiku", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
-             {"x-api-key": CLIENT_ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}),
-            ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "hi"}]}]},
-             {"x-goog-api-key": CLIENT_GEMINI_KEY}),
+            (
+                "/openai/v1/chat/completions",
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                {"Authorization": f"Bearer {CLIENT_OPENAI_KEY}"},
+            ),
+            (
+                "/anthropic/v1/messages",
+                {"model": "haiku", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                {"x-api-key": CLIENT_ANTHROPIC_KEY, "anthropic-version": "2023-06-01"},
+            ),
+            (
+                "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+                {"contents": [{"parts": [{"text": "hi"}]}]},
+                {"x-goog-api-key": CLIENT_GEMINI_KEY},
+            ),
         ):
             async with s.post(proxy.url + path, json=body, headers=headers) as r:
                 assert r.status == 200, await r.text()
     records = await proxy.records()
     models = RAW["providers"]
-    for rec, (provider, model) in zip(records, [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
-                                                ("gemini", "gemini-2.5-flash")]):
+    for rec, (provider, model) in zip(
+        records, [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"), ("gemini", "gemini-2.5-flash")]
+    ):
         fam = family(provider, models[provider])
         rates = rates_for(period_at(models[provider]["models"][model]["pricing"], NOW), 10_000)
         assert rec["provider"] == provider and rec["pricing_source"] == "config"
@@ -189,12 +236,10 @@ ODD_JSON = '{ "id":"c9",  "model":"gpt-4o-2024-08-06", "note":"caf\\u00e9 \u2028
 async def test_forward_only_mode_relays_byte_for_byte_and_writes_no_log(mock, start_proxy, tmp_path: Path) -> None:
     cfg = make_config(mock.url)
     cfg["features"] = {"cost_tracking": {"enabled": False}}
-    mock.on("/v1/chat/completions", raw_reply(ODD_JSON.encode(), content_type="application/json",
-                                              headers={"x-request-id": "req-77"}))
+    mock.on("/v1/chat/completions", raw_reply(ODD_JSON.encode(), content_type="application/json", headers={"x-request-id": "req-77"}))
     events = sse([(None, {"id": "s1", "choices": [{"delta": {"content": "Hi"}}]}), (None, "[DONE]")])
     mock.on("/v1/responses", stream_reply(mock, events))
-    mock.on("/v1/messages", raw_reply(b'{"type":"error","error":{"type":"overloaded_error"}}', status=529,
-                                      content_type="application/json"))
+    mock.on("/v1/messages", raw_reply(b'{"type":"error","error":{"type":"overloaded_error"}}', status=529, content_type="application/json"))
     log = tmp_path / "forward-only.jsonl"
     proxy = await start_proxy(cfg, log)
     sent = [
@@ -203,15 +248,24 @@ async def test_forward_only_mode_relays_byte_for_byte_and_writes_no_log(mock, st
         b'{"model":"claude-haiku-4-5","max_tokens":5,"messages":[]}',
     ]
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{proxy.url}/openai/v1/chat/completions", data=sent[0],
-                          headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{proxy.url}/openai/v1/chat/completions",
+            data=sent[0],
+            headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "Content-Type": "application/json"},
+        ) as r:
             assert r.status == 200 and await r.read() == ODD_JSON.encode()
             assert r.headers["x-request-id"] == "req-77"
-        async with s.post(f"{proxy.url}/openai/v1/responses", data=sent[1],
-                          headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{proxy.url}/openai/v1/responses",
+            data=sent[1],
+            headers={"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "Content-Type": "application/json"},
+        ) as r:
             assert r.status == 200 and await r.read() == b"".join(events)
-        async with s.post(f"{proxy.url}/anthropic/v1/messages", data=sent[2],
-                          headers={"x-api-key": CLIENT_ANTHROPIC_KEY, "Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{proxy.url}/anthropic/v1/messages",
+            data=sent[2],
+            headers={"x-api-key": CLIENT_ANTHROPIC_KEY, "Content-Type": "application/json"},
+        ) as r:
             assert r.status == 529 and await r.read() == b'{"type":"error","error":{"type":"overloaded_error"}}'
         async with s.get(f"{proxy.url}/health") as r:
             health = json.loads(await r.read())

@@ -35,9 +35,15 @@ def _upstream() -> web.Application:
         rid = f"chatcmpl-{next(counter)}"
         usage = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
         if not body.get("stream"):
-            return web.json_response({"id": rid, "object": "chat.completion", "model": "gpt-4o-2024-08-06",
-                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
-                                                   "finish_reason": "stop"}], "usage": usage})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "model": "gpt-4o-2024-08-06",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         base = {"id": rid, "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
@@ -81,14 +87,20 @@ async def test_no_record_lost_to_sigkill_under_load(tmp_path: Path) -> None:
     await web.TCPSite(runner, "127.0.0.1", up_port).start()
     port = free_port()
     cfg = tmp_path / "config.yml"
-    cfg.write_text(yaml.safe_dump({
-        "providers": {"openai": {"base_url": f"http://127.0.0.1:{up_port}", "models": OPENAI_MODELS}},
-        "catalog": {"enabled": False},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "providers": {"openai": {"base_url": f"http://127.0.0.1:{up_port}", "models": OPENAI_MODELS}},
+                "catalog": {"enabled": False},
+            }
+        )
+    )
     log = tmp_path / "cost.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(port), "--log-file", str(log)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     done: list[str] = []
     try:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.core.sse import JSONArrayStreamParser, SSEEvent, SSEParser, parse_event_block
 from proxy.providers import ADAPTERS
-from proxy.sse import JSONArrayStreamParser, SSEEvent, SSEParser, parse_event_block
 
 TERMINATORS = ("\n", "\r\n", "\r")
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -262,7 +262,9 @@ def test_sse_flush_keeps_a_blank_tail_for_reframing():
 
 # --- JSON arrays -------------------------------------------------------------------------
 
-JSON_TEXT = st.lists(st.sampled_from('"\\[]{},:/u 0\n\t\x00é😀\u2028') | st.characters(blacklist_categories=SURROGATES), max_size=8).map("".join)
+JSON_TEXT = st.lists(st.sampled_from('"\\[]{},:/u 0\n\t\x00é😀\u2028') | st.characters(blacklist_categories=SURROGATES), max_size=8).map(
+    "".join
+)
 JSON_SCALAR = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | JSON_TEXT
 JSON_VALUE = st.recursive(
     JSON_SCALAR,
@@ -275,11 +277,14 @@ WHITESPACE = ["", "", "", " ", "\n", "\r\n", "\t", "  \n  "]
 
 def dump(value: object, rng: random.Random, ascii_only: bool) -> str:
     """JSON with random whitespace between all tokens."""
+
     def ws() -> str:
         return rng.choice(WHITESPACE)
 
     if isinstance(value, dict):
-        items = (ws() + json.dumps(k, ensure_ascii=ascii_only) + ws() + ":" + ws() + dump(v, rng, ascii_only) + ws() for k, v in value.items())
+        items = (
+            ws() + json.dumps(k, ensure_ascii=ascii_only) + ws() + ":" + ws() + dump(v, rng, ascii_only) + ws() for k, v in value.items()
+        )
         return "{" + ",".join(items) + ws() + "}"
     if isinstance(value, list):
         return "[" + ",".join(ws() + dump(v, rng, ascii_only) + ws() for v in value) + ws() + "]"

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budgets import max_output_tokens, parse_budgets, unpriced_refusal_message, worst_case_usage
-from proxy.catalog import context_window, model_output_limit, pricebook_for
-from proxy.config import ConfigError, parse_config
+from proxy.catalog import context_window
+from proxy.config import model_output_limit, parse_budgets, parse_config, pricebook_for
 from proxy.core.money import cost_units
+from proxy.core.policy import max_output_tokens, unpriced_refusal_message, worst_case_usage
+from proxy.errors import ConfigError
 from proxy.pricing import price_call
 
 DEFAULT = 4096
@@ -163,8 +164,7 @@ garbage = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    spelled=st.lists(st.tuples(st.sampled_from(CAP_SPELLINGS), caps), max_size=len(CAP_SPELLINGS),
-                     unique_by=lambda t: t[0]),
+    spelled=st.lists(st.tuples(st.sampled_from(CAP_SPELLINGS), caps), max_size=len(CAP_SPELLINGS), unique_by=lambda t: t[0]),
     choice=st.none() | st.tuples(st.sampled_from(CHOICE_SPELLINGS), choices),
     data=st.data(),
 )
@@ -197,9 +197,28 @@ def test_garbage_never_changes_the_result(real, junk):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
-        ["n", "best_of", "max_tokens", "max_output_tokens", "generationConfig", "generation_config",
-         "maxOutputTokens", "candidateCount", "candidate_count", "max_completion_tokens", "x"]), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "n",
+                    "best_of",
+                    "max_tokens",
+                    "max_output_tokens",
+                    "generationConfig",
+                    "generation_config",
+                    "maxOutputTokens",
+                    "candidateCount",
+                    "candidate_count",
+                    "max_completion_tokens",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
@@ -241,9 +260,15 @@ def test_context_window_of_real_catalog_models():
 
 
 def test_model_output_limit_prefers_config_then_the_catalog_window():
-    config = parse_config(cfg({"gpt-4o": {"pricing": {"input": 2.5, "output": 10}, "max_output_tokens": 16384},
-                               "o4-mini": {"pricing": {"input": 1.1, "output": 4.4}}},
-                              aliases={"fast": "gpt-4o"}))
+    config = parse_config(
+        cfg(
+            {
+                "gpt-4o": {"pricing": {"input": 2.5, "output": 10}, "max_output_tokens": 16384},
+                "o4-mini": {"pricing": {"input": 1.1, "output": 4.4}},
+            },
+            aliases={"fast": "gpt-4o"},
+        )
+    )
 
     def limit(model: str | None, tokens: int = 1000) -> int | None:
         return model_output_limit(config, "openai", "openai", model, tokens)
@@ -277,8 +302,15 @@ def test_an_uncapped_call_reserves_the_models_real_maximum_at_its_price():
     def worst(model: str, body: dict[str, Any]) -> Decimal | None:
         limit = model_output_limit(config, "openai", "openai", model, 1000)
         usage = worst_case_usage(body, b"{}", "chat", 1000, DEFAULT, limit)
-        priced = price_call(book, provider="openai", family="openai", model=model, response_model=None, usage=usage,
-                            when=datetime(2026, 1, 1, tzinfo=timezone.utc))
+        priced = price_call(
+            book,
+            provider="openai",
+            family="openai",
+            model=model,
+            response_model=None,
+            usage=usage,
+            when=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        )
         return priced.cost.total_cost if priced.cost is not None else None
 
     assert worst("gpt-4o", {"messages": []}) == Decimal("0.0025") + Decimal("1.27")
@@ -290,8 +322,10 @@ def test_an_uncapped_call_reserves_the_models_real_maximum_at_its_price():
 
 
 def test_max_output_tokens_setting_is_parsed():
-    config = parse_config(cfg({"GPT-4o": {"pricing": {"input": 2.5, "output": 10}, "max_output_tokens": 16384},
-                               "my-model": {"max_output_tokens": 8192}}), PATH)
+    config = parse_config(
+        cfg({"GPT-4o": {"pricing": {"input": 2.5, "output": 10}, "max_output_tokens": 16384}, "my-model": {"max_output_tokens": 8192}}),
+        PATH,
+    )
     prov = config.providers["openai"]
     assert dict(prov.max_output) == {"gpt-4o": 16384, "my-model": 8192}
     # An entry with only a limit sets no price: the catalog (or nothing) prices it.

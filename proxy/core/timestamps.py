@@ -16,6 +16,7 @@ def parse_timestamp(value: str) -> float:
 
 # --- time ------------------------------------------------------------------------------
 
+
 def iso_ms(ts: float, *, ceil: bool = False) -> str:
     """Canonical record timestamp text for an instant; ``ceil`` rounds up to the next
     millisecond so that, records having millisecond precision, ``rec >= bound`` as

@@ -11,9 +11,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..core.timestamps import UTC
-from .query import TIME_DIMS, Plan
-from .totals import TOKEN_FIELDS, Totals
+from proxy.core.timestamps import UTC
+from proxy.engine.query import TIME_DIMS, Plan
+from proxy.engine.totals import TOKEN_FIELDS, Totals
 
 # Cube row layout: counters, then token sums in TOKEN_FIELDS order.
 REQ, ERR, PRICED, UNPRICED, UNKNOWN, COST, IN_COST, OUT_COST = range(8)
@@ -35,6 +35,7 @@ def add_row(into: list[int], row: Sequence[int]) -> None:
 
 
 # --- scan results ------------------------------------------------------------------------
+
 
 @dataclass
 class ScanResult:
@@ -168,8 +169,7 @@ class ScanResult:
         out: dict[datetime, int] = {}
         for key, row in self.cells.items():
             k = key[-1]
-            dt = datetime(int(k[:4]), int(k[5:7]), int(k[8:10]), int(k[11:13]),
-                          int(k[14:16]) if len(k) > 13 else 0, tzinfo=UTC)
+            dt = datetime(int(k[:4]), int(k[5:7]), int(k[8:10]), int(k[11:13]), int(k[14:16]) if len(k) > 13 else 0, tzinfo=UTC)
             out[dt] = out.get(dt, 0) + row[COST]
         return out
 

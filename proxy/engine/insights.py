@@ -9,8 +9,11 @@ from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Mapping
 
-from ..core.timestamps import UTC
-from .query import NONE_LABEL
+from proxy import pricing
+from proxy.core.timestamps import UTC
+from proxy.core.usage import Usage
+from proxy.engine.query import NONE_LABEL
+from proxy.pricing import FAMILY_RULES
 
 # --- savings and habits (per record, only when asked) --------------------------------------
 
@@ -23,7 +26,6 @@ class CacheRates:
     Resolved from the price book once per (provider, model, tier, hour) and memoized."""
 
     def __init__(self, book: Any) -> None:
-        from .. import pricing
 
         self.book = book
         self.pricing = pricing
@@ -31,8 +33,15 @@ class CacheRates:
 
     def diff(self, rec: Mapping[str, Any], ts: str) -> Decimal | None:
         input_tokens = rec.get("input_tokens") or 0
-        key = (rec.get("provider"), rec.get("provider_type"), rec.get("response_model"), rec.get("model"),
-               rec.get("service_tier"), rec.get("speed"), ts[:13])
+        key = (
+            rec.get("provider"),
+            rec.get("provider_type"),
+            rec.get("response_model"),
+            rec.get("model"),
+            rec.get("service_tier"),
+            rec.get("speed"),
+            ts[:13],
+        )
         cached = self.memo.get(key, False)
         if cached is False:
             cached = self.memo[key] = self._resolve(key)
@@ -71,7 +80,6 @@ class CacheRates:
 
 
 def _usage_with_input(n: int) -> Any:
-    from ..usage import Usage
 
     return Usage(input_tokens=n)
 
@@ -79,7 +87,6 @@ def _usage_with_input(n: int) -> Any:
 def derived_savings_units(rec: Mapping[str, Any]) -> int | None:
     """Without a price: families whose cache rates are fixed multiples of the input rate
     (Anthropic) let the record's own input cost give its input rate, hence its savings."""
-    from ..pricing import FAMILY_RULES
 
     rules = FAMILY_RULES.get(rec.get("provider_type") or "")
     ic = rec.get("input_cost")
@@ -89,8 +96,7 @@ def derived_savings_units(rec: Mapping[str, Any]) -> int | None:
     write = rec.get("cache_write_tokens") or 0
     w1h = min(rec.get("cache_write_1h_tokens") or 0, write)
     uncached = max(0, (rec.get("input_tokens") or 0) - read - write)
-    weighted = (uncached + read * rules.cached_input + (write - w1h) * (rules.cache_write or 1)
-                + w1h * (rules.cache_write_1h or 1))
+    weighted = uncached + read * rules.cached_input + (write - w1h) * (rules.cache_write or 1) + w1h * (rules.cache_write_1h or 1)
     if not weighted:
         return None
     input_cost = Decimal(repr(ic)) if isinstance(ic, float) else Decimal(ic)
@@ -108,8 +114,7 @@ def add_habit(habits: dict[tuple, list[int]], rec: Mapping[str, Any], cu: int) -
         return
     out = rec.get("output_tokens") or 0
     inp = rec.get("input_tokens") or 0
-    key = (rec.get("provider") or NONE_LABEL, rec.get("provider_type") or "",
-           rec.get("model") or rec.get("response_model") or NONE_LABEL)
+    key = (rec.get("provider") or NONE_LABEL, rec.get("provider_type") or "", rec.get("model") or rec.get("response_model") or NONE_LABEL)
     h = habits.get(key)
     if h is None:
         h = habits[key] = [0] * 8
@@ -127,6 +132,7 @@ def add_habit(habits: dict[tuple, list[int]], rec: Mapping[str, Any], cu: int) -
 
 # --- projections -----------------------------------------------------------------------------
 
+
 @dataclass
 class Projection:
     month: str  # "2026-11", in the report's time zone
@@ -142,8 +148,14 @@ class Projection:
         return round(self.recent_units * 86400 / self.recent_seconds) if self.recent_seconds else 0
 
 
-def project_month(buckets: Mapping[datetime, int], window_start: datetime, window_end: datetime,
-                  tz: tzinfo = UTC, bucket_seconds: int = 3600, recent_days: int = 7) -> Projection:
+def project_month(
+    buckets: Mapping[datetime, int],
+    window_start: datetime,
+    window_end: datetime,
+    tz: tzinfo = UTC,
+    bucket_seconds: int = 3600,
+    recent_days: int = 7,
+) -> Projection:
     """The month (in ``tz``) of ``window_end``: its cost so far plus the recent rate for the
     time left. ``buckets`` maps each time bucket's start (aware, UTC-aligned) to its cost
     units. The recent rate is the cost of the last ``recent_days`` of the window, taken

@@ -10,9 +10,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import orjson
 
-from ..core.money import COST_UNITS_PER_USD
-from ..core.timestamps import CANON_TS_AT, LINE_HEAD, TS_AT, canonical_ts
-from .cube import (
+from proxy.core.money import COST_UNITS_PER_USD
+from proxy.core.timestamps import CANON_TS_AT, LINE_HEAD, TS_AT, canonical_ts
+from proxy.engine.cube import (
     COST,
     ERR,
     IN_COST,
@@ -30,9 +30,9 @@ from .cube import (
     UNPRICED,
     ScanResult,
 )
-from .insights import CacheRates, add_habit, derived_savings_units
-from .query import NONE_LABEL, Plan
-from .totals import TOKEN_FIELDS
+from proxy.engine.insights import CacheRates, add_habit, derived_savings_units
+from proxy.engine.query import NONE_LABEL, Plan
+from proxy.engine.totals import TOKEN_FIELDS
 
 # --- repeated lines --------------------------------------------------------------------
 #
@@ -93,8 +93,8 @@ class Dedupe:
 
 # --- the scan ------------------------------------------------------------------------------
 
-def select(lines: Iterable[bytes], plan: Plan, res: ScanResult,
-            dedupe: Dedupe | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+
+def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """Records in the window that pass the filters, with their canonical timestamps.
     Corrupt lines are counted in ``res.bad_lines``, repeats (``Dedupe``) in
     ``res.duplicate_lines``; lines outside the window are skipped unparsed (so a
@@ -115,11 +115,10 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult,
         for line in lines:
             n += 1
             if bounded and line.startswith(head):
-                ts_b = line[at:at + 24]
+                ts_b = line[at : at + 24]
                 # Skip on the raw bytes only for a canonical timestamp, whose text order
                 # is time order; anything else is parsed and judged below.
-                if ((lo_b is not None and ts_b < lo_b) or (hi_b is not None and ts_b >= hi_b)) \
-                        and canon_at(line, at):
+                if ((lo_b is not None and ts_b < lo_b) or (hi_b is not None and ts_b >= hi_b)) and canon_at(line, at):
                     continue
             try:
                 rec = loads(line)
@@ -200,8 +199,7 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
         try:
             status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = measures(rec)
         except KeyError:
-            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = [
-                rec.get(f) for f in _MEASURE_FIELDS]
+            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = [rec.get(f) for f in _MEASURE_FIELDS]
         row[REQ] += 1
         if error or (type(status) is int and status >= 400):
             row[ERR] += 1
@@ -272,8 +270,21 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
         res.last_ts = last
 
 
-_TOP_KEEP = ("timestamp", "request_id", "provider", "model", "response_model", "user_id", "endpoint",
-             "input_tokens", "output_tokens", "cache_read_tokens", "total_cost", "status", "tags")
+_TOP_KEEP = (
+    "timestamp",
+    "request_id",
+    "provider",
+    "model",
+    "response_model",
+    "user_id",
+    "endpoint",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "total_cost",
+    "status",
+    "tags",
+)
 
 
 def _top_fields(rec: Mapping[str, Any]) -> dict[str, Any]:

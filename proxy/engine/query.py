@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any, Callable, Mapping, Sequence
 
-from ..core.timestamps import UTC, iso_ms
-from ..pricing import name_candidates, normalize_model
+from proxy.core.timestamps import UTC, iso_ms
+from proxy.pricing import name_candidates, normalize_model
 
 # --- filters ---------------------------------------------------------------------------
+
 
 class ModelMatcher:
     """``--model`` semantics: a name matches its own dated snapshots and whatever an alias
@@ -103,9 +104,15 @@ def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
         key = dim[4:]
         return lambda r: tag_value(r, key) or NONE_LABEL
     simple = {
-        "provider": "provider", "provider_type": "provider_type", "family": "provider_type",
-        "response_model": "response_model", "user": "user_id", "key": "key_id",
-        "endpoint": "endpoint", "service_tier": "service_tier", "finish_reason": "finish_reason",
+        "provider": "provider",
+        "provider_type": "provider_type",
+        "family": "provider_type",
+        "response_model": "response_model",
+        "user": "user_id",
+        "key": "key_id",
+        "endpoint": "endpoint",
+        "service_tier": "service_tier",
+        "finish_reason": "finish_reason",
     }
     if dim in simple:
         field_name = simple[dim]
@@ -121,8 +128,20 @@ def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
 
 
 TIME_DIMS = ("hour", "day", "week", "month")
-RECORD_DIMS = ("provider", "model", "response_model", "provider_type", "user", "key", "endpoint",
-               "status", "service_tier", "finish_reason", "team", "session")
+RECORD_DIMS = (
+    "provider",
+    "model",
+    "response_model",
+    "provider_type",
+    "user",
+    "key",
+    "endpoint",
+    "status",
+    "service_tier",
+    "finish_reason",
+    "team",
+    "session",
+)
 
 
 def check_dim(dim: str) -> str:
@@ -132,6 +151,7 @@ def check_dim(dim: str) -> str:
 
 
 # --- the query ---------------------------------------------------------------------------
+
 
 @dataclass
 class Query:
@@ -174,6 +194,7 @@ class Query:
             by_key: dict[str, set[str]] = {}
             for k, v in self.tags:
                 by_key.setdefault(k, set()).add(v)
+
             # Same key repeated: alternatives; different keys: all must hold.
             def has_tag(k: str, vs: set[str]) -> Callable[[Mapping[str, Any]], bool]:
                 return lambda r: tag_value(r, k) in vs
@@ -221,16 +242,18 @@ def compile_query(q: Query) -> Plan:
     if rec_dims == ["provider", "model"] and not width:
         key = None  # inlined in accumulate
     elif rec_dims == ["provider", "model"]:
+
         def key(r: Mapping[str, Any], ts: str) -> tuple:
-            return (r.get("provider") or NONE_LABEL, r.get("model") or r.get("response_model") or NONE_LABEL,
-                    ts[:width])
+            return (r.get("provider") or NONE_LABEL, r.get("model") or r.get("response_model") or NONE_LABEL, ts[:width])
     elif width:
+
         def key(r: Mapping[str, Any], ts: str) -> tuple:
             return (*[g(r) for g in getters], ts[:width])
     else:
+
         def key(r: Mapping[str, Any], ts: str) -> tuple:
             return tuple([g(r) for g in getters])
+
     lo = iso_ms(q.start, ceil=True) if q.start is not None else None
     hi = iso_ms(q.end, ceil=True) if q.end is not None else None
-    return Plan(lo, hi, lo.encode() if lo else None, hi.encode() if hi else None,
-                 q.record_filter(), key, width, q)
+    return Plan(lo, hi, lo.encode() if lo else None, hi.encode() if hi else None, q.record_filter(), key, width, q)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Mapping
 
-from ..core.money import cost_units, units_to_usd
-from ..core.timestamps import parse_timestamp
+from proxy.core.money import cost_units, units_to_usd
+from proxy.core.timestamps import parse_timestamp
 
 TOKEN_FIELDS = (
     "input_tokens",

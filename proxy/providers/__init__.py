@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from .anthropic import AnthropicAdapter
-from .base import Adapter, Endpoint, PreparedBody, StreamTap
-from .gemini import GeminiAdapter
-from .openai import OpenAIAdapter
+from proxy.providers.anthropic import AnthropicAdapter
+from proxy.providers.base import Adapter, Endpoint, PreparedBody, StreamTap
+from proxy.providers.gemini import GeminiAdapter
+from proxy.providers.openai import OpenAIAdapter
 
-ADAPTERS: dict[str, Adapter] = {
-    a.family: a for a in (OpenAIAdapter(), AnthropicAdapter(), GeminiAdapter())
-}
+ADAPTERS: dict[str, Adapter] = {a.family: a for a in (OpenAIAdapter(), AnthropicAdapter(), GeminiAdapter())}
 
 __all__ = ["ADAPTERS", "Adapter", "Endpoint", "PreparedBody", "StreamTap"]

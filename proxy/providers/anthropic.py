@@ -6,8 +6,8 @@ from typing import Any
 
 import orjson
 
-from ..usage import CallInfo, Usage
-from .base import (
+from proxy.core.usage import CallInfo, Usage
+from proxy.providers.base import (
     Adapter,
     Endpoint,
     StreamTap,
@@ -46,12 +46,8 @@ def messages_usage(raw: dict[str, Any]) -> Usage:
         cache_read_tokens=read,
         cache_write_tokens=write,
         cache_write_1h_tokens=min(write_1h, write),
-        reasoning_tokens=as_count(
-            dig(raw, "output_tokens_details", "thinking_tokens"), "output_tokens_details.thinking_tokens"
-        ),
-        web_search_requests=as_count(
-            dig(raw, "server_tool_use", "web_search_requests"), "server_tool_use.web_search_requests"
-        ),
+        reasoning_tokens=as_count(dig(raw, "output_tokens_details", "thinking_tokens"), "output_tokens_details.thinking_tokens"),
+        web_search_requests=as_count(dig(raw, "server_tool_use", "web_search_requests"), "server_tool_use.web_search_requests"),
     )
 
 

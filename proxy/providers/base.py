@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
-from ..estimate import OutputText
-from ..usage import CallInfo, Usage
+from proxy.core.estimate import OutputText
+from proxy.core.usage import CallInfo, Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,9 @@ from typing import Any, Mapping
 
 import orjson
 
-from ..estimate import OutputText
-from ..usage import CallInfo, Usage
-from .base import (
+from proxy.core.estimate import OutputText
+from proxy.core.usage import CallInfo, Usage
+from proxy.providers.base import (
     Adapter,
     Endpoint,
     StreamTap,
@@ -28,9 +28,7 @@ from .base import (
 _METHOD = re.compile(r"(?:^|/)(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 # Methods that cost money but whose replies report no usage we read (batches, Imagen
 # and Veo's predict); countTokens and the rest are free.
-_BILLABLE = frozenset(
-    {"batchGenerateContent", "batchEmbedContents", "asyncBatchEmbedContent", "predict", "predictLongRunning"}
-)
+_BILLABLE = frozenset({"batchGenerateContent", "batchEmbedContents", "asyncBatchEmbedContent", "predict", "predictLongRunning"})
 
 _STATUS = {
     400: "INVALID_ARGUMENT",

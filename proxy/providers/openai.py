@@ -6,9 +6,9 @@ from typing import Any
 
 import orjson
 
-from ..estimate import OutputText
-from ..usage import CallInfo, Usage
-from .base import (
+from proxy.core.estimate import OutputText
+from proxy.core.usage import CallInfo, Usage
+from proxy.providers.base import (
     Adapter,
     Endpoint,
     PreparedBody,
@@ -35,9 +35,7 @@ _ERROR_TYPES = {
 }
 
 _RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_RESPONSES_LIFECYCLE = frozenset(
-    _RESPONSES_TERMINAL + ("response.created", "response.in_progress", "response.queued", "error")
-)
+_RESPONSES_LIFECYCLE = frozenset(_RESPONSES_TERMINAL + ("response.created", "response.in_progress", "response.queued", "error"))
 
 
 def chat_usage(raw: dict[str, Any]) -> Usage:
@@ -58,9 +56,7 @@ def chat_usage(raw: dict[str, Any]) -> Usage:
         output_tokens=output,
         cache_read_tokens=cached,
         cache_write_tokens=as_count(details.get("cache_write_tokens"), "prompt_tokens_details.cache_write_tokens"),
-        reasoning_tokens=as_count(
-            dig(raw, "completion_tokens_details", "reasoning_tokens"), "completion_tokens_details.reasoning_tokens"
-        ),
+        reasoning_tokens=as_count(dig(raw, "completion_tokens_details", "reasoning_tokens"), "completion_tokens_details.reasoning_tokens"),
     )
 
 
@@ -71,9 +67,7 @@ def responses_usage(raw: dict[str, Any]) -> Usage:
         output_tokens=as_count(raw.get("output_tokens"), "output_tokens"),
         cache_read_tokens=as_count(details.get("cached_tokens"), "input_tokens_details.cached_tokens"),
         cache_write_tokens=as_count(details.get("cache_write_tokens"), "input_tokens_details.cache_write_tokens"),
-        reasoning_tokens=as_count(
-            dig(raw, "output_tokens_details", "reasoning_tokens"), "output_tokens_details.reasoning_tokens"
-        ),
+        reasoning_tokens=as_count(dig(raw, "output_tokens_details", "reasoning_tokens"), "output_tokens_details.reasoning_tokens"),
     )
 
 
@@ -92,9 +86,7 @@ def _read_response_object(resp: dict[str, Any], info: CallInfo) -> None:
         fill_usage(info, raw, responses_usage)
         output = resp.get("output")
         if info.usage is not None and isinstance(output, list):
-            searches = sum(
-                1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
-            )
+            searches = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
             info.usage.web_search_requests = searches
 
 
@@ -106,9 +98,15 @@ _FREE, _BILLABLE_ENDPOINT = Endpoint(None), Endpoint(None, billable=True)
 _BILLABLE = tuple(
     "/" + p
     for p in (
-        "images/generations", "images/edits", "images/variations",
-        "audio/speech", "audio/transcriptions", "audio/translations",
-        "batches", "fine_tuning/jobs", "videos",
+        "images/generations",
+        "images/edits",
+        "images/variations",
+        "audio/speech",
+        "audio/transcriptions",
+        "audio/translations",
+        "batches",
+        "fine_tuning/jobs",
+        "videos",
     )
 )
 

@@ -13,11 +13,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import orjson
 
-from ..engine.cube import ROW_LEN, ScanResult, add_row, new_result
-from ..engine.lines import Dedupe, accumulate
-from ..engine.query import NONE_LABEL, TIME_DIMS, Plan, Query
-from .logfiles import is_gzip, open_log
-from .tasks import primed, run_tasks, scan_task, worker_plan
+from proxy.engine.cube import ROW_LEN, ScanResult, add_row, new_result
+from proxy.engine.lines import Dedupe, accumulate
+from proxy.engine.query import NONE_LABEL, TIME_DIMS, Plan, Query
+from proxy.storage.logfiles import is_gzip, open_log
+from proxy.storage.tasks import primed, run_tasks, scan_task, worker_plan
 
 # --- the roll-up index beside each log ----------------------------------------------------------
 #
@@ -47,8 +47,16 @@ def index_path(log: Path) -> Path:
 
 def _index_key(r: Mapping[str, Any], ts: str) -> tuple:
     status = r.get("status")
-    return (r.get("provider"), r.get("provider_type"), r.get("model"), r.get("response_model"), r.get("endpoint"),
-            status, 1 if (r.get("error") or (type(status) is int and status >= 400)) else 0, ts[:13])
+    return (
+        r.get("provider"),
+        r.get("provider_type"),
+        r.get("model"),
+        r.get("response_model"),
+        r.get("endpoint"),
+        status,
+        1 if (r.get("error") or (type(status) is int and status >= 400)) else 0,
+        ts[:13],
+    )
 
 
 def _index_plan() -> Plan:
@@ -58,8 +66,7 @@ def _index_plan() -> Plan:
 def index_answers(q: Query, plan: Plan) -> bool:
     """Whether the roll-ups hold everything this query needs."""
     dims_ok = all(d in TIME_DIMS or d in _INDEX_FILTERABLE for d in q.dims)
-    return (dims_ok and plan.time_width in (0, 13) and not (q.users or q.tags or q.latency or q.top
-                                                             or q.savings or q.habits))
+    return dims_ok and plan.time_width in (0, 13) and not (q.users or q.tags or q.latency or q.top or q.savings or q.habits)
 
 
 def _file_stat(st: os.stat_result) -> list[int]:
@@ -176,9 +183,19 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
                 digest.update(block)
         end_byte = os.path.getsize(path)
     cells = [[*k, *row, *res.spans[k]] for k, row in res.cells.items()]
-    return {"a": start, "b": end_byte, "sha1": digest.hexdigest(), "lines": res.lines, "bad": res.bad_lines,
-            "dup": res.duplicate_lines, "first": res.first_ts, "last": res.last_ts, "cells": cells,
-            "complete": complete and not res.broken_files, "broken": res.broken_files}
+    return {
+        "a": start,
+        "b": end_byte,
+        "sha1": digest.hexdigest(),
+        "lines": res.lines,
+        "bad": res.bad_lines,
+        "dup": res.duplicate_lines,
+        "first": res.first_ts,
+        "last": res.last_ts,
+        "cells": cells,
+        "complete": complete and not res.broken_files,
+        "broken": res.broken_files,
+    }
 
 
 def _use_segment(seg: Mapping[str, Any], plan: Plan, res: ScanResult) -> None:
@@ -186,16 +203,23 @@ def _use_segment(seg: Mapping[str, Any], plan: Plan, res: ScanResult) -> None:
     keep, keyf = plan.keep, plan.key
     nd = len(_INDEX_DIMS)
     for cell in seg["cells"]:
-        provider, family, model, response_model, endpoint, status, err, hour = cell[:nd + 2]
-        rec = {"provider": provider, "provider_type": family, "model": model, "response_model": response_model,
-               "endpoint": endpoint, "status": status, "error": "error" if err else None}
+        provider, family, model, response_model, endpoint, status, err, hour = cell[: nd + 2]
+        rec = {
+            "provider": provider,
+            "provider_type": family,
+            "model": model,
+            "response_model": response_model,
+            "endpoint": endpoint,
+            "status": status,
+            "error": "error" if err else None,
+        }
         if keep is not None and not keep(rec):
             continue
         if keyf is None:
             key: tuple = (provider or NONE_LABEL, model or response_model or NONE_LABEL)
         else:
             key = keyf(rec, hour)
-        row = cell[nd + 2:nd + 2 + ROW_LEN]
+        row = cell[nd + 2 : nd + 2 + ROW_LEN]
         mine = res.cells.get(key)
         if mine is None:
             res.cells[key] = list(row)
@@ -231,8 +255,15 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int) -> ScanResult:
             segs = []  # another file now has this name (rotation): start over
         if segs and segs[-1]["b"] > st.st_size:
             segs = []  # the file shrank: it was rewritten
-        info = {"path": p, "stat": stat, "gz": gz, "segs": segs, "new": [], "changed": data is None or
-                data.get("stat") != stat, "verified": True}
+        info = {
+            "path": p,
+            "stat": stat,
+            "gz": gz,
+            "segs": segs,
+            "new": [],
+            "changed": data is None or data.get("stat") != stat,
+            "verified": True,
+        }
         files[key] = info
         if segs and data and data.get("stat") != stat:  # segs come from data
             for seg in segs:

@@ -15,12 +15,11 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 
 import orjson
 
-from ..core.timestamps import LINE_HEAD, TS_AT, canonical_ts, iso_ms
-from ..engine.lines import Dedupe
+from proxy.core.timestamps import LINE_HEAD, TS_AT, canonical_ts, iso_ms
+from proxy.engine.lines import Dedupe
 
 
-def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None,
-               dedupe: Dedupe | None = None) -> Iterator[dict[str, Any]]:
+def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Dedupe | None = None) -> Iterator[dict[str, Any]]:
     """Records from raw lines; a torn or corrupt line is counted in ``bad``, never raised.
     A repeated line or record id is skipped (see ``Dedupe``); pass one ``dedupe`` to
     carry what was seen from one file into the next."""
@@ -62,7 +61,7 @@ def log_files(patterns: Sequence[str], rotated: bool = True) -> list[Path]:
             if rotated:
                 base = os.path.basename(pat)
                 for sib in sorted(glob.glob(glob.escape(pat) + "[.-]*")):
-                    if _ROTATED.fullmatch(os.path.basename(sib)[len(base):]) and os.path.isfile(sib):
+                    if _ROTATED.fullmatch(os.path.basename(sib)[len(base) :]) and os.path.isfile(sib):
                         matches.append(Path(sib))
         if not matches:
             raise FileNotFoundError(pat)

@@ -4,17 +4,18 @@ roll-up index where it answers; ``iter_selected``: the selected records themselv
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..engine.cube import ScanResult, new_result
-from ..engine.lines import Dedupe, select
-from ..engine.query import Plan, Query, compile_query
-from .index import index_answers, scan_indexed
-from .logfiles import is_gzip, open_log
-from .tasks import default_jobs, mp_methods, scan_task, worker_plan
+from proxy.engine.cube import ScanResult, new_result
+from proxy.engine.lines import Dedupe, select
+from proxy.engine.query import Plan, Query, compile_query
+from proxy.storage.index import index_answers, scan_indexed
+from proxy.storage.logfiles import is_gzip, open_log
+from proxy.storage.tasks import default_jobs, mp_methods, scan_task, worker_plan
 
 # =====================================================================================
 # Reports over log files: the engine behind `analyze_costs.py` / `python -m proxy report`
@@ -70,8 +71,6 @@ def scan(paths: Sequence[Path], query: Query, jobs: int | None = None, use_index
     res.files = list(paths)
     with worker_plan(plan):
         if jobs > 1 and len(tasks) > 1 and "fork" in mp_methods():
-            import multiprocessing
-
             with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
                 for part in pool.imap_unordered(scan_task, tasks):
                     res.merge(part)

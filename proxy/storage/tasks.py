@@ -4,16 +4,17 @@ and the pool that runs them (``run_tasks``)."""
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from ..engine.cube import ScanResult, new_result
-from ..engine.lines import Dedupe, accumulate, select
-from ..engine.query import Plan
-from .logfiles import open_log
+from proxy.engine.cube import ScanResult, new_result
+from proxy.engine.lines import Dedupe, accumulate, select
+from proxy.engine.query import Plan
+from proxy.storage.logfiles import open_log
 
 # --- reading files, in parallel when it pays -------------------------------------------------
 
@@ -94,14 +95,11 @@ def default_jobs() -> int:
 
 def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], jobs: int) -> list[Any]:
     if jobs > 1 and len(tasks) > 1 and "fork" in mp_methods():
-        import multiprocessing
-
         with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
             return list(pool.imap_unordered(fn, tasks))
     return [fn(t) for t in tasks]
 
 
 def mp_methods() -> list[str]:
-    import multiprocessing
 
     return multiprocessing.get_all_start_methods()

@@ -9,21 +9,24 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from ..attribution import attribute
-from ..bodies import BodyDigest
-from ..budgets import BudgetState, Subject, ledger_for, money, refusal_message, replay_log, unpriced_refusal_message, worst_case_usage
-from ..catalog import model_output_limit
-from ..core.money import cost_units, units_to_usd
-from ..keys import KeyStore
-from ..pricing import price_call
-from ..providers import Adapter, Endpoint
-from .calls import Call, console_safe, dumps_json, refuse
-from .state import ProxyState
+from proxy.budgets import BudgetState, Subject, ledger_for, refusal_message
+from proxy.config import model_output_limit
+from proxy.core.attribution import attribute
+from proxy.core.money import cost_units, money, units_to_usd
+from proxy.core.policy import unpriced_refusal_message, worst_case_usage
+from proxy.pricing import price_call
+from proxy.providers import Adapter, Endpoint
+from proxy.storage.keyfile import KeyStore
+from proxy.storage.replay import replay_log
+from proxy.web.bodies import BodyDigest
+from proxy.web.calls import Call, console_safe, dumps_json, refuse
+from proxy.web.state import ProxyState
 
 log = logging.getLogger("proxy")
 
@@ -87,8 +90,9 @@ def authenticate(state: ProxyState, request: web.Request, call: Call, client_key
     return None
 
 
-def admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call,
-           body: Any, client_key: str | None) -> web.Response | None:
+def admit(
+    state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call, body: Any, client_key: str | None
+) -> web.Response | None:
     """Authenticate the proxy key (with auth:), attribute the call, check the key's
     model allowlist. A response when the call stops here (401/403)."""
     ctx = call.ctx
@@ -101,11 +105,19 @@ def admit(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: E
     request[_KEY_ENTRY] = entry
     if entry.models is not None:
         if endpoint.kind is None and request.method not in ("GET", "HEAD", "OPTIONS"):
-            return refuse(call, 403, "auth: key limited to models; endpoint not metered",
-                           "This key may only call model endpoints (chat, messages, responses, embeddings, generateContent).")
+            return refuse(
+                call,
+                403,
+                "auth: key limited to models; endpoint not metered",
+                "This key may only call model endpoints (chat, messages, responses, embeddings, generateContent).",
+            )
         if endpoint.kind is not None and not entry.allows(ctx.model):
-            return refuse(call, 403, f"auth: model {ctx.model!r} not allowed for this key",
-                           f"Model {console_safe(ctx.model)!r} is not allowed for this key; allowed: {', '.join(entry.models)}.")
+            return refuse(
+                call,
+                403,
+                f"auth: model {ctx.model!r} not allowed for this key",
+                f"Model {console_safe(ctx.model)!r} is not allowed for this key; allowed: {', '.join(entry.models)}.",
+            )
     return None
 
 
@@ -124,16 +136,23 @@ def worst_case_units(state: ProxyState, call: Call, body: Any, digest: BodyDiges
     usage = worst_case_usage(body, flags, endpoint.kind, n_in, cap, limit)
     tier = body.get("service_tier") if isinstance(body, dict) and isinstance(body.get("service_tier"), str) else None
     priced = price_call(
-        state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model, response_model=None,
-        usage=usage, when=ctx.timestamp_dt, service_tier=tier,
+        state.prices,
+        provider=ctx.provider,
+        family=ctx.family,
+        model=ctx.model,
+        response_model=None,
+        usage=usage,
+        when=ctx.timestamp_dt,
+        service_tier=tier,
     )
     if priced.cost is None:
         return None
     return cost_units(priced.cost.total_cost) or 0
 
 
-def reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call,
-             body: Any, digest: BodyDigest | None) -> web.Response | None:
+def reserve(
+    state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call, body: Any, digest: BodyDigest | None
+) -> web.Response | None:
     """Check every budget that applies and reserve the call's worst case, in one
     synchronous step (atomic under asyncio). A response when the call stops here:
     429 over budget, 403 for a model that cannot be priced under a budget.
@@ -159,21 +178,28 @@ def reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint:
     if decision.hold is None:
         refused = decision.refused
         assert refused is not None
-        return refuse(call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst or 0),
-                       {"x-should-retry": "false"})  # the SDKs' retry loop would only hit the same wall
+        return refuse(
+            call, 429, f"budget exceeded: {refused.name}", refusal_message(refused, worst or 0), {"x-should-retry": "false"}
+        )  # the SDKs' retry loop would only hit the same wall
     if worst is None and decision.tightest is not None and not override and not (cfg is not None and cfg.allow_unpriced):
         # A budget applies and this model has no price: its cost could not be held
         # against the budget, nor counted after. Refused unless configured otherwise.
         ledger.settle(decision.hold, 0)
-        return refuse(call, 403, f"unpriced model under a budget: {ctx.model!r}",
-                       unpriced_refusal_message(ctx.provider, console_safe(ctx.model)), {"x-should-retry": "false"})
+        return refuse(
+            call,
+            403,
+            f"unpriced model under a budget: {ctx.model!r}",
+            unpriced_refusal_message(ctx.provider, console_safe(ctx.model)),
+            {"x-should-retry": "false"},
+        )
     call.hold = decision.hold
     if decision.overridden:
         ctx.budget_override = True
         if admin_key and not (cfg is not None and cfg.override):
             assert decision.refused is not None
-            log.warning("budget override (admin header): %s let through past %s",
-                        ctx.user_id or ctx.key_id or "a call", decision.refused.name)
+            log.warning(
+                "budget override (admin header): %s let through past %s", ctx.user_id or ctx.key_id or "a call", decision.refused.name
+            )
     if decision.warnings:
         top = decision.warnings[0]
         tight = decision.tightest or top
@@ -188,7 +214,6 @@ def reserve(state: ProxyState, request: web.Request, adapter: Adapter, endpoint:
 
 
 def _header_text(text: str) -> str:
-    from urllib.parse import quote
 
     return quote(text, safe=" :=*'@+-._/%,()")
 
@@ -196,8 +221,14 @@ def _header_text(text: str) -> str:
 def _budget_alert(state: ProxyState, s: BudgetState) -> None:
     """Once per budget and period: a log line, and a POST to the webhook if configured."""
     pct = "over 100" if s.fraction == float("inf") else f"{int(s.fraction * 100)}"
-    log.warning("budget warning: %s at %s%% (%s of %s spent or held), resets %s",
-                s.name, pct, money(s.used), money(s.limit.units), s.as_dict()["resets_at"] or "never")
+    log.warning(
+        "budget warning: %s at %s%% (%s of %s spent or held), resets %s",
+        s.name,
+        pct,
+        money(s.used),
+        money(s.limit.units),
+        s.as_dict()["resets_at"] or "never",
+    )
     url = state.config.budgets.webhook if state.config.budgets is not None else None
     if not url or state.session is None or state.tasks is None:
         return
@@ -210,8 +241,9 @@ def _budget_alert(state: ProxyState, s: BudgetState) -> None:
 async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> None:
     """Fire and forget: 2 s at most, failures logged, never felt by the call."""
     try:
-        async with session.post(url, data=dumps_json(payload), headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=2)) as r:
+        async with session.post(
+            url, data=dumps_json(payload), headers={"Content-Type": "application/json"}, timeout=aiohttp.ClientTimeout(total=2)
+        ) as r:
             if r.status >= 300:
                 log.warning("budget webhook at %s answered %s", _host(url), r.status)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

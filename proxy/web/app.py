@@ -12,18 +12,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..catalog import pricebook_for
-from ..config import Config
-from ..defaults import default_log_path
-from ..engine.totals import RollingWindow
-from ..estimate import warm_up
-from ..logwriter import JsonlWriter
-from ..storage.logfiles import records_since
-from .access import add_budget_headers, setup_access
-from .calls import UNKNOWN_PROVIDER
-from .forward import handle_proxy
-from .health import handle_health
-from .state import APP_STATE, ProxyState
+from proxy.config import Config, pricebook_for
+from proxy.core.estimate import warm_up
+from proxy.defaults import default_log_path
+from proxy.engine.totals import RollingWindow
+from proxy.storage.logfiles import records_since
+from proxy.storage.logwriter import JsonlWriter
+from proxy.web.access import add_budget_headers, setup_access
+from proxy.web.calls import UNKNOWN_PROVIDER
+from proxy.web.forward import handle_proxy
+from proxy.web.health import handle_health
+from proxy.web.state import APP_STATE, ProxyState
 
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:

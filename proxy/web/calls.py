@@ -13,14 +13,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..config import ProviderConfig
-from ..core.money import cost_units
-from ..estimate import estimate_input_tokens
-from ..pricing import price_call
-from ..providers import Adapter, Endpoint
-from ..records import CallContext, build_record, dumps_record, json_default, redact
-from ..usage import CallInfo, Usage
-from .state import ProxyState
+from proxy.config import ProviderConfig
+from proxy.core.estimate import estimate_input_tokens
+from proxy.core.money import cost_units
+from proxy.core.records import CallContext, build_record, dumps_record, json_default, redact
+from proxy.core.usage import CallInfo, Usage
+from proxy.pricing import price_call
+from proxy.providers import Adapter, Endpoint
+from proxy.web.state import ProxyState
 
 log = logging.getLogger("proxy")
 
@@ -61,11 +61,34 @@ def error_response(adapter: Adapter, status: int, message: str) -> web.Response:
 class Call:
     """Per-call bookkeeping shared by the buffered and streamed paths."""
 
-    __slots__ = ("state", "provider", "adapter", "endpoint", "ctx", "t0", "ttft", "status", "error", "secrets",
-                 "body", "input_estimate", "hold", "info", "finished", "pending")
+    __slots__ = (
+        "state",
+        "provider",
+        "adapter",
+        "endpoint",
+        "ctx",
+        "t0",
+        "ttft",
+        "status",
+        "error",
+        "secrets",
+        "body",
+        "input_estimate",
+        "hold",
+        "info",
+        "finished",
+        "pending",
+    )
 
-    def __init__(self, state: ProxyState, provider: ProviderConfig, adapter: Adapter, endpoint: Endpoint, ctx: CallContext,
-                 secrets: tuple[str | None, ...]) -> None:
+    def __init__(
+        self,
+        state: ProxyState,
+        provider: ProviderConfig,
+        adapter: Adapter,
+        endpoint: Endpoint,
+        ctx: CallContext,
+        secrets: tuple[str | None, ...],
+    ) -> None:
         self.state, self.provider, self.adapter, self.endpoint, self.ctx = state, provider, adapter, endpoint, ctx
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
@@ -164,9 +187,15 @@ class Call:
         price = cost = variant = None
         if usage is not None:
             priced = price_call(
-                state.prices, provider=ctx.provider, family=ctx.family, model=ctx.model,
-                response_model=info.response_model, usage=usage, when=ctx.timestamp_dt,
-                service_tier=info.service_tier, speed=info.speed,
+                state.prices,
+                provider=ctx.provider,
+                family=ctx.family,
+                model=ctx.model,
+                response_model=info.response_model,
+                usage=usage,
+                when=ctx.timestamp_dt,
+                service_tier=info.service_tier,
+                speed=info.speed,
             )
             price, cost, variant = priced.price, priced.cost, priced.variant
             if price is None:
@@ -174,8 +203,17 @@ class Call:
         latency = (time.perf_counter() - self.t0) * 1000
         ttft = (self.ttft - self.t0) * 1000 if self.ttft is not None else None
         record = build_record(
-            ctx, info, usage=usage, status=self.status, error=error, latency_ms=latency, ttft_ms=ttft,
-            usage_source=source, price=price, cost=cost, price_variant=variant,
+            ctx,
+            info,
+            usage=usage,
+            status=self.status,
+            error=error,
+            latency_ms=latency,
+            ttft_ms=ttft,
+            usage_source=source,
+            price=price,
+            cost=cost,
+            price_variant=variant,
         )
         console = None
         if ctx.metered or usage is not None:
@@ -194,9 +232,18 @@ class Call:
     def _bare_record(self, error: str) -> dict[str, Any]:
         """The record of a call whose metering failed: who, what, when, and why no cost."""
         latency = (time.perf_counter() - self.t0) * 1000
-        return build_record(self.ctx, CallInfo(usage_error=error), usage=None, status=self.status,
-                            error=redact(self.error or error, self.secrets)[:300], latency_ms=latency,
-                            ttft_ms=None, usage_source=None, price=None, cost=None)
+        return build_record(
+            self.ctx,
+            CallInfo(usage_error=error),
+            usage=None,
+            status=self.status,
+            error=redact(self.error or error, self.secrets)[:300],
+            latency_ms=latency,
+            ttft_ms=None,
+            usage_source=None,
+            price=None,
+            cost=None,
+        )
 
     def _warn_unpriced(self, model: str) -> None:
         warned = self.state.warned_unpriced
@@ -204,8 +251,9 @@ class Call:
         if warned is None or key in warned or len(warned) >= _MAX_WARNED:
             return  # bounded: client-chosen names must not grow memory
         warned.add(key)
-        log.warning("%s/%s Cost: Not calculated (no pricing configured)", console_safe(self.ctx.provider),
-                    console_safe(redact(model, self.secrets)))
+        log.warning(
+            "%s/%s Cost: Not calculated (no pricing configured)", console_safe(self.ctx.provider), console_safe(redact(model, self.secrets))
+        )
 
 
 def refuse(call: Call, status: int, error: str, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -15,18 +15,18 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
-from ..bodies import BodyDigest, UnreadableBody, parse_json
-from ..config import ProviderConfig
-from ..providers import ADAPTERS, Endpoint
-from ..records import CallContext, cap_name, fingerprint
-from ..redaction import redact_bytes
-from ..usage import CallInfo
-from .access import admit, authenticate, identify, reserve
-from .calls import Call, console_safe, error_response, refuse
-from .headers import forward_headers, response_headers
-from .relay import relay_stream, tap_result
-from .state import APP_STATE, ProxyState
-from .upload import digest_request, read_body, upload_body
+from proxy.config import ProviderConfig
+from proxy.core.records import CallContext, cap_name, fingerprint
+from proxy.core.redaction import redact_bytes
+from proxy.core.usage import CallInfo
+from proxy.providers import ADAPTERS, Endpoint
+from proxy.web.access import admit, authenticate, identify, reserve
+from proxy.web.bodies import BodyDigest, UnreadableBody, parse_json
+from proxy.web.calls import Call, console_safe, error_response, refuse
+from proxy.web.headers import forward_headers, response_headers
+from proxy.web.relay import relay_stream, tap_result
+from proxy.web.state import APP_STATE, ProxyState
+from proxy.web.upload import digest_request, read_body, upload_body
 
 
 def _cut_by_us(state: ProxyState, request: web.Request) -> bool:
@@ -133,15 +133,20 @@ def _start_call(state: ProxyState, request: web.Request, name: str, provider: Pr
     endpoint = adapter.endpoint(path, request.method)
     client_key = adapter.client_key(request.headers, request.query)
     ctx = CallContext(
-        timestamp=time.time(), provider=name, family=provider.type, endpoint=cap_name(path) or path,
-        key_id=_key_fingerprint(client_key) if client_key else None, ip_address=request.remote,
-        metered=endpoint.kind is not None, billable=endpoint.billable, model=cap_name(endpoint.model),
+        timestamp=time.time(),
+        provider=name,
+        family=provider.type,
+        endpoint=cap_name(path) or path,
+        key_id=_key_fingerprint(client_key) if client_key else None,
+        ip_address=request.remote,
+        metered=endpoint.kind is not None,
+        billable=endpoint.billable,
+        model=cap_name(endpoint.model),
     )
     return Call(state, provider, adapter, endpoint, ctx, (client_key, provider.api_key)), raw_tail, client_key
 
 
-def _check_before_body(state: ProxyState, request: web.Request, call: Call, raw_tail: str,
-                       client_key: str | None) -> web.Response | None:
+def _check_before_body(state: ProxyState, request: web.Request, call: Call, raw_tail: str, client_key: str | None) -> web.Response | None:
     """The checks the path and headers settle (dot segments, the proxy key): a
     response when the call stops here (400/401)."""
     if has_dot_segment(raw_tail):
@@ -161,19 +166,27 @@ async def _read_request_body(state: ProxyState, request: web.Request, call: Call
         # A body that cannot be read (e.g. labelled gzip but not gzip): answer it in the
         # family's words, as the provider would, and record it.
         identify(state, request, call, client_key, None)
-        return refuse(call, 400, f"unreadable request body: {type(e.__cause__ or e).__name__}",
-                      "The request body could not be read (check its Content-Encoding).")
+        return refuse(
+            call,
+            400,
+            f"unreadable request body: {type(e.__cause__ or e).__name__}",
+            "The request body could not be read (check its Content-Encoding).",
+        )
     except asyncio.CancelledError:
         identify(state, request, call, client_key, None)
         call.status = 499
-        call.error = ("proxy shut down while the client was sending its request" if _cut_by_us(state, request)
-                      else "client disconnected while sending its request")
+        call.error = (
+            "proxy shut down while the client was sending its request"
+            if _cut_by_us(state, request)
+            else "client disconnected while sending its request"
+        )
         call.finish()
         raise
     except web.HTTPRequestEntityTooLarge:
         identify(state, request, call, client_key, None)
-        too_large = refuse(call, 413, f"request body over {state.config.max_body_mb} MB",
-                           f"request body over {state.config.max_body_mb} MB")
+        too_large = refuse(
+            call, 413, f"request body over {state.config.max_body_mb} MB", f"request body over {state.config.max_body_mb} MB"
+        )
         # Close rather than linger reading the unwanted rest of the body: a lingering
         # connection also holds up graceful shutdown for its whole timeout.
         too_large.force_close()
@@ -193,8 +206,9 @@ async def _digest_call(state: ProxyState, call: Call, body_bytes: bytes) -> Body
     return digest
 
 
-def _check_body(state: ProxyState, request: web.Request, call: Call, digest: BodyDigest | None, body: Any,
-                client_key: str | None) -> web.Response | None:
+def _check_body(
+    state: ProxyState, request: web.Request, call: Call, digest: BodyDigest | None, body: Any, client_key: str | None
+) -> web.Response | None:
     """The checks that need the body (the key's model allowlist, a body that cannot
     be priced under budgets): a response when the call stops here (400/401/403)."""
     denied = admit(state, request, call.adapter, call.endpoint, call, body, client_key)
@@ -206,8 +220,16 @@ def _check_body(state: ProxyState, request: web.Request, call: Call, digest: Bod
     return None
 
 
-def _upstream_request(state: ProxyState, request: web.Request, call: Call, digest: BodyDigest | None, body: Any,
-                      body_bytes: bytes, raw_tail: str, client_key: str | None) -> tuple[str, bytes, bool]:
+def _upstream_request(
+    state: ProxyState,
+    request: web.Request,
+    call: Call,
+    digest: BodyDigest | None,
+    body: Any,
+    body_bytes: bytes,
+    raw_tail: str,
+    client_key: str | None,
+) -> tuple[str, bytes, bool]:
     """What goes upstream: the URL (encoded), the body, and whether the reply's usage
     chunk is ours alone. The call keeps the body for estimates."""
     provider = call.provider
@@ -233,9 +255,11 @@ async def _forward(request: web.Request, call: Call, url: URL, body_bytes: bytes
     try:
         try:
             upstream = await state.session.request(
-                request.method, url,
+                request.method,
+                url,
                 headers=forward_headers(request, provider, adapter, call.secrets[0] if state.keys is not None else None),
-                data=upload_body(body_bytes), allow_redirects=False,
+                data=upload_body(body_bytes),
+                allow_redirects=False,
             )
         except asyncio.TimeoutError:
             call.status, call.error = 504, "upstream timed out"
@@ -310,11 +334,21 @@ def _read_reply(call: Call, status: int, data: bytes) -> None:
 async def _unknown_provider(state: ProxyState, request: web.Request, name: str) -> web.StreamResponse:
     # Still one record: a misconfigured client shows up in the log, not only in its own errors.
     unknown = ProviderConfig(name=name, type="openai", base_url="")
-    ctx = CallContext(timestamp=time.time(), provider=cap_name(name) or name, family="unknown",
-                      endpoint=cap_name("/" + request.match_info["tail"]) or "/", ip_address=request.remote)
+    ctx = CallContext(
+        timestamp=time.time(),
+        provider=cap_name(name) or name,
+        family="unknown",
+        endpoint=cap_name("/" + request.match_info["tail"]) or "/",
+        ip_address=request.remote,
+    )
     call = Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())
     identify(state, request, call, None, None)
     # The names of the configured providers are not the business of an unauthenticated caller.
-    return await call.done(refuse(call, 404, "unknown provider",
-                                   f"Unknown provider {console_safe(name[:64])!r}: "
-                                   "the first path segment must name a provider configured on this proxy."))
+    return await call.done(
+        refuse(
+            call,
+            404,
+            "unknown provider",
+            f"Unknown provider {console_safe(name[:64])!r}: the first path segment must name a provider configured on this proxy.",
+        )
+    )

@@ -6,16 +6,25 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..attribution import is_proxy_header
-from ..config import ProviderConfig
-from ..providers import ADAPTERS, Adapter
-from ..redaction import redact_headers
+from proxy.config import ProviderConfig
+from proxy.core.attribution import is_proxy_header
+from proxy.core.redaction import redact_headers
+from proxy.providers import ADAPTERS, Adapter
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes.
 _HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
         # aiohttp has already decoded a compressed request body: it goes upstream plain.
         "content-encoding",
     }

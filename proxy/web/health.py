@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .access import budget_health
-from .calls import dumps_json
-from .state import APP_STATE
+from proxy.web.access import budget_health
+from proxy.web.calls import dumps_json
+from proxy.web.state import APP_STATE
 
 
 async def handle_health(request: web.Request) -> web.Response:

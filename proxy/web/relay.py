@@ -10,15 +10,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..redaction import StreamRedactor
-from ..sse import JSONArrayStreamParser, SSEParser
-from ..usage import CallInfo
-from .calls import Call
-from .headers import response_headers
+from proxy.core.redaction import StreamRedactor
+from proxy.core.sse import JSONArrayStreamParser, SSEParser
+from proxy.core.usage import CallInfo
+from proxy.web.calls import Call
+from proxy.web.headers import response_headers
 
 # After a stream's final event, how long to wait for the upstream to end it before
 # writing the record and sending the rest (normally the end follows at once).
 _TAIL_WAIT = 1.0
+
 
 def tap_result(tap: Any, call: Call) -> CallInfo:
     try:

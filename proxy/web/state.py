@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,11 +11,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..config import Config
-from ..engine.totals import RollingWindow
-from ..keys import KeyStore
-from ..logwriter import JsonlWriter
-from ..pricing import PriceBook
+from proxy.config import Config
+from proxy.engine.totals import RollingWindow
+from proxy.pricing import PriceBook
+from proxy.storage.keyfile import KeyStore
+from proxy.storage.logwriter import JsonlWriter
 
 
 @dataclass(slots=True)
@@ -34,8 +35,6 @@ class ProxyState:
     def body_pool(self) -> ProcessPoolExecutor:
         """One worker process for digesting huge request bodies, started on first need."""
         if self._pool is None:
-            import multiprocessing
-
             # spawn: a fork of a process with threads (the log writer) is not safe.
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         return self._pool

@@ -13,12 +13,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..bodies import OFFLOAD_BYTES, BodyDigest, digest_offloaded
-from ..bodies import digest as digest_body
-from ..providers import Endpoint
-from .state import ProxyState
+from proxy.providers import Endpoint
+from proxy.web.bodies import OFFLOAD_BYTES, BodyDigest, digest_offloaded
+from proxy.web.bodies import digest as digest_body
+from proxy.web.state import ProxyState
 
 log = logging.getLogger("proxy")
+
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body. A huge one is read as it arrives and joined once, in a thread
@@ -79,7 +80,7 @@ def _spill(raw: bytes) -> str | None:
     try:
         view = memoryview(raw)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError:
         os.close(fd)
         os.unlink(path)

@@ -115,11 +115,44 @@ class OutputText:
 
 # Keys whose string values are prompt text in any family's request body.
 _SKIP_KEYS = frozenset(
-    {"model", "role", "type", "id", "tool_call_id", "stream", "stream_options", "metadata", "user",
-     "temperature", "top_p", "max_tokens", "max_output_tokens", "max_completion_tokens", "n", "stop",
-     "service_tier", "store", "seed", "reasoning_effort", "cache_control", "mime_type", "mimeType",
-     "response_format", "generationConfig", "safetySettings", "thinking", "anthropic_version",
-     "image_url", "inline_data", "inlineData", "source", "file_data", "fileData", "url", "signature"}
+    {
+        "model",
+        "role",
+        "type",
+        "id",
+        "tool_call_id",
+        "stream",
+        "stream_options",
+        "metadata",
+        "user",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_output_tokens",
+        "max_completion_tokens",
+        "n",
+        "stop",
+        "service_tier",
+        "store",
+        "seed",
+        "reasoning_effort",
+        "cache_control",
+        "mime_type",
+        "mimeType",
+        "response_format",
+        "generationConfig",
+        "safetySettings",
+        "thinking",
+        "anthropic_version",
+        "image_url",
+        "inline_data",
+        "inlineData",
+        "source",
+        "file_data",
+        "fileData",
+        "url",
+        "signature",
+    }
 )
 
 

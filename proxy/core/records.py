@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import orjson
 
-from .pricing import Cost, ModelPrice
-from .usage import CallInfo, Usage
+from proxy.core.money import Cost
+from proxy.core.usage import CallInfo, Usage
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +44,7 @@ def cap_name(text: str | None) -> str | None:
         return text
     marker = f"…[{len(text)} chars]"
     return text[: MAX_NAME_CHARS - len(marker)] + marker
+
 
 # Credentials a provider might echo back in an error message ("Incorrect API key
 # provided: sk-abc***wxyz"): masked or not, none of it goes into a record.
@@ -75,6 +76,16 @@ def iso_utc(ts: float) -> str:
     if _iso_second[0] != sec:  # one strftime per second, not per call
         _iso_second = (sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{_iso_second[1]}.{ms % 1000:03d}Z"
+
+
+class PriceLabel(Protocol):
+    """Where a call's price came from, as its record names it (``pricing.ModelPrice``)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def price_id(self) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -112,7 +123,7 @@ def build_record(
     latency_ms: float,
     ttft_ms: float | None,
     usage_source: str | None,
-    price: ModelPrice | None,
+    price: PriceLabel | None,
     cost: Cost | None,
     price_variant: str | None = None,
     record_id: str | None = None,
@@ -128,8 +139,16 @@ def build_record(
     tokens: dict[str, int | None]
     if usage is None:
         tokens = dict.fromkeys(
-            ("input_tokens", "output_tokens", "total_tokens", "cache_read_tokens",
-             "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens", "web_search_requests")
+            (
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "cache_write_1h_tokens",
+                "reasoning_tokens",
+                "web_search_requests",
+            )
         )
     else:
         tokens = {

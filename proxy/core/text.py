@@ -16,8 +16,11 @@ _UNSAFE = [
     *range(0x00, 0x20),  # C0 controls: ESC, BEL, CR, LF, TAB, NUL...
     0x7F,  # DEL
     *range(0x80, 0xA0),  # C1 controls: CSI (0x9B) starts an escape sequence alone; NEL breaks a line
-    0x2028, 0x2029,  # line and paragraph separators
-    0x200E, 0x200F, 0x061C,  # LRM, RLM, ALM
+    0x2028,
+    0x2029,  # line and paragraph separators
+    0x200E,
+    0x200F,
+    0x061C,  # LRM, RLM, ALM
     *range(0x202A, 0x202F),  # LRE, RLE, PDF, LRO, RLO
     *range(0x2066, 0x206A),  # LRI, RLI, FSI, PDI
     # Lone surrogates (a lenient JSON parse yields them) cannot be encoded to print.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable, Sequence
 
-from .config import ConfigError, load_config
-from .defaults import default_log_path
+from proxy.config import load_config
+from proxy.defaults import default_log_path
+from proxy.errors import ConfigError
+from proxy.web.app import create_app, run_app
 
 log = logging.getLogger("proxy")
 
@@ -42,8 +45,12 @@ def serve(argv: Sequence[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9002, help="port (default: 9002)")
     parser.add_argument("--log-file", default=None, help="JSONL log (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
-    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                        help="event loop: uvloop when installed (auto), or the standard one")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when installed (auto), or the standard one",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -53,11 +60,12 @@ def serve(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from .web.app import create_app, run_app
-
     log_path = args.log_file or default_log_path()
     try:
         app = create_app(config, log_path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: cannot open the cost log {log_path}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -83,7 +91,8 @@ def serve(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Importing a tool's module registers its command; kept out of `serve`'s start-up path.
-    from . import budgets, keys, pricing_commands, report, reprice  # noqa: F401  (each registers its command)
+    for name in ("budgets", "keys", "pricing_commands", "report", "reprice"):
+        importlib.import_module(f"proxy.cli.{name}" if name in ("budgets", "keys") else f"proxy.{name}")
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][1](argv[1:])
     return serve(argv)

@@ -78,15 +78,14 @@ def _resolve(told: _Told) -> None:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class JsonlWriter:
     """Opening the log (and its directory) happens at construction: OSError if it fails.
     ``fallback``: where ``close`` saves what the log refused; ``default_fallback()``."""
 
-    def __init__(self, path: str | os.PathLike[str], console_fd: int | None = 2,
-                 fallback: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], console_fd: int | None = 2, fallback: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
         self._path = os.fspath(self.path)
         self.fallback_path = Path(fallback) if fallback is not None else default_fallback()

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from .estimate import estimate_input_tokens
-from .providers import ADAPTERS, Endpoint
+from proxy.core.estimate import estimate_input_tokens
+from proxy.providers import ADAPTERS, Endpoint
 
 # Above this many bytes a body is digested in a worker process, off the event loop.
 OFFLOAD_BYTES = 1 << 20
@@ -28,8 +28,7 @@ OFFLOAD_BYTES = 1 << 20
 # Top-level keys that hold the prompt: the bulk of a big body, and nothing metering
 # reads except through the input estimate.
 _BULK_KEYS = frozenset(
-    {"messages", "contents", "input", "prompt", "system", "tools", "instructions",
-     "system_instruction", "systemInstruction", "documents"}
+    {"messages", "contents", "input", "prompt", "system", "tools", "instructions", "system_instruction", "systemInstruction", "documents"}
 )
 
 
