@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from zoneinfo import ZoneInfo
 
-from proxy.core.money import money, units_to_usd
+from proxy.core.money import format_usd, units_to_usd
 from proxy.core.periods import iso, period_bounds
 
 log = logging.getLogger("proxy")
@@ -211,10 +211,10 @@ def refusal_message(state: BudgetState, worst: int) -> str:
     if limit.match is None and limit.scope != "global":
         scope_note = f" (a limit for each {limit.scope if limit.scope != 'tag' else 'value of tag ' + str(limit.tag)})"
     return (
-        f"Budget exceeded: {state.name}{scope_note} has a limit of {money(limit.units)} and "
-        f"{money(state.spent)} is spent"
-        + (f" (+{money(state.reserved)} held by calls in progress)" if state.reserved else "")
-        + f"; this call may cost up to {money(worst)}. The budget {resets}."
+        f"Budget exceeded: {state.name}{scope_note} has a limit of {format_usd(limit.units, exact=True)} and "
+        f"{format_usd(state.spent, exact=True)} is spent"
+        + (f" (+{format_usd(state.reserved, exact=True)} held by calls in progress)" if state.reserved else "")
+        + f"; this call may cost up to {format_usd(worst, exact=True)}. The budget {resets}."
     )
 
 

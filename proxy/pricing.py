@@ -101,10 +101,25 @@ FAMILY_RULES: dict[str, FamilyRules] = {
 }
 
 
+_NO_RULES = FamilyRules()
+
+
+def family_rules(family: str | None) -> FamilyRules:
+    """What a missing rate means for this API family (none: the input rate)."""
+    return FAMILY_RULES.get(family or "", _NO_RULES)
+
+
 def _rate(explicit: Decimal | None, base: Decimal, multiple: Decimal | None) -> Decimal:
     if explicit is not None:
         return explicit
     return base * multiple if multiple is not None else base
+
+
+def cache_read_rate(rates: Rates, family: str | None) -> Decimal:
+    """The rate a cache-read token bills at: the model's own cached rate, else the
+    family's rule (a fixed multiple of input on Anthropic), else the input rate. The one
+    missing-cache-rate rule: pricing, savings and suggestions all use it."""
+    return _rate(rates.cached_input, rates.input, family_rules(family).cached_input)
 
 
 # How each provider names the variants in its replies, mapped to our variant names.
@@ -211,6 +226,10 @@ class PriceBook:
         self._aliases = {p: {normalize_model(k): v for k, v in a.items()} for p, a in (aliases or {}).items()}
         self._fallback = fallback  # an object with .lookup(provider, family, model) -> ModelPrice | None
         self._memo: dict[tuple[str, tuple[str, ...], str | None], ModelPrice | None] = {}
+
+    def model_names(self, provider: str) -> frozenset[str]:
+        """The (normalized) model names config.yml prices for ``provider``."""
+        return frozenset(self._models.get(provider, ()))
 
     def resolve(self, provider: str, *models: str | None, family: str | None = None) -> ModelPrice | None:
         """The price for the first of ``models`` config.yml knows, else the first the

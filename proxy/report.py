@@ -23,7 +23,8 @@ import orjson
 from proxy.cli import command
 from proxy.config import load_config as load
 from proxy.config import pricebook_for
-from proxy.core.money import MILLION_DEC, cost_units, units_to_usd
+from proxy.core.money import MILLION_DEC, cost_units, format_usd, units_to_usd
+from proxy.core.periods import NAMED_PERIODS, calendar_period
 from proxy.core.text import printable
 from proxy.core.timestamps import canonical_ts, ts_to_datetime
 from proxy.defaults import default_log_path
@@ -52,7 +53,6 @@ from proxy.storage.scan import iter_selected, scan
 UTC = timezone.utc
 FORMATS = ("summary", "detailed", "csv", "json", "hourly", "daily", "weekly", "monthly")
 SERIES = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month"}
-PERIODS = ("daily", "weekly", "monthly", "yesterday", "last-week", "last-month")
 
 
 class UsageError(Exception):
@@ -60,20 +60,6 @@ class UsageError(Exception):
 
 
 # --- money and numbers ------------------------------------------------------------------
-
-
-def fmt_usd(value: Decimal, *, at_least: bool = False) -> str:
-    """$12.3457 / $0.0200 / $0.000123: four decimals, more for amounts under a cent."""
-    sign = "-" if value < 0 else ""
-    v = abs(value)
-    if v == 0 or v >= Decimal("0.01"):
-        text = f"{v.quantize(Decimal('0.0001'), ROUND_HALF_UP):,}"
-    else:
-        # Two significant digits at least, never more than the record precision.
-        exp = v.adjusted()  # 0.000123 -> -4
-        places = min(10, max(4, -exp + 1))
-        text = f"{v.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP):f}"
-    return f"{'≥' if at_least else ''}{sign}${text}"
 
 
 def fmt_int(n: int) -> str:
@@ -121,21 +107,6 @@ def parse_when(text: str, tz: tzinfo, *, end: bool) -> datetime:
     except ValueError:
         raise UsageError(f"expected a date (2026-11-01) or ISO time (2026-11-01T09:30), got {text!r}") from None
     return dt if dt.tzinfo else dt.replace(tzinfo=tz)
-
-
-def calendar_period(name: str, now: datetime) -> tuple[datetime, datetime, str]:
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if name in ("daily", "yesterday"):
-        start = today - timedelta(days=1 if name == "yesterday" else 0)
-        return start, start + timedelta(days=1), ("yesterday" if name == "yesterday" else "today")
-    if name in ("weekly", "last-week"):
-        start = today - timedelta(days=today.weekday() + (7 if name == "last-week" else 0))
-        return start, start + timedelta(days=7), ("last week" if name == "last-week" else "this week")
-    start = today.replace(day=1)
-    if name == "last-month":
-        start = (start - timedelta(days=1)).replace(day=1)
-    end = (start + timedelta(days=32)).replace(day=1)
-    return start, end, ("last month" if name == "last-month" else "this month")
 
 
 def get_tz(name: str | None) -> tzinfo:
@@ -189,7 +160,7 @@ def build_parser(prog: str = "analyze_costs.py") -> argparse.ArgumentParser:
     when.add_argument("--start-date", metavar="DATE", help="from this date or ISO time (inclusive)")
     when.add_argument("--end-date", metavar="DATE", help="to this date (the whole day) or ISO time (exclusive)")
     when.add_argument(
-        "--period", choices=PERIODS, help="a calendar period: today, this week (from Monday), this month, or the previous one"
+        "--period", choices=NAMED_PERIODS, help="a calendar period: today, this week (from Monday), this month, or the previous one"
     )
     when.add_argument("--tz", default="UTC", help="time zone for dates, periods and buckets (default UTC; 'local' or e.g. Europe/Berlin)")
 
@@ -561,7 +532,7 @@ def render_summary(r: Report) -> str:
         return "\n".join(out) + "\n"
     cost = t.total_cost
     at_least = t.incomplete
-    cost_text = ("at least " if at_least else "") + fmt_usd(cost)
+    cost_text = ("at least " if at_least else "") + format_usd(cost)
     rows = [("Total cost", cost_text)]
     ok = t.requests - t.errors
     rows.append(("Requests", f"{t.requests:,}  ({ok:,} ok, {t.errors:,} errors, {_share(ok, t.requests)} success)"))
@@ -570,8 +541,8 @@ def render_summary(r: Report) -> str:
     if tok["cache_read_tokens"]:
         tok_detail += f", cache read {tok['cache_read_tokens']:,}"
     rows.append(("Tokens", f"{tok['total_tokens']:,}  ({tok_detail})"))
-    rows.append(("Avg per request", fmt_usd(ratio(cost, t.requests), at_least=at_least)))
-    rows.append(("Avg per 1K tokens", fmt_usd(ratio(cost, tok["total_tokens"], 1000), at_least=at_least)))
+    rows.append(("Avg per request", format_usd(ratio(cost, t.requests), at_least=at_least)))
+    rows.append(("Avg per 1K tokens", format_usd(ratio(cost, tok["total_tokens"], 1000), at_least=at_least)))
     w = max(len(k) for k, _ in rows)
     out += [f"{k.ljust(w)}  {v}" for k, v in rows]
     note = lower_bound_note(t)
@@ -591,7 +562,7 @@ def render_summary(r: Report) -> str:
                 [
                     (
                         k[0],
-                        fmt_usd(v.total_cost, at_least=v.incomplete),
+                        format_usd(v.total_cost, at_least=v.incomplete),
                         _share(v.cost_units, t.cost_units),
                         fmt_int(v.requests),
                         fmt_int(v.tokens["total_tokens"]),
@@ -612,10 +583,10 @@ def render_summary(r: Report) -> str:
                     (
                         k[0],
                         k[1],
-                        fmt_usd(v.total_cost, at_least=v.incomplete),
+                        format_usd(v.total_cost, at_least=v.incomplete),
                         _share(v.cost_units, t.cost_units),
                         fmt_int(v.requests),
-                        fmt_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete),
+                        format_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete),
                     )
                     for k, v in shown
                 ],
@@ -638,7 +609,7 @@ def group_table(r: Report, dims: Sequence[str], overall: Totals, limit: int | No
                 fmt_int(v.requests),
                 fmt_int(v.errors),
                 fmt_int(v.tokens["total_tokens"]),
-                fmt_usd(v.total_cost, at_least=v.incomplete),
+                format_usd(v.total_cost, at_least=v.incomplete),
                 _share(v.cost_units, overall.cost_units),
             )
             for k, v in rows
@@ -683,7 +654,7 @@ def sections_text(r: Report, t: Totals) -> list[str]:
                         f"{x['provider']}/{x['model'] or x['response_model']}",
                         fmt_int(x["input_tokens"] or 0),
                         fmt_int(x["output_tokens"] or 0),
-                        fmt_usd(Decimal(repr(x["total_cost"]))),
+                        format_usd(Decimal(repr(x["total_cost"]))),
                         str(x["user_id"] or "-"),
                         str(x["request_id"] or "-"),
                     )
@@ -696,9 +667,9 @@ def sections_text(r: Report, t: Totals) -> list[str]:
         s = savings(r)
         out.append("Cache savings")
         if s["priced_tokens"] or s["derived"]:
-            line = f"  Cache reads of {s['tokens']:,} tokens saved {fmt_usd(s['saved'])} against the full input price"
+            line = f"  Cache reads of {s['tokens']:,} tokens saved {format_usd(s['saved'])} against the full input price"
             if t.cost_units:
-                line += f" (you paid {fmt_usd(t.total_cost)}; without the cache, about {fmt_usd(t.total_cost + s['saved'])})"
+                line += f" (you paid {format_usd(t.total_cost)}; without the cache, about {format_usd(t.total_cost + s['saved'])})"
             out.append(line + ".")
             if s["unpriced_tokens"]:
                 out.append(
@@ -719,17 +690,17 @@ def sections_text(r: Report, t: Totals) -> list[str]:
         if p is None:
             out.append("  Not enough data to project.")
         else:
-            rate = fmt_usd(units_to_usd(p.daily_rate_units))
+            rate = format_usd(units_to_usd(p.daily_rate_units))
             days = p.recent_seconds / 86400
             basis = f"{days:.1f} days" if days >= 1 else f"{p.recent_seconds / 3600:.1f} hours"
             if p.month_to_date_units is not None:
                 out.append(
-                    f"  {p.month}: {fmt_usd(units_to_usd(p.month_to_date_units))} so far; at {rate}/day "
-                    f"(the last {basis}) the month ends near {fmt_usd(units_to_usd(p.projected_units))}."
+                    f"  {p.month}: {format_usd(units_to_usd(p.month_to_date_units))} so far; at {rate}/day "
+                    f"(the last {basis}) the month ends near {format_usd(units_to_usd(p.projected_units))}."
                 )
             else:
                 out.append(
-                    f"  {p.month}: at {rate}/day (the last {basis}) a full month costs about {fmt_usd(units_to_usd(p.projected_units))}."
+                    f"  {p.month}: at {rate}/day (the last {basis}) a full month costs about {format_usd(units_to_usd(p.projected_units))}."
                 )
         out.append("")
     if a.suggest:
@@ -806,8 +777,8 @@ def suggestions(r: Report) -> list[str]:
                             (
                                 f"{shown}: {h[H_SHORT]:,} of {ok:,} successful calls "
                                 f"({_share(h[H_SHORT], ok)}) returned at most {SHORT_REPLY_TOKENS} tokens and cost "
-                                f"{fmt_usd(actual)}; at {printable(sib)}'s list price they would cost about {fmt_usd(est)} "
-                                f"(save ~{fmt_usd(saved)}), if it answers them well enough."
+                                f"{format_usd(actual)}; at {printable(sib)}'s list price they would cost about {format_usd(est)} "
+                                f"(save ~{format_usd(saved)}), if it answers them well enough."
                             ),
                         )
                     )
@@ -832,7 +803,7 @@ def suggestions(r: Report) -> list[str]:
                     cached = rates.cached_input if rates.cached_input is not None else rates.input
                     per10 = (Decimal(h[H_LONG_IN] - h[H_LONG_CACHED]) / 10 * (rates.input - cached)) / MILLION_DEC
                     if per10 > 0:
-                        tip += f" (each 10% of it cached saves about {fmt_usd(per10)})"
+                        tip += f" (each 10% of it cached saves about {format_usd(per10)})"
                         weight = int(per10 * 10**10)
             tips.append((weight, tip + "."))
     return [text for _, text in sorted(tips, key=lambda x: -x[0])]
@@ -912,7 +883,7 @@ def render_series(r: Report, dim: str) -> str:
                 fmt_int(v.requests),
                 fmt_int(v.errors),
                 fmt_int(v.tokens["total_tokens"]),
-                fmt_usd(v.total_cost, at_least=v.incomplete),
+                format_usd(v.total_cost, at_least=v.incomplete),
                 bar,
             )
         )
@@ -922,14 +893,14 @@ def render_series(r: Report, dim: str) -> str:
             fmt_int(total.requests),
             fmt_int(total.errors),
             fmt_int(total.tokens["total_tokens"]),
-            fmt_usd(total.total_cost, at_least=total.incomplete),
+            format_usd(total.total_cost, at_least=total.incomplete),
             "",
         )
     )
     out.append(table([dim, "requests", "errors", "tokens", "cost", ""], body, [False, True, True, True, True, False]).rstrip("\n"))
     top_label, top_v = max(rows, key=lambda kv: (kv[1].cost_units, kv[0]))
     out.append("")
-    out.append(f"Peak {dim}: {top_label} at {fmt_usd(top_v.total_cost)} ({_share(top_v.cost_units, total.cost_units)} of the total)")
+    out.append(f"Peak {dim}: {top_label} at {format_usd(top_v.total_cost)} ({_share(top_v.cost_units, total.cost_units)} of the total)")
     note = lower_bound_note(total)
     if note:
         out.append(f"Costs are lower bounds: {note}.")
@@ -958,7 +929,7 @@ def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -
             incomplete = True
         else:
             units += cost_units(cost) or 0
-            cost_text = fmt_usd(_dec(cost))
+            cost_text = format_usd(_dec(cost))
         model = rec.get("model") or rec.get("response_model") or "-"
         status = printable(str(rec.get("status")), 20)
         if rec.get("error") and status.startswith("2"):
@@ -969,7 +940,7 @@ def write_detailed(out: IO[str], records: Iterable[dict[str, Any]], r: Report) -
             f"{_num(rec.get('input_tokens')):>9}  {_num(rec.get('output_tokens')):>8}  {cost_text:>12}  "
             f"{printable(str(rec.get('user_id') or '-'), 16):16}  {status}\n"
         )
-    out.write(f"{n:,} requests, {'at least ' if incomplete else ''}{fmt_usd(units_to_usd(units))}\n")
+    out.write(f"{n:,} requests, {'at least ' if incomplete else ''}{format_usd(units_to_usd(units))}\n")
 
 
 def _num(v: Any) -> str:

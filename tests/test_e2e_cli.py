@@ -136,7 +136,7 @@ async def test_console_prints_one_cost_line_per_call_and_one_unpriced_warning_pe
     assert len(cost_lines) == 6
     assert "openai/gpt-4o " in cost_lines[0] and "Cost: $0.02 " in cost_lines[0] and "in=10000 out=500" in cost_lines[0]
     assert all("Cost: unpriced" in ln for ln in cost_lines[1:5])
-    assert "Cost: $0 | 400" in cost_lines[5]
+    assert "Cost: $0.00 | 400" in cost_lines[5]
     warnings = [ln for ln in lines if "Cost: Not calculated (no pricing configured)" in ln]
     assert len(warnings) == 2  # once per unpriced model, however many calls
     assert any("openai/my-finetune" in ln for ln in warnings) and any("openai/other-unpriced" in ln for ln in warnings)

@@ -13,7 +13,7 @@ import orjson
 from proxy.budgets import Limit, ledger_for
 from proxy.cli import command
 from proxy.config import load_sections
-from proxy.core.money import money
+from proxy.core.money import format_usd
 from proxy.core.records import json_default
 from proxy.defaults import default_log_path
 from proxy.errors import ConfigError
@@ -77,7 +77,17 @@ def budgets_main(argv: list[str]) -> int:
         resets = datetime.fromtimestamp(s.end, tz).strftime("%Y-%m-%d %H:%M %Z") if s.end != _INF else "never (session)"
         pct = "-" if s.fraction == _INF else f"{s.fraction * 100:.0f}%"
         flag = "EXHAUSTED" if s.fraction >= 1 else ("warning" if s.fraction >= ledger.warn_at else "")
-        rows.append([s.name, money(s.limit.units), money(s.spent), money(s.remaining), pct, resets, flag])
+        rows.append(
+            [
+                s.name,
+                format_usd(s.limit.units, exact=True),
+                format_usd(s.spent, exact=True),
+                format_usd(s.remaining, exact=True),
+                pct,
+                resets,
+                flag,
+            ]
+        )
     print(_table(rows, ["BUDGET", "LIMIT", "SPENT", "REMAINING", "USED", "RESETS", ""]))
     each = [lim for lim in (budgets.limits if budgets else ()) if lim.match is None and lim.scope != "global"]
     if each:

@@ -16,7 +16,7 @@ from proxy.cli import command
 from proxy.cli.budgets import _table
 from proxy.config import load_sections
 from proxy.core.attribution import clean_value
-from proxy.core.money import money, usd_to_units
+from proxy.core.money import format_usd, usd_to_units
 from proxy.defaults import default_log_path
 from proxy.errors import ConfigError
 from proxy.keys import KEY_ID, KeyEntry, key_hash, new_key
@@ -79,7 +79,7 @@ def _with_entry(entry: KeyEntry, **changes: Any) -> KeyEntry:
 
 
 def _money(units: int | None) -> str:
-    return "-" if units is None else money(units)
+    return "-" if units is None else format_usd(units, exact=True)
 
 
 def _create(args: argparse.Namespace, path: Path) -> int:

@@ -4,7 +4,7 @@ adding a million records gives the exact decimal total, never float drift. Pure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 COST_UNITS_PER_USD = 10**10
@@ -36,10 +36,29 @@ class Cost:
         return self.input_cost + self.output_cost
 
 
-def money(units: int) -> str:
-    """Cents when exact, else every digit there is ($0.0034): spend is never rounded."""
-    d = units_to_usd(units)
-    return f"${d:.2f}" if units % 10**8 == 0 else f"${d:f}"
+_CENT = Decimal("0.01")
+
+
+def format_usd(amount: Decimal | int, *, exact: bool = False, at_least: bool = False) -> str:
+    """The one money formatter. ``amount`` is USD, or integer units when an int.
+
+    Reports (default): four decimals, more for amounts under a cent so two significant
+    digits show ($12.3457, $0.0200, $0.000123), grouped by thousands; ``at_least``
+    prefixes ≥ for a lower bound. ``exact`` (budgets, keys, the console line): cents
+    when the amount is whole cents, else every digit there is ($5.00, $0.0034), since
+    spend against a limit is never rounded."""
+    value = units_to_usd(amount) if isinstance(amount, int) else amount
+    sign = "-" if value < 0 else ""
+    v = abs(value)
+    if exact:
+        text = f"{v:.2f}" if v == v.quantize(_CENT) else format(v.normalize(), "f")
+    elif v == 0 or v >= _CENT:
+        text = f"{v.quantize(Decimal('0.0001'), ROUND_HALF_UP):,}"
+    else:
+        exp = v.adjusted()  # 0.000123 -> -4
+        places = min(10, max(4, -exp + 1))
+        text = f"{v.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP):f}"
+    return f"{'≥' if at_least else ''}{sign}${text}"
 
 
 def usd_to_units(value: Any) -> int:

@@ -9,11 +9,10 @@ from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Mapping
 
-from proxy import pricing
 from proxy.core.timestamps import UTC
 from proxy.core.usage import Usage
 from proxy.engine.query import NONE_LABEL
-from proxy.pricing import FAMILY_RULES
+from proxy.pricing import FAMILY_RULES, cache_read_rate, price_variants, select_rates
 
 # --- savings and habits (per record, only when asked) --------------------------------------
 
@@ -28,7 +27,6 @@ class CacheRates:
     def __init__(self, book: Any) -> None:
 
         self.book = book
-        self.pricing = pricing
         self.memo: dict[tuple, Any] = {}
 
     def diff(self, rec: Mapping[str, Any], ts: str) -> Decimal | None:
@@ -56,32 +54,19 @@ class CacheRates:
         provider, family, response_model, model, tier, speed, hour = key
         if self.book is None or not provider:
             return None
-        pr = self.pricing
         price = self.book.resolve(provider, response_model, model, family=family)
         if price is None:
             return None
         when = datetime.fromisoformat(hour + ":00:00+00:00")
-        rules = pr.FAMILY_RULES.get(family or "", pr.FamilyRules())
-        variants = pr.price_variants(tier, speed) if hasattr(pr, "price_variants") else tier
+        variants = price_variants(tier, speed)
         out = []
         # Probe each long-context tier boundary: rates are a step function of input size.
-        period = price.period_at(when)
-        card = getattr(period, "card", period)
-        aboves = sorted({-1, *(t.above for t in getattr(card, "tiers", ()))}, reverse=True)
+        card = price.period_at(when).card
+        aboves = sorted({-1, *(t.above for t in card.tiers)}, reverse=True)
         for above in aboves:
-            usage = _usage_with_input(above + 1)
-            got = pr.select_rates(price, usage, when, variants)
-            rates = got[0] if isinstance(got, tuple) else got
-            cached_rate = rates.cached_input
-            if cached_rate is None:
-                cached_rate = rates.input * rules.cached_input if rules.cached_input is not None else rates.input
-            out.append((above, rates.input - cached_rate))
+            rates, _ = select_rates(price, Usage(input_tokens=above + 1), when, variants)
+            out.append((above, rates.input - cache_read_rate(rates, family)))
         return out
-
-
-def _usage_with_input(n: int) -> Any:
-
-    return Usage(input_tokens=n)
 
 
 def derived_savings_units(rec: Mapping[str, Any]) -> int | None:

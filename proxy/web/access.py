@@ -18,7 +18,7 @@ from yarl import URL
 from proxy.budgets import BudgetState, Subject, ledger_for, refusal_message
 from proxy.config import model_output_limit
 from proxy.core.attribution import attribute
-from proxy.core.money import cost_units, money, units_to_usd
+from proxy.core.money import cost_units, format_usd, units_to_usd
 from proxy.core.policy import unpriced_refusal_message, worst_case_usage
 from proxy.pricing import price_call
 from proxy.providers import Adapter, Endpoint
@@ -225,8 +225,8 @@ def _budget_alert(state: ProxyState, s: BudgetState) -> None:
         "budget warning: %s at %s%% (%s of %s spent or held), resets %s",
         s.name,
         pct,
-        money(s.used),
-        money(s.limit.units),
+        format_usd(s.used, exact=True),
+        format_usd(s.limit.units, exact=True),
         s.as_dict()["resets_at"] or "never",
     )
     url = state.config.budgets.webhook if state.config.budgets is not None else None

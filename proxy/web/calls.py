@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.config import ProviderConfig
 from proxy.core.estimate import estimate_input_tokens
-from proxy.core.money import cost_units
+from proxy.core.money import cost_units, format_usd
 from proxy.core.records import CallContext, build_record, dumps_record, json_default, redact
 from proxy.core.usage import CallInfo, Usage
 from proxy.pricing import price_call
@@ -219,7 +219,7 @@ class Call:
         if ctx.metered or usage is not None:
             # Unpriced: the once-per-model warning carries the full explanation.
             total = record["total_cost"]  # 0 for calls nobody bills, None when unpriced
-            cost_text = f"${format(total.normalize(), 'f')}" if total is not None else "unpriced"
+            cost_text = format_usd(total, exact=True) if total is not None else "unpriced"
             console = (
                 f"{_console_time()} INFO 💵 Cost Tracking: {ctx.provider}/{console_safe(record['response_model'] or ctx.model)} | "
                 f"tokens in={record['input_tokens']} out={record['output_tokens']} "
