@@ -7,7 +7,7 @@ reply the client holds. This measures what that adds to a call, against baseline
 the same run, calls interleaved one by one so drift hits every target alike:
 
 * direct  - the mock upstream itself;
-* bare    - the minimal aiohttp forwarder from ``bench_proxy.py`` (no metering, no log);
+* bare    - the minimal aiohttp forwarder of ``baseline_servers.py`` (no metering, no log);
 * proxy   - this tree's ``python -m proxy``;
 * before  - with ``--before DIR``: the same proxy from another source tree, e.g. the
             commit before the change (``git worktree add /tmp/before 5818425``), where
@@ -29,9 +29,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_proxy as bp  # noqa: E402  (the shared mock, bare forwarder and client calls)
+import proxy_harness as bp  # the shared mock, bare forwarder and client calls
 
 RESULTS = bp.ROOT / "bench" / "results" / "durability.json"
 
@@ -40,26 +38,11 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
     mock_port, bare_port, proxy_port, before_port = (bp.free_port() for _ in range(4))
     cfg = tmp / "config.yml"
     bp.write_config(cfg, mock_port)
-    me = [sys.executable, str(Path(bp.__file__).resolve())]
     servers: dict[str, bp.Server] = {}
     try:
-        servers["mock"] = bp.Server("mock", me + ["--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp)
-        servers["bare"] = bp.Server(
-            "bare",
-            me + ["--serve", "bare", "--port", str(bare_port), "--upstream", f"http://{bp.HOST}:{mock_port}"],
-            bare_port,
-            "/ping",
-            tmp,
-        )
-        proxy_argv = [sys.executable, "-m", "proxy", "--config", str(cfg), "--host", bp.HOST]
-        servers["proxy"] = bp.Server(
-            "proxy",
-            proxy_argv + ["--port", str(proxy_port)],
-            proxy_port,
-            "/health",
-            tmp,
-            env={"COST_TRACKING_FILE": str(tmp / "now.jsonl")},
-        )
+        servers["mock"] = bp.start_mock(mock_port, tmp)
+        servers["bare"] = bp.start_bare(bare_port, mock_port, tmp)
+        servers["proxy"] = bp.start_proxy("proxy", cfg, proxy_port, tmp, env={"COST_TRACKING_FILE": str(tmp / "now.jsonl")})
         targets = [
             bp.Target("direct", f"http://{bp.HOST}:{mock_port}"),
             bp.Target("bare", f"http://{bp.HOST}:{bare_port}/openai"),
@@ -70,7 +53,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
             boot = f"import sys; sys.path.insert(0, {str(Path(args.before).resolve())!r}); from proxy.cli import main; sys.exit(main())"
             servers["before"] = bp.Server(
                 "before",
-                [sys.executable, "-c", boot, *proxy_argv[3:], "--port", str(before_port)],
+                [sys.executable, "-c", boot, *bp.proxy_command(cfg, before_port, host=bp.HOST)[3:]],
                 before_port,
                 "/health",
                 tmp,

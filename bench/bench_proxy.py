@@ -21,6 +21,8 @@ one JSONL line per call made through it.
     python bench/bench_proxy.py --quick    # short run (about 20 s)
 
 Only stdlib + aiohttp + orjson. Results: table on stdout, JSON in bench/results/latest.json.
+The servers are in ``baseline_servers.py``; starting them and the proxy, the load
+generator and the result facts in ``proxy_harness.py``; this file holds the measurements.
 """
 
 from __future__ import annotations
@@ -30,10 +32,7 @@ import asyncio
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,17 +40,34 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
-from aiohttp import web
-from multidict import CIMultiDict  # ships with aiohttp
-from yarl import URL  # ships with aiohttp
+import baseline_servers
+from proxy_harness import (
+    HOST,
+    ROOT,
+    LoadMeter,
+    Server,
+    Target,
+    call_json,
+    call_stream,
+    check_log,
+    concurrent,
+    free_port,
+    git_head,
+    interleaved,
+    proc_status,
+    profile_top,
+    proxy_dirty,
+    rss_sampler,
+    start_bare,
+    start_mock,
+    start_proxy,
+    summary_ms,
+    write_config,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-HOST = "127.0.0.1"
-MODEL = "gpt-4o-mini"
-RESPONSE_MODEL = "gpt-4o-mini-2024-07-18"
-CLIENT_KEY = "sk-bench-0123456789abcdef"
+
 
 # Goals (see bench/README.md).
 GOAL_RPS_RATIO = 0.8  # proxy rps >= 0.8 x bare rps
@@ -92,511 +108,26 @@ QUICK = dict(
 CONCURRENCY = 32
 QUIET_CORES = 0.25  # a round is "quiet" if other processes used less than this many cores
 
-
-# --------------------------------------------------------------------------- mock upstream
-
-
-def _chunk(i: int, content: str | None, finish: str | None = None, role: bool = False) -> bytes:
-    delta: dict[str, Any] = {}
-    if role:
-        delta["role"] = "assistant"
-    if content is not None:
-        delta["content"] = content
-    obj = {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion.chunk",
-        "created": 1763800000,
-        "model": RESPONSE_MODEL,
-        "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        "usage": None,
-    }
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-USAGE = {
-    "prompt_tokens": 12,
-    "completion_tokens": 9,
-    "total_tokens": 21,
-    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 0,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
-JSON_REPLY = orjson.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1763800000,
-        "model": RESPONSE_MODEL,
-        "service_tier": "default",
-        "system_fingerprint": "fp_bench",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "stop",
-                "logprobs": None,
-                "message": {"role": "assistant", "content": "Hello! How can I help you today?", "refusal": None, "annotations": []},
-            }
-        ],
-        "usage": USAGE,
-    }
-)
-FIRST_EVENT = _chunk(0, "", role=True)
-CONTENT_EVENTS = [_chunk(i, w) for i, w in enumerate(["Hello", "!", " How", " can", " I", " help", " you", " today", "?"])]
-FINISH_EVENT = _chunk(0, None, finish="stop")
-USAGE_EVENT = (
-    b"data: "
-    + orjson.dumps(
-        {
-            "id": "chatcmpl-bench",
-            "object": "chat.completion.chunk",
-            "created": 1763800000,
-            "model": RESPONSE_MODEL,
-            "system_fingerprint": "fp_bench",
-            "choices": [],
-            "usage": USAGE,
-        }
-    )
-    + b"\n\n"
-)
-DONE_EVENT = b"data: [DONE]\n\n"
-BIG_EVENT = _chunk(0, "x" * 1000)  # ~1.2 KB per event
-BIG_EVENTS_PER_WRITE = 8  # ~10 KB per write
-
-
-def mock_app() -> web.Application:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            req = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            req = {}
-        if not isinstance(req, dict):
-            req = {}
-        if req.get("stream") is not True:
-            return web.Response(body=JSON_REPLY, content_type="application/json")
-        opts = req.get("stream_options")
-        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        gap = float(request.headers.get("x-mock-gap-ms", "0")) / 1000
-        big = int(request.headers.get("x-mock-big-bytes", "0"))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        await resp.write(FIRST_EVENT)
-        if gap:
-            await asyncio.sleep(gap)
-        if big:
-            block = BIG_EVENT * BIG_EVENTS_PER_WRITE
-            for _ in range(max(1, big // len(block))):
-                await resp.write(block)
-        else:
-            for ev in CONTENT_EVENTS:
-                await resp.write(ev)
-        await resp.write(FINISH_EVENT)
-        if include_usage:
-            await resp.write(USAGE_EVENT)
-        await resp.write(DONE_EVENT)
-        await resp.write_eof()
-        return resp
-
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/ping", _pong)
-    return app
-
-
-async def _pong(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
-# --------------------------------------------------------------------------- bare forwarder
-
-_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "accept-encoding",
-    }
-)
-_RESP_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive"})
-
-
-def bare_app(upstream: str) -> web.Application:
-    """The least a reverse proxy can do: no parsing, no metering, no log."""
-    session_key = web.AppKey("session", aiohttp.ClientSession)
-
-    async def on_startup(app: web.Application) -> None:
-        app[session_key] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=600),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
-
-    async def on_cleanup(app: web.Application) -> None:
-        await app[session_key].close()
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        name = request.match_info["provider"]
-        tail = request.rel_url.raw_path[len(name) + 1 :]
-        qs = request.query_string
-        url = upstream + tail + (f"?{qs}" if qs else "")
-        body = await request.read()
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
-        async with request.app[session_key].request(
-            request.method,
-            URL(url, encoded=True),
-            headers=headers,
-            data=body or None,
-            allow_redirects=False,
-        ) as up:
-            resp = web.StreamResponse(
-                status=up.status,
-                headers=CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _RESP_DROP),
-            )
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
-
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-    app.router.add_get("/ping", _pong)
-    app.router.add_route("*", "/{provider}/{tail:.*}", forward)
-    return app
-
-
-def event_loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401  (only: is it installed?)
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
-def serve(role: str, port: int, upstream: str | None) -> int:
-    # The same event loop the proxy picks (uvloop when installed), so the baselines
-    # differ from the proxy only by what the proxy does.
-    loop = None
-    if event_loop_name() == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    app = mock_app() if role == "mock" else bare_app(upstream or "")
-    web.run_app(app, host=HOST, port=port, handler_cancellation=True, access_log=None, print=None, shutdown_timeout=2, loop=loop)
-    return 0
-
-
-# --------------------------------------------------------------------------- process helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM in kB."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith((b"VmRSS:", b"VmHWM:")):
-                    k, v = line.split(b":", 1)
-                    out[k.decode()] = int(v.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all threads)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def sys_busy() -> float:
-    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    # user + nice + system + steal; irq/softirq left out (mostly our own loopback traffic).
-    return (sum(vals[:3]) + (vals[7] if len(vals) > 7 else 0)) / _TCK
-
-
-class LoadMeter:
-    """How many cores processes other than ours kept busy during a phase (noise check)."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-
-    def __enter__(self) -> "LoadMeter":
-        self.w0, self.sys0, self.c0 = time.perf_counter(), sys_busy(), time.process_time()
-        self.cpu0 = {k: proc_cpu(p) for k, p in self.pids.items()}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.w0
-        self.client_cpu = time.process_time() - self.c0
-        self.cpu = {k: proc_cpu(p) - self.cpu0[k] for k, p in self.pids.items()}
-        ours = self.client_cpu + sum(self.cpu.values())
-        self.other_cores = max(0.0, (sys_busy() - self.sys0 - ours) / self.wall) if self.wall else 0.0
-
-
-class Server:
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, logdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.port, self.ready_path = name, port, ready_path
-        self.log_path = logdir / f"{name}.stderr.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            if self.proc.poll() is not None:
-                break
-            try:
-                async with session.get(f"http://{HOST}:{self.port}{self.ready_path}") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start; log:\n{self.tail()}")
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGINT (aiohttp's graceful stop: the proxy flushes its log), then SIGKILL."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
-
-
-# --------------------------------------------------------------------------- client side
-
-
-class Target:
-    def __init__(self, name: str, base: str) -> None:
-        self.name = name
-        self.url = base + "/v1/chat/completions"
-        self.calls = 0  # every request attempt (the proxy must log each one)
-        self.errors: list[str] = []
-
-    def error(self, msg: str) -> None:
-        if len(self.errors) < 1000:
-            self.errors.append(msg)
-
-
-HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
-BODY_JSON = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "user": "bench"})
-# Clients that do not ask for usage: the proxy injects include_usage and hides the extra chunk.
-BODY_STREAM = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "user": "bench", "stream": True})
-
-
-async def call_json(session: aiohttp.ClientSession, t: Target) -> float | None:
-    t.calls += 1
-    t0 = time.perf_counter()
-    try:
-        async with session.post(t.url, data=BODY_JSON, headers=HEADERS) as r:
-            data = await r.read()
-            status = r.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        t.error(f"json: {type(e).__name__}: {e}")
-        return None
-    dt = time.perf_counter() - t0
-    if status != 200 or b'"usage"' not in data:
-        t.error(f"json: status {status}")
-        return None
-    return dt
-
-
-async def call_stream(
-    session: aiohttp.ClientSession,
-    t: Target,
-    gap_ms: float = 0,
-    big: int = 0,
-) -> tuple[float, float, int] | None:
-    """(time to first body byte, total time, bytes) of one streamed call."""
-    t.calls += 1
-    headers = dict(HEADERS)
-    if gap_ms:
-        headers["x-mock-gap-ms"] = str(gap_ms)
-    if big:
-        headers["x-mock-big-bytes"] = str(big)
-    t0 = time.perf_counter()
-    try:
-        async with session.post(t.url, data=BODY_STREAM, headers=headers) as r:
-            first = await r.content.readany()
-            t1 = time.perf_counter()
-            n, tail = len(first), first[-64:]
-            async for chunk in r.content.iter_any():
-                n += len(chunk)
-                tail = (tail + chunk)[-64:]
-            status = r.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        t.error(f"stream: {type(e).__name__}: {e}")
-        return None
-    t2 = time.perf_counter()
-    if status != 200 or not tail.endswith(DONE_EVENT):
-        t.error(f"stream: status {status}, ended with {tail[-20:]!r}")
-        return None
-    return t1 - t0, t2 - t0, n
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
-    return s[k]
-
-
-def summary_ms(xs: list[float]) -> dict[str, float]:
-    return {
-        "n": len(xs),
-        "median_ms": pct(xs, 50) * 1000,
-        "p95_ms": pct(xs, 95) * 1000,
-        "p99_ms": pct(xs, 99) * 1000,
-        "mean_ms": (statistics.fmean(xs) * 1000) if xs else float("nan"),
-    }
-
-
-async def interleaved(session: aiohttp.ClientSession, targets: list[Target], n: int, budget: float, fn) -> dict[str, list]:
-    """n sequential calls per target, round-robin with rotating order, bounded by ``budget`` seconds."""
-    out: dict[str, list] = {t.name: [] for t in targets}
-    deadline = time.monotonic() + budget
-    for i in range(n):
-        if time.monotonic() > deadline:
-            print(f"    (time budget hit after {i} rounds)", flush=True)
-            break
-        k = i % len(targets)
-        for t in targets[k:] + targets[:k]:
-            r = await fn(session, t)
-            if r is not None:
-                out[t.name].append(r)
-    return out
-
-
-async def concurrent(
-    session: aiohttp.ClientSession, t: Target, n: int, conc: int, budget: float, stream: bool, pids: dict[str, int]
-) -> dict[str, Any]:
-    done = 0
-    started = 0
-    deadline = time.monotonic() + budget
-
-    async def worker() -> None:
-        nonlocal done, started
-        while started < n and time.monotonic() < deadline:
-            started += 1
-            r = await (call_stream(session, t) if stream else call_json(session, t))
-            if r is not None:
-                done += 1
-
-    with LoadMeter(pids) as m:
-        await asyncio.gather(*(worker() for _ in range(conc)))
-    wall = m.wall
-    return {
-        "calls": done,
-        "attempted": started,
-        "wall_s": wall,
-        "rps": done / wall if wall else 0.0,
-        "client_cpu_pct": 100 * m.client_cpu / wall if wall else 0.0,
-        "server_cpu_s": m.cpu,
-        "other_cores": m.other_cores,
-    }
-
-
-async def rss_sampler(pid: int, stop: asyncio.Event, peak: list[int], max_samples: int = 100_000) -> None:
-    for _ in range(max_samples):
-        rss = proc_status(pid).get("VmRSS", 0)
-        peak[0] = max(peak[0], rss)
-        if stop.is_set():
-            return
-        try:
-            await asyncio.wait_for(stop.wait(), 0.01)
-        except asyncio.TimeoutError:
-            pass
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def write_config(path: Path, mock_port: int) -> None:
-    # JSON is YAML: no yaml dependency needed here.
-    cfg = {
-        "features": {"cost_tracking": {"enabled": True}},
-        "server": {"shutdown_timeout": 5},
-        "providers": {
-            "openai": {
-                "base_url": f"http://{HOST}:{mock_port}",
-                "models": {MODEL: {"pricing": {"input": 0.15, "output": 0.60, "cached_input": 0.075}}},
-            }
-        },
-    }
-    path.write_bytes(orjson.dumps(cfg, option=orjson.OPT_INDENT_2))
 
 
 async def run(args: argparse.Namespace, P: dict[str, Any], tmp: Path) -> dict[str, Any]:
     mock_port, bare_port, proxy_port = free_port(), free_port(), free_port()
     cfg_path, log_path = tmp / "config.yml", tmp / "cost-tracking.jsonl"
     write_config(cfg_path, mock_port)
-    me = [sys.executable, str(Path(__file__).resolve())]
-    proxy_argv = [sys.executable]
+    python = [sys.executable]
     prof_path = tmp / "proxy.prof"
     if args.profile:
-        proxy_argv += ["-m", "cProfile", "-o", str(prof_path)]
-    proxy_argv += ["-m", "proxy", "--config", str(cfg_path), "--host", HOST, "--port", str(proxy_port)]
+        python += ["-m", "cProfile", "-o", str(prof_path)]
 
     servers: dict[str, Server] = {}
     results: dict[str, Any] = {"params": P}
     t_start = time.perf_counter()
     try:
-        servers["mock"] = Server("mock", me + ["--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp)
-        servers["bare"] = Server(
-            "bare", me + ["--serve", "bare", "--port", str(bare_port), "--upstream", f"http://{HOST}:{mock_port}"], bare_port, "/ping", tmp
-        )
-        servers["proxy"] = Server(
-            "proxy", proxy_argv, proxy_port, "/health", tmp, env={"COST_TRACKING_FILE": str(log_path), "PYTHONUNBUFFERED": "1"}
+        servers["mock"] = start_mock(mock_port, tmp)
+        servers["bare"] = start_bare(bare_port, mock_port, tmp)
+        servers["proxy"] = start_proxy(
+            "proxy", cfg_path, proxy_port, tmp, env={"COST_TRACKING_FILE": str(log_path), "PYTHONUNBUFFERED": "1"}, python=python
         )
         pids = {k: s.pid for k, s in servers.items()}
 
@@ -771,48 +302,6 @@ def _rps_summary(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def check_log(path: Path, expected: int) -> dict[str, Any]:
-    lines = path.read_bytes().splitlines() if path.exists() else []
-    bad = 0
-    statuses: dict[int, int] = {}
-    streaming = priced = with_usage = errors = 0
-    sample = None
-    for ln in lines:
-        try:
-            rec = orjson.loads(ln)
-        except orjson.JSONDecodeError:
-            bad += 1
-            continue
-        sample = sample or rec
-        statuses[rec.get("status")] = statuses.get(rec.get("status"), 0) + 1
-        streaming += bool(rec.get("is_streaming"))
-        priced += rec.get("total_cost") is not None
-        with_usage += rec.get("input_tokens") is not None
-        errors += rec.get("error") is not None
-    return {
-        "lines": len(lines),
-        "expected": expected,
-        "ok": len(lines) == expected and bad == 0,
-        "unparseable": bad,
-        "statuses": {str(k): v for k, v in statuses.items()},
-        "streaming": streaming,
-        "priced": priced,
-        "with_usage": with_usage,
-        "with_error": errors,
-        "sample": sample,
-    }
-
-
-def profile_top(path: Path, n: int = 30) -> str:
-    import io
-    import pstats
-
-    buf = io.StringIO()
-    st = pstats.Stats(str(path), stream=buf)
-    st.strip_dirs().sort_stats("tottime").print_stats(n)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -823,9 +312,9 @@ def report(R: dict[str, Any], quick: bool) -> dict[str, Any]:
     w("")
     w(
         f"llm-cost-proxy benchmark ({mode} run, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"aiohttp {aiohttp.__version__}, event loop {event_loop_name()})"
+        f"aiohttp {aiohttp.__version__}, event loop {baseline_servers.event_loop_name()})"
     )
-    w(f"proxy code: commit {_git_head()}{' + uncommitted changes under proxy/' if _proxy_dirty() else ''}")
+    w(f"proxy code: commit {git_head()}{' + uncommitted changes under proxy/' if proxy_dirty() else ''}")
     w("=" * 92)
     w(f"{'Latency, non-streaming (sequential)':40s} {'direct':>10s} {'bare':>10s} {'proxy':>10s} {'bare-dir':>9s} {'proxy-dir':>9s}")
     for key, label in (("median_ms", "median ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms")):
@@ -938,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        return serve(args.serve, args.port, args.upstream)
+        return baseline_servers.serve(args.serve, args.port, args.upstream)
 
     P = QUICK if args.quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
@@ -957,38 +446,18 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": _git_head(),
-        "proxy_tree_dirty": _proxy_dirty(),
+        "commit": git_head(),
+        "proxy_tree_dirty": proxy_dirty(),
         "profiled": args.profile,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(R, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    write_results(out, R)
     print(f"JSON summary: {out}")
     if not R["log_check"]["ok"]:
         return 1
     if args.strict and not all(g["met"] for g in goals.values()):
         return 1
     return 0
-
-
-def _proxy_dirty() -> bool | None:
-    """Uncommitted changes under proxy/ (the numbers then describe the working tree)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.strip())
-
-
-def _git_head() -> str | None:
-    try:
-        return (
-            subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Calls, records, duplicates and losses when the disk misbehaves under a live proxy.
 
-Runs the real proxy (``python -m proxy``) against the benchmark's mock upstream, on
+Runs the real proxy (``python -m proxy``) against the benchmark's mock upstream
+(``baseline_servers.py``), on
 127.0.0.1, with its log on a tiny tmpfs, and counts what reached the log:
 
 * disk-full    - the tmpfs is filled to the last byte, calls are made, space is freed,
@@ -32,9 +33,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_proxy as bp  # noqa: E402  (the mock upstream and the client calls)
+import proxy_harness as bp  # the mock upstream and the client calls
 
 RESULTS = bp.ROOT / "bench" / "results" / "fault_runs.json"
 
@@ -87,7 +86,7 @@ class Proxy:
         bp.write_config(cfg, mock_port)
         self.stderr = tmp / f"proxy-{self.port}.stderr"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(cfg), "--port", str(self.port), "--log-file", str(log)],
+            bp.proxy_command(cfg, self.port, log_file=log),
             cwd=bp.ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(self.stderr, "wb"),
@@ -96,14 +95,8 @@ class Proxy:
         self.url = f"http://{bp.HOST}:{self.port}/openai"
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
-        for _ in range(400):
-            try:
-                async with session.get(f"http://{bp.HOST}:{self.port}/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-        raise RuntimeError(self.stderr.read_text())
+        if not await bp.wait_serving(session, f"http://{bp.HOST}:{self.port}/health", exited=lambda: self.proc.poll() is not None):
+            raise RuntimeError(self.stderr.read_text())
 
     def stop(self, sig: int = signal.SIGINT) -> str:
         self.proc.send_signal(sig)
@@ -204,9 +197,7 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         mock_port = bp.free_port()
-        mock = bp.Server(
-            "mock", [sys.executable, str(Path(bp.__file__).resolve()), "--serve", "mock", "--port", str(mock_port)], mock_port, "/ping", tmp
-        )
+        mock = bp.start_mock(mock_port, tmp)
         try:
             async with aiohttp.ClientSession() as s:
                 await mock.wait_ready(s)

@@ -394,9 +394,10 @@ class BudgetLedger:
 # --- `python -m proxy budgets` ------------------------------------------------------
 
 
-def ledger_for(budgets: BudgetsConfig | None, auth: Any, clock: Callable[[], float] = time.time) -> BudgetLedger:
-    """The ledger a proxy with this config keeps (per-key monthly spend too, with auth)."""
-    extra = [("key", None, "monthly")] if auth is not None else []
+def ledger_for(budgets: BudgetsConfig | None, *, per_key: bool, clock: Callable[[], float] = time.time) -> BudgetLedger:
+    """The ledger a proxy with this config keeps; ``per_key`` (with auth:) tracks each
+    proxy key's monthly spend too, for its budget_monthly."""
+    extra = [("key", None, "monthly")] if per_key else []
     if budgets is None:
         return BudgetLedger((), clock=clock, extra_dims=extra)
     return BudgetLedger(budgets.limits, timezone=budgets.timezone, warn_at=budgets.warn_at, clock=clock, extra_dims=extra)

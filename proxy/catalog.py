@@ -14,9 +14,13 @@ from dataclasses import replace
 from datetime import datetime, time, timezone
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Mapping
 
 from proxy.pricing import ModelPrice, PricePeriod, RateCard, Rates, Tier
+
+if TYPE_CHECKING:  # imported where used at run time, so a missing package only disables the catalog
+    from genai_prices import types as catalog_types
+    from genai_prices.data_snapshot import DataSnapshot
 
 log = logging.getLogger("proxy")
 
@@ -36,7 +40,7 @@ _KEYS = {
 
 
 @lru_cache(maxsize=1)
-def _snapshot() -> tuple[Any, frozenset[str]] | None:
+def _snapshot() -> tuple[DataSnapshot, frozenset[str]] | None:
     try:
         from genai_prices import data_snapshot
     except ImportError:
@@ -101,11 +105,11 @@ class Catalog:
             return None
 
 
-def _rates(price: Any, at: int | None, inherit: Rates | None) -> Rates | None:
+def _rates(price: catalog_types.ModelPrice, at: int | None, inherit: Rates | None) -> Rates | None:
     """Rates of one catalog ModelPrice, taking tiered values at input size ``at``."""
     values: dict[str, Decimal] = {}
     for key, ours in _KEYS.items():
-        v = getattr(price, key, None)
+        v: Decimal | catalog_types.TieredPrices | None = getattr(price, key, None)
         if v is None:
             continue
         if not isinstance(v, Decimal):  # TieredPrices
@@ -123,7 +127,7 @@ def _rates(price: Any, at: int | None, inherit: Rates | None) -> Rates | None:
     return Rates(**values)
 
 
-def _card(price: Any, inherit: Rates | None) -> RateCard | None:
+def _card(price: catalog_types.ModelPrice, inherit: Rates | None) -> RateCard | None:
     base = _rates(price, None, inherit)
     if base is None:
         return None
@@ -138,7 +142,7 @@ def _card(price: Any, inherit: Rates | None) -> RateCard | None:
     return RateCard(base, tuple(tiers))
 
 
-def _variant_name(when: dict[str, str]) -> str | None:
+def _variant_name(when: Mapping[str, str]) -> str | None:
     if when.get("service_tier") and when["service_tier"] != "default":
         return str(when["service_tier"]).lower()
     if when.get("processing") == "batch":
@@ -148,19 +152,19 @@ def _variant_name(when: dict[str, str]) -> str | None:
     return None
 
 
-def _input_rate(price: Any) -> Decimal:
-    v = getattr(price, "input_mtok", None)
+def _input_rate(price: catalog_types.ModelPrice) -> Decimal:
+    v: Decimal | catalog_types.TieredPrices | None = getattr(price, "input_mtok", None)
     if v is None:
         return Decimal(0)
     return v if isinstance(v, Decimal) else v.base
 
 
-def convert(info: Any, version: str) -> ModelPrice | None:
+def convert(info: catalog_types.ModelInfo, version: str) -> ModelPrice | None:
     """One catalog model -> our schedule: date-conditional prices become periods,
     price variants become service tiers, tiered values become long-context tiers."""
     prices = info.prices
-    conditionals: list[tuple[datetime | None, Any]] = []
-    undated: list[Any] = []
+    conditionals: list[tuple[datetime | None, catalog_types.ModelPrice]] = []
+    undated: list[catalog_types.ModelPrice] = []
     for cp in prices if isinstance(prices, list) else ():
         start = getattr(cp.constraint, "start_date", None)
         if start is not None:

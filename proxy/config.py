@@ -59,8 +59,8 @@ class Config:
     # In-flight calls get this long to finish on SIGTERM.
     shutdown_timeout: float = 30.0
     # Proxy keys (keys.AuthConfig) and spend limits (budgets.BudgetsConfig); None: off.
-    auth: Any = None
-    budgets: Any = None
+    auth: AuthConfig | None = None
+    budgets: BudgetsConfig | None = None
 
 
 def _interpolate(value: Any) -> Any:
@@ -317,7 +317,7 @@ def _parse_limit(spec: Any, path: str, key: str) -> Limit:
     return Limit(scope, period, units, match, tag)
 
 
-def load_sections(config_path: str) -> tuple[Any, Any]:
+def load_sections(config_path: str) -> tuple[AuthConfig | None, BudgetsConfig | None]:
     """(auth, budgets) sections of config.yml, validated, without needing provider keys."""
 
     data = read_yaml(config_path) or {}

@@ -10,3 +10,8 @@ class ConfigError(Exception):
         self.path, self.key, self.reason = str(path), key, reason
         where = f"{self.path}: {key}" if key else str(self.path)
         super().__init__(f"{where}: {reason}")
+
+
+class UsageError(Exception):
+    """A bad argument from a user: a command-line option or an API query parameter.
+    The CLI prints it on one line and exits 2; the HTTP API answers 400."""

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 from proxy.core.money import Cost
 from proxy.core.usage import Usage
@@ -161,7 +161,7 @@ def select_rates(price: ModelPrice, usage: Usage, when: datetime, variants: Iter
 
 
 def compute_cost(usage: Usage, rates: Rates, rules: FamilyRules = FamilyRules()) -> Cost:
-    """Price one call. ``usage`` has cache-inclusive input (see usage.py)."""
+    """Price one call. ``usage`` has cache-inclusive input (see core/usage.py)."""
     base = rates.input
     write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     write_5m = usage.cache_write_tokens - write_1h
@@ -207,6 +207,13 @@ def name_candidates(name: str, aliases: Mapping[str, str]) -> list[str]:
     return out
 
 
+class PriceCatalog(Protocol):
+    """Prices for the models config.yml does not list (``catalog.Catalog``): what a
+    ``PriceBook`` falls back to."""
+
+    def lookup(self, provider: str, family: str, model: str) -> ModelPrice | None: ...
+
+
 class PriceBook:
     """Configured prices per provider, with a memo of name resolution.
 
@@ -220,11 +227,11 @@ class PriceBook:
         self,
         models: Mapping[str, Mapping[str, ModelPrice]],
         aliases: Mapping[str, Mapping[str, str]] | None = None,
-        fallback: Any = None,
+        fallback: PriceCatalog | None = None,
     ) -> None:
         self._models = {p: {normalize_model(k): v for k, v in m.items()} for p, m in models.items()}
         self._aliases = {p: {normalize_model(k): v for k, v in a.items()} for p, a in (aliases or {}).items()}
-        self._fallback = fallback  # an object with .lookup(provider, family, model) -> ModelPrice | None
+        self._fallback = fallback
         self._memo: dict[tuple[str, tuple[str, ...], str | None], ModelPrice | None] = {}
 
     def model_names(self, provider: str) -> frozenset[str]:
@@ -277,7 +284,7 @@ class PriceSpecError(ValueError):
         self.reason = reason
 
 
-def _decimal(value: Any, key: str) -> Decimal:
+def _decimal(value: object, key: str) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise PriceSpecError(key, f"expected a number of USD, got {value!r}")
     try:
@@ -290,7 +297,7 @@ def _decimal(value: Any, key: str) -> Decimal:
     return d
 
 
-def _instant(value: Any, key: str) -> datetime:
+def _instant(value: object, key: str) -> datetime:
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, date):
@@ -305,7 +312,7 @@ def _instant(value: Any, key: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
-def parse_rates(spec: Any, key: str, inherit: Rates | None = None) -> Rates:
+def parse_rates(spec: object, key: str, inherit: Rates | None = None) -> Rates:
     if not isinstance(spec, Mapping):
         raise PriceSpecError(key, f"expected a mapping of rates, got {type(spec).__name__}")
     values: dict[str, Decimal] = {}
@@ -320,7 +327,7 @@ def parse_rates(spec: Any, key: str, inherit: Rates | None = None) -> Rates:
     return Rates(**values)
 
 
-def parse_period(spec: Any, key: str) -> PricePeriod:
+def parse_period(spec: object, key: str) -> PricePeriod:
     if not isinstance(spec, Mapping):
         raise PriceSpecError(key, f"expected a mapping, got {type(spec).__name__}")
     unknown = set(spec) - _PERIOD_KEYS
@@ -358,7 +365,7 @@ def _parse_card(spec: Mapping[str, Any], key: str, inherit: Rates | None) -> Rat
     return RateCard(rates, tuple(tiers))
 
 
-def parse_model_price(model: str, spec: Any, key: str, source: str = "config") -> ModelPrice:
+def parse_model_price(model: str, spec: object, key: str, source: str = "config") -> ModelPrice:
     """``spec`` is one period (a mapping) or a list of periods with ``until`` dates."""
     items = spec if isinstance(spec, list) else [spec]
     if not items:

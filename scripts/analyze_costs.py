@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Cost reports from the proxy's JSONL log. See ``--help``; the work is in proxy/report.py."""
+"""Cost reports from the proxy's JSONL log: ``python -m proxy report`` under this name.
+See ``--help``; the command is proxy/cli/report.py."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from proxy.report import main  # noqa: E402
+from proxy.cli.report import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog="analyze_costs.py"))

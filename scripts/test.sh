@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Run the whole test suite: sets up ./.venv with the test extras, then lints (ruff),
-# type-checks (mypy) and runs pytest; stops at the first that fails.
+# Run the whole test suite: sets up ./.venv with the test extras, then lints and checks
+# the formatting (ruff), type-checks (mypy) and runs pytest; stops at the first that fails.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 cd "$ROOT"
 if ! "$VENV/bin/ruff" check --quiet .; then
   echo "test.sh: FAILED: ruff check (findings above; 'ruff check --fix' fixes the safe ones)" >&2
+  exit 1
+fi
+if ! "$VENV/bin/ruff" format --check --quiet .; then
+  echo "test.sh: FAILED: ruff format (files above; 'ruff format' rewrites them)" >&2
   exit 1
 fi
 if ! "$VENV/bin/mypy"; then

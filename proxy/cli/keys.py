@@ -2,42 +2,39 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
-from proxy.budgets import BudgetLedger, Limit
-from proxy.cli import command
-from proxy.cli.budgets import _table
+import click
+
+from proxy.budgets import BudgetLedger, BudgetsConfig, Limit
+from proxy.cli.base import CONTEXT, Group, text_table
+from proxy.cli.options import AFTER, config_option, inherited, json_option, keys_file_option, log_file_option
 from proxy.config import load_sections
 from proxy.core.attribution import clean_value
 from proxy.core.money import format_usd, usd_to_units
-from proxy.defaults import default_log_path
-from proxy.errors import ConfigError
-from proxy.keys import KEY_ID, KeyEntry, key_hash, new_key
+from proxy.errors import UsageError
+from proxy.keys import KEY_ID, AuthConfig, KeyEntry, key_hash, new_key
 from proxy.pricing import normalize_model
 from proxy.storage.keyfile import load_keys, locked, save_keys
 from proxy.storage.replay import replay_log
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class _Usage(Exception):
-    pass
-
-
 def _name(value: str | None, what: str) -> str | None:
     if value is None:
         return None
     if clean_value(value) != value:
-        raise _Usage(f"--{what}: use a plain name (printable, at most 128 characters, not starting with = + - @)")
+        raise UsageError(f"--{what}: use a plain name (printable, at most 128 characters, not starting with = + - @)")
     return value
 
 
@@ -46,7 +43,7 @@ def _models(value: str | None) -> tuple[str, ...] | None:
         return None
     models = tuple(dict.fromkeys(normalize_model(m) for m in value.split(",") if m.strip()))
     if not models:
-        raise _Usage("--models: give model names separated by commas, or 'all'")
+        raise UsageError("--models: give model names separated by commas, or 'all'")
     return models
 
 
@@ -56,20 +53,25 @@ def _budget(value: str | None) -> int | None:
     try:
         return usd_to_units(value)
     except ValueError as e:
-        raise _Usage(f"--budget-monthly: {e}") from None
+        raise UsageError(f"--budget-monthly: {e}") from None
 
 
-def _keys_path(args: argparse.Namespace) -> tuple[Path, Any, Any]:
-    """(keys file, auth section, budgets section)."""
+class _Target:
+    """The keys file a command edits, and the config sections around it."""
 
-    auth = budgets = None
-    if os.path.exists(args.config) or not args.keys_file:
-        auth, budgets = load_sections(args.config)
-    if args.keys_file:
-        return Path(args.keys_file), auth, budgets
-    if auth is None:
-        raise _Usage(f"{args.config} has no auth: section; add `auth: {{keys_file: keys.yml}}` or pass --keys-file")
-    return auth.keys_file, auth, budgets
+    def __init__(self, ctx: click.Context) -> None:
+        config: str = inherited(ctx, "config")
+        keys_file: str | None = inherited(ctx, "keys_file")
+        self.auth: AuthConfig | None = None
+        self.budgets: BudgetsConfig | None = None
+        if os.path.exists(config) or not keys_file:
+            self.auth, self.budgets = load_sections(config)
+        if keys_file:
+            self.path = Path(keys_file)
+        elif self.auth is None:
+            raise UsageError(f"{config} has no auth: section; add `auth: {{keys_file: keys.yml}}` or pass --keys-file")
+        else:
+            self.path = self.auth.keys_file
 
 
 def _with_entry(entry: KeyEntry, **changes: Any) -> KeyEntry:
@@ -82,11 +84,48 @@ def _money(units: int | None) -> str:
     return "-" if units is None else format_usd(units, exact=True)
 
 
-def _create(args: argparse.Namespace, path: Path) -> int:
-    user, team = _name(args.user, "user"), _name(args.team, "team")
+def _find(entries: list[KeyEntry], key_id: str) -> int:
+    key_id = key_id.strip().lower()
+    if not KEY_ID.fullmatch(key_id):
+        raise UsageError(f"expected a key id (12 hex digits, as `keys list` shows), got {key_id!r}")
+    for i, e in enumerate(entries):
+        if e.key_id == key_id:
+            return i
+    raise UsageError(f"no key with id {key_id}")
+
+
+def _target_options(f: F) -> F:
+    # Before the action (on the group) or after it (here): both spellings keep working.
+    f = config_option(default=None, help=f"the config file {AFTER}")(f)
+    f = keys_file_option(help=f"the keys file {AFTER}")(f)
+    return f
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@config_option(help="config file whose auth.keys_file is used")
+@keys_file_option()
+def keys(config: str, keys_file: str | None) -> None:
+    """Manage proxy keys (the keys file holds only hashes)."""
+
+
+@keys.command()
+@click.option("--user", help="the key's owner (records and budgets are attributed to it)")
+@click.option("--team", help="the owner's team")
+@click.option("--budget-monthly", metavar="USD", help="a monthly budget for the key")
+@click.option("--models", metavar="M1,M2", help="allowlist  [default: all models]")
+@click.option("--admin", is_flag=True, help="an admin key (budget overrides, /health detail)")
+@_target_options
+@click.pass_context
+def create(
+    ctx: click.Context, user: str | None, team: str | None, budget_monthly: str | None, models: str | None, admin: bool, **_: Any
+) -> int:
+    """Create a key and print it once."""
+    target = _Target(ctx)
+    user, team = _name(user, "user"), _name(team, "team")
     if user is None and team is None:
-        raise _Usage("give --user (and usually --team): records and budgets are attributed to the key's owner")
-    models, units = _models(args.models), _budget(args.budget_monthly)
+        raise UsageError("give --user (and usually --team): records and budgets are attributed to the key's owner")
+    allowed, units = _models(models), _budget(budget_monthly)
+    path = target.path
     with locked(path):
         entries = load_keys(path)
         taken = {e.key_id for e in entries}
@@ -95,76 +134,35 @@ def _create(args: argparse.Namespace, path: Path) -> int:
             h = key_hash(key)
             if h[:12] not in taken:
                 break
-        entry = _with_entry(KeyEntry(h[:12], h, user, team, models, units, args.admin, _now_iso(), None))
+        entry = _with_entry(KeyEntry(h[:12], h, user, team, allowed, units, admin, _now_iso(), None))
         save_keys(path, [*entries, entry])
     who = " ".join(filter(None, [user, f"(team {team})" if team else None])) or "-"
-    print(
-        f"Created {'admin ' if args.admin else ''}key {entry.key_id} for {who}"
+    click.echo(
+        f"Created {'admin ' if admin else ''}key {entry.key_id} for {who}"
         + (f", monthly budget {_money(units)}" if units is not None else "")
-        + (f", models: {', '.join(models)}" if models else "")
+        + (f", models: {', '.join(allowed)}" if allowed else "")
         + "."
     )
-    print(f"Shown once; {path} keeps only its hash:\n")
-    print(f"    {key}\n")
-    if args.admin:
-        print("Admin key: it may override budgets (x-budget-override) and see budget detail on /health.")
-        print(f'To keep it in config.yml instead: auth: {{admin_keys: ["sha256:{h}"]}}')
+    click.echo(f"Shown once; {path} keeps only its hash:\n")
+    click.echo(f"    {key}\n")
+    if admin:
+        click.echo("Admin key: it may override budgets (x-budget-override) and see budget detail on /health.")
+        click.echo(f'To keep it in config.yml instead: auth: {{admin_keys: ["sha256:{h}"]}}')
     return 0
 
 
-def _find(entries: list[KeyEntry], key_id: str) -> int:
-    key_id = key_id.strip().lower()
-    if not KEY_ID.fullmatch(key_id):
-        raise _Usage(f"expected a key id (12 hex digits, as `keys list` shows), got {key_id!r}")
-    for i, e in enumerate(entries):
-        if e.key_id == key_id:
-            return i
-    raise _Usage(f"no key with id {key_id}")
-
-
-def _revoke(args: argparse.Namespace, path: Path) -> int:
-    with locked(path):
-        entries = load_keys(path)
-        i = _find(entries, args.key_id)
-        if entries[i].revoked:
-            print(f"key {entries[i].key_id} was already revoked at {entries[i].revoked}")
-            return 0
-        entries[i] = _with_entry(entries[i], revoked=_now_iso())
-        save_keys(path, entries)
-    owner = entries[i].user or entries[i].team or "-"
-    print(f"revoked key {entries[i].key_id} ({owner}); a running proxy refuses it from its next request")
-    return 0
-
-
-def _update(args: argparse.Namespace, path: Path) -> int:
-    changes: dict[str, Any] = {}
-    if args.budget_monthly is not None:
-        changes["budget_units"] = _budget(args.budget_monthly)
-    if args.models is not None:
-        changes["models"] = _models(args.models)
-    if args.user is not None:
-        changes["user"] = _name(args.user, "user")
-    if args.team is not None:
-        changes["team"] = _name(args.team, "team")
-    if not changes:
-        raise _Usage("nothing to change: give --budget-monthly, --models, --user or --team")
-    with locked(path):
-        entries = load_keys(path)
-        i = _find(entries, args.key_id)
-        entries[i] = _with_entry(entries[i], **changes)
-        save_keys(path, entries)
-    e = entries[i]
-    print(f"updated key {e.key_id}: budget {_money(e.budget_units)}/month, models {', '.join(e.models) if e.models else 'all'}")
-    return 0
-
-
-def _list(args: argparse.Namespace, path: Path, auth: Any, budgets: Any) -> int:
-
-    entries = load_keys(path)
-    tz = budgets.timezone if budgets is not None else "UTC"
+@keys.command("list")
+@log_file_option(help="the JSONL cost log the month's spend is read from")
+@json_option()
+@_target_options
+@click.pass_context
+def list_keys(ctx: click.Context, log_file: str, as_json: bool, **_: Any) -> int:
+    """Keys, owners, limits and month-to-date spend."""
+    target = _Target(ctx)
+    entries = load_keys(target.path)
+    tz = target.budgets.timezone if target.budgets is not None else "UTC"
     ledger = BudgetLedger((), timezone=tz, extra_dims=[("key", None, "monthly")])
-    log_path = args.log_file or default_log_path()
-    replay_log(ledger, log_path)
+    replay_log(ledger, log_file)
     rows: list[dict[str, Any]] = []
     for e in entries:
         spent = ledger.spent(("key", None, "monthly"), e.key_id)
@@ -181,14 +179,13 @@ def _list(args: argparse.Namespace, path: Path, auth: Any, budgets: Any) -> int:
                 "revoked": e.revoked,
             }
         )
-    if args.json:
+    if as_json:
         for r in rows:
-            print(json.dumps(r))
+            click.echo(json.dumps(r))
         return 0
     if not rows:
-        print(f"no keys in {path} (create one: python -m proxy keys create --user NAME)")
+        click.echo(f"no keys in {target.path} (create one: python -m proxy keys create --user NAME)")
         return 0
-
     table = [
         [
             r["id"],
@@ -203,52 +200,66 @@ def _list(args: argparse.Namespace, path: Path, auth: Any, budgets: Any) -> int:
         ]
         for r in rows
     ]
-    print(_table(table, ["KEY ID", "USER", "TEAM", "MODELS", "BUDGET/MONTH", "SPENT THIS MONTH", "ADMIN", "STATUS", "CREATED"]))
-    print(f"(month to date in {tz}, from {log_path})", file=sys.stderr)
+    click.echo(text_table(table, ["KEY ID", "USER", "TEAM", "MODELS", "BUDGET/MONTH", "SPENT THIS MONTH", "ADMIN", "STATUS", "CREATED"]))
+    click.echo(f"(month to date in {tz}, from {log_file})", err=True)
     return 0
 
 
-@command("keys", "proxy keys: create, list, revoke, update")
-def keys_main(argv: list[str]) -> int:
+@keys.command()
+@click.argument("key_id")
+@_target_options
+@click.pass_context
+def revoke(ctx: click.Context, key_id: str, **_: Any) -> int:
+    """Refuse a key from now on."""
+    path = _Target(ctx).path
+    with locked(path):
+        entries = load_keys(path)
+        i = _find(entries, key_id)
+        if entries[i].revoked:
+            click.echo(f"key {entries[i].key_id} was already revoked at {entries[i].revoked}")
+            return 0
+        entries[i] = _with_entry(entries[i], revoked=_now_iso())
+        save_keys(path, entries)
+    owner = entries[i].user or entries[i].team or "-"
+    click.echo(f"revoked key {entries[i].key_id} ({owner}); a running proxy refuses it from its next request")
+    return 0
 
-    ap = argparse.ArgumentParser(prog="python -m proxy keys", description="Manage proxy keys (the keys file holds only hashes).")
-    ap.add_argument("--config", default="config.yml", help="config file whose auth.keys_file is used (default: ./config.yml)")
-    ap.add_argument("--keys-file", default=None, help="the keys file, instead of the one config.yml names")
-    sub = ap.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("create", help="create a key and print it once")
-    c.add_argument("--user")
-    c.add_argument("--team")
-    c.add_argument("--budget-monthly", metavar="USD")
-    c.add_argument("--models", metavar="M1,M2", help="allowlist (default: all models)")
-    c.add_argument("--admin", action="store_true", help="an admin key (budget overrides, /health detail)")
-    ls = sub.add_parser("list", help="keys, owners, limits and month-to-date spend")
-    ls.add_argument("--log-file", default=None, help="JSONL log (default: $COST_TRACKING_FILE or logs/cost-tracking.jsonl)")
-    ls.add_argument("--json", action="store_true")
-    r = sub.add_parser("revoke", help="refuse a key from now on")
-    r.add_argument("key_id")
-    u = sub.add_parser("update", help="change a key's budget, models or owner")
-    u.add_argument("key_id")
-    u.add_argument("--budget-monthly", metavar="USD", help="USD, or 'none'")
-    u.add_argument("--models", metavar="M1,M2", help="allowlist, or 'all'")
-    u.add_argument("--user")
-    u.add_argument("--team")
-    # Options before or after the action both work: `keys --config x list` / `keys list --config x`.
-    for p in (c, ls, r, u):
-        p.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-        p.add_argument("--keys-file", dest="keys_file", default=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    try:
-        path, auth, budgets = _keys_path(args)
-        if args.action == "create":
-            return _create(args, path)
-        if args.action == "revoke":
-            return _revoke(args, path)
-        if args.action == "update":
-            return _update(args, path)
-        return _list(args, path, auth, budgets)
-    except _Usage as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+@keys.command()
+@click.argument("key_id")
+@click.option("--budget-monthly", metavar="USD", help="USD, or 'none'")
+@click.option("--models", metavar="M1,M2", help="allowlist, or 'all'")
+@click.option("--user", help="the new owner")
+@click.option("--team", help="the new team")
+@_target_options
+@click.pass_context
+def update(
+    ctx: click.Context, key_id: str, budget_monthly: str | None, models: str | None, user: str | None, team: str | None, **_: Any
+) -> int:
+    """Change a key's budget, models or owner."""
+    path = _Target(ctx).path
+    changes: dict[str, Any] = {}
+    if budget_monthly is not None:
+        changes["budget_units"] = _budget(budget_monthly)
+    if models is not None:
+        changes["models"] = _models(models)
+    if user is not None:
+        changes["user"] = _name(user, "user")
+    if team is not None:
+        changes["team"] = _name(team, "team")
+    if not changes:
+        raise UsageError("nothing to change: give --budget-monthly, --models, --user or --team")
+    with locked(path):
+        entries = load_keys(path)
+        i = _find(entries, key_id)
+        entries[i] = _with_entry(entries[i], **changes)
+        save_keys(path, entries)
+    e = entries[i]
+    click.echo(f"updated key {e.key_id}: budget {_money(e.budget_units)}/month, models {', '.join(e.models) if e.models else 'all'}")
+    return 0
+
+
+def keys_main(argv: Sequence[str]) -> int:
+    """``keys`` on its own, in process: the exit status (errors as the command line prints them)."""
+    code: Any = keys.main(list(argv), prog_name="python -m proxy keys", standalone_mode=False)
+    return int(code)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 MAX_VALUE_CHARS = 128
 MAX_TAGS = 20
@@ -45,7 +45,7 @@ def is_proxy_header(lower_name: str) -> bool:
     return lower_name in PROXY_HEADERS or lower_name.startswith(TAG_PREFIX)
 
 
-def clean_value(value: Any) -> str | None:
+def clean_value(value: object) -> str | None:
     """A client-sent string made safe for a JSON line, a log line and a CSV cell;
     None when nothing is left."""
     if not isinstance(value, str):
@@ -70,7 +70,7 @@ def clean_value(value: Any) -> str | None:
     return text[:MAX_VALUE_CHARS].rstrip() or None
 
 
-def clean_tag_name(name: Any) -> str | None:
+def clean_tag_name(name: object) -> str | None:
     if not isinstance(name, str):
         return None
     name = name.strip().lower()
@@ -118,7 +118,7 @@ def header_tags(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def attribute(
-    headers: Mapping[str, str] | Any,
+    headers: Mapping[str, str],
     body_user: str | None = None,
     owner: Owner | None = None,
     key_id: str | None = None,

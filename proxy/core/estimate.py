@@ -90,7 +90,7 @@ class OutputText:
         self._chars = 0
         self.model = model
 
-    def add(self, text: Any) -> None:
+    def add(self, text: object) -> None:
         if not isinstance(text, str) or not text:
             return
         self._parts.append(text)
@@ -156,7 +156,7 @@ _SKIP_KEYS = frozenset(
 )
 
 
-def _collect(obj: Any, out: list[str]) -> None:
+def _collect(obj: object, out: list[str]) -> None:
     if isinstance(obj, str):
         out.append(obj)
     elif isinstance(obj, list):
@@ -176,7 +176,7 @@ def _messages(body: dict[str, Any]) -> int:
     return 1
 
 
-def estimate_input_tokens(body: Any, model: str | None = None) -> int:
+def estimate_input_tokens(body: object, model: str | None = None) -> int:
     """Input tokens of a request body of any family: its text plus message framing.
     Images, audio and files are not counted (they are priced per provider rules)."""
     if not isinstance(body, dict):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any
 
 COST_UNITS_PER_USD = 10**10
 MILLION_DEC = Decimal(1_000_000)  # rates are USD per 1M tokens
 _UNIT = Decimal(1).scaleb(-10)
 
 
-def cost_units(value: Any) -> int | None:
+def cost_units(value: Decimal | float | None) -> int | None:
     """A record's cost (float from JSON, Decimal live) as integer 1e-10 USD units."""
     if value is None:
         return None
@@ -61,7 +60,7 @@ def format_usd(amount: Decimal | int, *, exact: bool = False, at_least: bool = F
     return f"{'≥' if at_least else ''}{sign}${text}"
 
 
-def usd_to_units(value: Any) -> int:
+def usd_to_units(value: object) -> int:
     """A USD amount from config or the command line, as exact integer units."""
     if isinstance(value, bool):
         raise ValueError("expected a number of US dollars")

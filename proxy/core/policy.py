@@ -1,5 +1,6 @@
-"""Metering policy: the most a call can cost before it is made (its worst case),
-reserved against budgets, and why a call with no price is refused under one.
+"""Metering policy: which usage a finished call bills (``billed_usage``: the reply's,
+or an estimate when it never came), the most a call can cost before it is made (its
+worst case), reserved against budgets, and why a call with no price is refused under one.
 
 Pure; see docs/budgets.md ("What a call reserves") and docs/providers.md for the
 request fields each family reads as output caps and choice counts.
@@ -8,9 +9,9 @@ request fields each family reads as output caps and choice counts.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Callable, Iterable
 
-from proxy.core.usage import Usage
+from proxy.core.usage import CallInfo, Usage
 
 # Every spelling of an output cap a provider accepts. Providers differ in which they
 # honour when several are sent (and OpenAI-compatible servers differ again), so the
@@ -43,7 +44,7 @@ _MAX_DIGITS = 18
 _MAX_COUNT = 10**_MAX_DIGITS
 
 
-def _count(v: Any) -> int | None:
+def _count(v: object) -> int | None:
     """A non-negative whole number in any form a provider parses as one, else None:
     a provider rejects anything else, so it is not a cap to honour."""
     if isinstance(v, bool):
@@ -61,12 +62,12 @@ def _count(v: Any) -> int | None:
     return None
 
 
-def _largest(values: Iterable[Any], minimum: int = 0) -> int | None:
+def _largest(values: Iterable[object], minimum: int = 0) -> int | None:
     found = [c for v in values if (c := _count(v)) is not None and c >= minimum]
     return max(found) if found else None
 
 
-def max_output_tokens(body: Any, kind: str | None, default: int) -> int:
+def max_output_tokens(body: object, kind: str | None, default: int) -> int:
     """The most output a request can produce: its own cap or ``default`` (per choice),
     times the number of choices asked for (at most 128). Caps: ``max_tokens``,
     ``max_completion_tokens``, ``max_output_tokens`` (Responses) at the top level, and
@@ -92,7 +93,7 @@ def max_output_tokens(body: Any, kind: str | None, default: int) -> int:
 
 
 def worst_case_usage(
-    body: Any,
+    body: object,
     raw: bytes,
     kind: str | None,
     input_tokens: int,
@@ -129,3 +130,39 @@ def unpriced_refusal_message(provider: str, model: str | None) -> str:
         "or turn the bundled price catalog on (catalog: {enabled: true}) if it is off and lists this model, "
         "or set budgets.allow_unpriced: true to let calls to unpriced models through (their cost is not counted)."
     )
+
+
+def billed_usage(
+    info: CallInfo,
+    *,
+    model: str | None,
+    status: int,
+    metered: bool,
+    error: str | None,
+    input_tokens: Callable[[str | None], int] | None,
+) -> tuple[Usage | None, str | None]:
+    """The usage a finished call bills and where it came from ("provider", "estimated",
+    None): the reply's; or, when it never came, an estimate from the request
+    (``input_tokens`` for a model; None when the body was not read) and the text relayed
+    so far, since the provider bills a call it accepted either way (docs/providers.md
+    §10). ``model`` is the requested one, used when the reply named none."""
+    usage, text = info.usage, info.output_text
+    if info.usage_error:
+        return None, None  # the reply reported usage we cannot believe: cost unknown
+    accepted = 200 <= status < 400 or status == 499
+    if not (metered and accepted):
+        return usage, "provider" if usage is not None else None
+    if usage is None:
+        if input_tokens is None:
+            return None, None
+        model = info.response_model or model
+        output = text.tokens() if text is not None else 0
+        return Usage(input_tokens=input_tokens(model), output_tokens=output), "estimated"
+    if error and text is not None and not text.empty and info.finish_reason is None:
+        # Cut short after usage began (Anthropic's message_start has only a
+        # placeholder output count): the relayed text is the better output figure.
+        relayed = text.tokens()
+        if relayed > usage.output_tokens:
+            usage.output_tokens = relayed
+            return usage, "estimated"
+    return usage, "provider"

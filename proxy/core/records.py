@@ -200,7 +200,7 @@ def build_record(
     }
 
 
-def json_default(obj: Any) -> Any:
+def json_default(obj: object) -> orjson.Fragment:
     if isinstance(obj, Decimal):
         # Written as the exact decimal, not via float: 0.0056408 stays 0.0056408.
         return orjson.Fragment(format(obj.normalize(), "f"))

@@ -8,10 +8,6 @@ read that could begin the key, and releases them once the next read shows they d
 
 from __future__ import annotations
 
-from typing import Iterable
-
-from multidict import CIMultiDict
-
 REPLACEMENT = b"[redacted]"
 
 
@@ -56,12 +52,3 @@ def redact_bytes(data: bytes, secret: bytes | None) -> bytes:
     if secret and secret in data:
         return data.replace(secret, REPLACEMENT)
     return data
-
-
-def redact_headers(headers: Iterable[tuple[str, str]], secret: str | None) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers:
-        if secret and secret in value:
-            value = value.replace(secret, REPLACEMENT.decode())
-        out.add(name, value)
-    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Any
 
 UTC = timezone.utc
 
@@ -34,7 +33,7 @@ LINE_HEAD = b'{"schema_version":1,"timestamp":"'
 TS_AT = len(LINE_HEAD)
 
 
-def canonical_ts(value: Any) -> str | None:
+def canonical_ts(value: object) -> str | None:
     """A record's timestamp as canonical UTC text, whatever ISO form it was written in."""
     if not isinstance(value, str):
         return None

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core.estimate import OutputText
+
 
 @dataclass(slots=True)
 class Usage:
@@ -38,7 +40,8 @@ class CallInfo:
     """What an adapter learned from one reply: usage plus the metadata a record keeps."""
 
     usage: Usage | None = None
-    # The provider's usage object exactly as reported, kept so records can be re-priced.
+    # The provider's usage object exactly as reported (any JSON value), kept so records
+    # can be re-priced.
     raw_usage: Any = None
     response_model: str | None = None
     request_id: str | None = None
@@ -53,4 +56,4 @@ class CallInfo:
     # did report usage, only not one we can bill. ``raw_usage`` still holds what was sent.
     usage_error: str | None = None
     # The text relayed to the client, for estimating usage a reply did not report.
-    output_text: Any = None
+    output_text: OutputText | None = None

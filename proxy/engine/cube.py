@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from proxy.core.timestamps import UTC
-from proxy.engine.query import TIME_DIMS, Plan
+from proxy.engine.insights import HabitKey
+from proxy.engine.query import TIME_DIMS, CellKey, Plan
 from proxy.engine.totals import TOKEN_FIELDS, Totals
 
 # Cube row layout: counters, then token sums in TOKEN_FIELDS order.
@@ -36,6 +37,12 @@ def add_row(into: list[int], row: Sequence[int]) -> None:
 
 # --- scan results ------------------------------------------------------------------------
 
+# Latency histograms are kept per (provider, model), as the records name them (JSON
+# values; NONE_LABEL for a missing one).
+LatencyKey = tuple[Any, Any]
+# One of the most expensive requests: (cost units, -sequence, the record's kept fields).
+TopEntry = tuple[int, int, dict[str, Any]]
+
 
 @dataclass
 class ScanResult:
@@ -44,16 +51,16 @@ class ScanResult:
     dims: tuple[str, ...]  # the cube key: record dims, then "_time" if time is kept
     time_width: int = 0
     tz: tzinfo = UTC
-    cells: dict[tuple, list[int]] = field(default_factory=dict)
-    latency: dict[tuple, dict[int, int]] = field(default_factory=dict)
-    top: list[tuple[int, int, dict]] = field(default_factory=list)
+    cells: dict[CellKey, list[int]] = field(default_factory=dict)
+    latency: dict[LatencyKey, dict[int, int]] = field(default_factory=dict)
+    top: list[TopEntry] = field(default_factory=list)
     top_n: int = 0
     # Cache savings: tokens read from cache, by the rate difference (USD per 1M) they saved.
     savings_by_rate: dict[Decimal, int] = field(default_factory=dict)
     savings_derived_units: int = 0  # from the record's own cost where the family fixes the cache rate
     savings_unpriced_tokens: int = 0  # cache reads we could not price
-    habits: dict[tuple, list[int]] = field(default_factory=dict)
-    spans: dict[tuple, list[str]] = field(default_factory=dict)  # cell -> [first ts, last ts]
+    habits: dict[HabitKey, list[int]] = field(default_factory=dict)
+    spans: dict[CellKey, list[str]] = field(default_factory=dict)  # cell -> [first ts, last ts]
     bad_lines: int = 0
     duplicate_lines: int = 0  # repeats of a recent line or record id, skipped (see Dedupe)
     broken_files: list[str] = field(default_factory=list)
@@ -116,23 +123,23 @@ class ScanResult:
             dt = datetime(int(key[:4]), int(key[5:7]), int(key[8:10]), int(key[11:13]), int(key[14:16]), tzinfo=UTC)
         return time_bucket(dt.astimezone(self.tz), dim)
 
-    def rollup(self, dims: Sequence[str]) -> dict[tuple, Totals]:
+    def rollup(self, dims: Sequence[str]) -> dict[CellKey, Totals]:
         """Totals per combination of ``dims`` (any of the cube's record dims and time dims)."""
-        rows: dict[tuple, list[int]] = {}
-        idx: list[tuple[str, Any]] = []  # ("r", position in the key) or ("t", time dim)
+        rows: dict[CellKey, list[int]] = {}
+        idx: list[int | str] = []  # a record dim's position in the key, or a time dim
         for d in dims:
             if d in TIME_DIMS:
                 if not self.time_width:
                     raise ValueError(f"scan kept no time dimension for {d!r}")
-                idx.append(("t", d))
+                idx.append(d)
             else:
-                idx.append(("r", self.dims.index(d)))
+                idx.append(self.dims.index(d))
         t_pos = len(self.dims) - 1
         memo: dict[tuple[str, str], str] = {}
         for key, row in self.cells.items():
             parts = []
-            for kind, what in idx:
-                if kind == "r":
+            for what in idx:
+                if isinstance(what, int):
                     parts.append(key[what])
                 else:
                     mk = (key[t_pos], what)
@@ -173,7 +180,7 @@ class ScanResult:
             out[dt] = out.get(dt, 0) + row[COST]
         return out
 
-    def top_requests(self) -> list[dict]:
+    def top_requests(self) -> list[dict[str, Any]]:
         return [rec for _, _, rec in sorted(self.top, key=lambda x: (-x[0], x[1]))]
 
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from proxy.core.timestamps import UTC
 from proxy.core.usage import Usage
 from proxy.engine.query import NONE_LABEL
-from proxy.pricing import FAMILY_RULES, cache_read_rate, price_variants, select_rates
+from proxy.pricing import FAMILY_RULES, PriceBook, cache_read_rate, price_variants, select_rates
 
 # --- savings and habits (per record, only when asked) --------------------------------------
 
@@ -20,18 +20,24 @@ SHORT_REPLY_TOKENS = 100
 LONG_PROMPT_TOKENS = 1024
 
 
+# What a record's cache savings rate depends on: (provider, family, response model,
+# model, service tier, speed) as the record holds them (JSON values), and its UTC hour.
+CacheRateKey = tuple[Any, Any, Any, Any, Any, Any, str]
+# Per long-context tier, highest first: (tier bound, rate difference in USD per 1M).
+TierDiffs = list[tuple[int, Decimal]]
+
+
 class CacheRates:
     """Per record: how much each cache-read token saved (input rate minus cached rate).
     Resolved from the price book once per (provider, model, tier, hour) and memoized."""
 
-    def __init__(self, book: Any) -> None:
-
+    def __init__(self, book: PriceBook | None) -> None:
         self.book = book
-        self.memo: dict[tuple, Any] = {}
+        self.memo: dict[CacheRateKey, TierDiffs | None] = {}
 
     def diff(self, rec: Mapping[str, Any], ts: str) -> Decimal | None:
         input_tokens = rec.get("input_tokens") or 0
-        key = (
+        key: CacheRateKey = (
             rec.get("provider"),
             rec.get("provider_type"),
             rec.get("response_model"),
@@ -40,8 +46,9 @@ class CacheRates:
             rec.get("speed"),
             ts[:13],
         )
-        cached = self.memo.get(key, False)
-        if cached is False:
+        try:
+            cached = self.memo[key]
+        except KeyError:
             cached = self.memo[key] = self._resolve(key)
         if cached is None:
             return None
@@ -50,7 +57,7 @@ class CacheRates:
                 return d
         return None
 
-    def _resolve(self, key: tuple) -> list[tuple[int, Decimal]] | None:
+    def _resolve(self, key: CacheRateKey) -> TierDiffs | None:
         provider, family, response_model, model, tier, speed, hour = key
         if self.book is None or not provider:
             return None
@@ -59,7 +66,7 @@ class CacheRates:
             return None
         when = datetime.fromisoformat(hour + ":00:00+00:00")
         variants = price_variants(tier, speed)
-        out = []
+        out: TierDiffs = []
         # Probe each long-context tier boundary: rates are a step function of input size.
         card = price.period_at(when).card
         aboves = sorted({-1, *(t.above for t in card.tiers)}, reverse=True)
@@ -89,11 +96,14 @@ def derived_savings_units(rec: Mapping[str, Any]) -> int | None:
     return int(saved.scaleb(10).to_integral_value())
 
 
+# Habit rows are kept per (provider, family, model), as the records name them (JSON
+# values; NONE_LABEL for a missing provider or model).
+HabitKey = tuple[Any, Any, Any]
 # Habit row: ok calls, short replies (n, input, output, cost units), long prompts (n, input, cached)
 H_OK, H_SHORT, H_SHORT_IN, H_SHORT_OUT, H_SHORT_COST, H_LONG, H_LONG_IN, H_LONG_CACHED = range(8)
 
 
-def add_habit(habits: dict[tuple, list[int]], rec: Mapping[str, Any], cu: int) -> None:
+def add_habit(habits: dict[HabitKey, list[int]], rec: Mapping[str, Any], cu: int) -> None:
     status = rec.get("status")
     if rec.get("error") or not isinstance(status, int) or status >= 400:
         return

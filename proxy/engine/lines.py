@@ -32,7 +32,7 @@ from proxy.engine.cube import (
 )
 from proxy.engine.insights import CacheRates, add_habit, derived_savings_units
 from proxy.engine.query import NONE_LABEL, Plan
-from proxy.engine.totals import TOKEN_FIELDS
+from proxy.engine.totals import TOKEN_FIELDS, well_typed
 
 # --- repeated lines --------------------------------------------------------------------
 #
@@ -108,6 +108,7 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
     DecodeError = orjson.JSONDecodeError
     head, at = LINE_HEAD, TS_AT
     canon_at = CANON_TS_AT.match
+    typed = well_typed
     lo_b, hi_b, lo, hi, keep = plan.lo_b, plan.hi_b, plan.lo, plan.hi, plan.keep
     bounded = lo_b is not None or hi_b is not None
     n = bad = 0
@@ -154,6 +155,9 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
                     bad += 1  # a record that cannot be placed in time cannot be reported
                     continue
             if (lo is not None and ts < lo) or (hi is not None and ts >= hi):
+                continue
+            if not typed(rec):
+                bad += 1
                 continue
             if keep is not None and not keep(rec):
                 continue

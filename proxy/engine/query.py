@@ -9,7 +9,11 @@ from datetime import datetime, tzinfo
 from typing import Any, Callable, Mapping, Sequence
 
 from proxy.core.timestamps import UTC, iso_ms
-from proxy.pricing import name_candidates, normalize_model
+from proxy.pricing import PriceBook, name_candidates, normalize_model
+
+# A cube cell's key: the record dims' values as the records hold them (JSON values;
+# ``NONE_LABEL`` for a missing one), then the time key ("2026-11-23T18") if time is kept.
+CellKey = tuple[Any, ...]
 
 # --- filters ---------------------------------------------------------------------------
 
@@ -33,7 +37,7 @@ class ModelMatcher:
         self.wanted = frozenset(wanted)
         self._memo: dict[str, bool] = {}
 
-    def name_matches(self, name: Any) -> bool:
+    def name_matches(self, name: object) -> bool:
         if not isinstance(name, str) or not name:
             return False
         hit = self._memo.get(name)
@@ -122,8 +126,10 @@ def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
     if dim == "status":
         return lambda r: str(r.get("status"))
     if dim in ("team", "session"):
+        # The record's own field, as budgets count it (a team is its proxy key's, never a
+        # client's x-tag-team); only records older than the field fall back to the tag.
         key = "session_id" if dim == "session" else dim
-        return lambda r: tag_value(r, key) or NONE_LABEL
+        return lambda r: (r.get(key) if key in r else tag_value(r, key)) or NONE_LABEL
     raise ValueError(dim)
 
 
@@ -172,7 +178,7 @@ class Query:
     tz: tzinfo = UTC
     latency: bool = False  # per (provider, model) latency histograms
     top: int = 0  # keep the N most expensive requests
-    pricebook: Any = None  # for cache savings and suggestions; None: derive what we can
+    pricebook: PriceBook | None = None  # for cache savings and suggestions; None: derive what we can
     savings: bool = False
     habits: bool = False  # per-model reply-length and cache-use counters, for suggestions
 
@@ -225,7 +231,7 @@ class Plan:
     lo_b: bytes | None
     hi_b: bytes | None
     keep: Callable[[Mapping[str, Any]], bool] | None
-    key: Callable[[Mapping[str, Any], str], tuple] | None  # None: (provider, model), inlined
+    key: Callable[[Mapping[str, Any], str], CellKey] | None  # None: (provider, model), inlined
     time_width: int  # 0: no time dim; 13: UTC hour; 16: UTC minute
     query: Query
     spans: bool = False  # keep each cell's first and last timestamp (index builds)
@@ -238,20 +244,20 @@ def compile_query(q: Query) -> Plan:
     if any(d in TIME_DIMS for d in q.dims):
         width = 13 if _whole_hour_tz(q.tz, q.start, q.end) else 16
     # The key function is the hot path: the common shapes get a closure without loops.
-    key: Callable[[Mapping[str, Any], str], tuple] | None
+    key: Callable[[Mapping[str, Any], str], CellKey] | None
     if rec_dims == ["provider", "model"] and not width:
         key = None  # inlined in accumulate
     elif rec_dims == ["provider", "model"]:
 
-        def key(r: Mapping[str, Any], ts: str) -> tuple:
+        def key(r: Mapping[str, Any], ts: str) -> CellKey:
             return (r.get("provider") or NONE_LABEL, r.get("model") or r.get("response_model") or NONE_LABEL, ts[:width])
     elif width:
 
-        def key(r: Mapping[str, Any], ts: str) -> tuple:
+        def key(r: Mapping[str, Any], ts: str) -> CellKey:
             return (*[g(r) for g in getters], ts[:width])
     else:
 
-        def key(r: Mapping[str, Any], ts: str) -> tuple:
+        def key(r: Mapping[str, Any], ts: str) -> CellKey:
             return tuple([g(r) for g in getters])
 
     lo = iso_ms(q.start, ceil=True) if q.start is not None else None

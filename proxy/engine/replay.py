@@ -6,7 +6,7 @@ added to a ledger in one step. Pure: the records come from the caller
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from proxy.budgets import SESSION_WINDOW, BudgetLedger
 from proxy.core.money import cost_units
@@ -22,12 +22,22 @@ _FIELDS = {"user": "user_id", "team": "team", "key": "key_id", "session": "sessi
 LATE_SLACK = 86400
 
 
+class _Spend:
+    """One (dimension, value)'s spend in the records so far: cost units, latest record time."""
+
+    __slots__ = ("units", "last")
+
+    def __init__(self, units: int, last: str) -> None:
+        self.units = units
+        self.last = last
+
+
 def replay_start(ledger: BudgetLedger, now: float) -> float:
     """The earliest record time a replay at ``now`` needs (read from ``LATE_SLACK`` before it)."""
     return ledger.window_start(now) - 1
 
 
-def replay_records(ledger: BudgetLedger, records: Iterable[dict[str, Any]], now: float) -> tuple[int, int]:
+def replay_records(ledger: BudgetLedger, records: Iterable[Mapping[str, Any]], now: float) -> tuple[int, int]:
     """Add the current periods' spend in ``records`` to ``ledger``: (records read, records counted).
 
     Fast path for a month of records: timestamps compare as text (the proxy writes one
@@ -40,7 +50,7 @@ def replay_records(ledger: BudgetLedger, records: Iterable[dict[str, Any]], now:
         scope, tag, period = dim
         lo, hi = (now - SESSION_WINDOW, _INF) if period is None else ledger.bounds(period, now)
         plan.append((dim, _FIELDS.get(scope), scope == "global", tag, iso_ms(max(lo, 0.0)), "~" if hi == _INF else iso_ms(hi)))
-    sums: dict[tuple[Any, str], list[Any]] = {}
+    sums: dict[tuple[tuple[str, str | None, str | None], str], _Spend] = {}
     read = counted = 0
     for rec in records:
         read += 1
@@ -51,7 +61,7 @@ def replay_records(ledger: BudgetLedger, records: Iterable[dict[str, Any]], now:
             if not (lo_ts <= ts < hi_ts):
                 continue
             if is_global:
-                value: Any = "*"
+                value: object = "*"
             elif tag is not None:
                 tags = rec.get("tags")
                 value = tags.get(tag) if isinstance(tags, dict) else None
@@ -61,13 +71,13 @@ def replay_records(ledger: BudgetLedger, records: Iterable[dict[str, Any]], now:
                 continue
             acc = sums.get((dim, value))
             if acc is None:
-                sums[(dim, value)] = [units, ts]
+                sums[(dim, value)] = _Spend(units, ts)
             else:
-                acc[0] += units
-                if ts > acc[1]:
-                    acc[1] = ts
+                acc.units += units
+                if ts > acc.last:
+                    acc.last = ts
             hit = True
         counted += hit
-    for (dim, value), (units, last) in sums.items():
-        ledger.add_spent(dim, value, units, parse_timestamp(last), now)
+    for (dim, value), acc in sums.items():
+        ledger.add_spent(dim, value, acc.units, parse_timestamp(acc.last), now)
     return read, counted

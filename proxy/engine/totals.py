@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from proxy.core.money import cost_units, units_to_usd
 from proxy.core.timestamps import parse_timestamp
@@ -23,6 +23,23 @@ TOKEN_FIELDS = (
     "cache_write_tokens",
     "reasoning_tokens",
 )
+MONEY_FIELDS = ("total_cost", "input_cost", "output_cost")
+# Every field a reader adds up. A record that gives one of them as anything but a number
+# (or null) is corrupt: summing it would crash the reader or, for a string cost, build
+# a string ten billion times its length (``"1" * 10**10``).
+NUMERIC_FIELDS = (*MONEY_FIELDS, *TOKEN_FIELDS, "cache_write_1h_tokens", "web_search_requests", "latency_ms", "ttft_ms")
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def well_typed(rec: Mapping[str, Any]) -> bool:
+    """Whether every field readers add up is a number or null: the one test every reader
+    (reports, /health, budget replay, reprice) applies before counting a record."""
+    get = rec.get
+    for name in NUMERIC_FIELDS:
+        v = get(name)
+        if v is not None and type(v) not in _NUMBER_TYPES:
+            return False
+    return True
 
 
 @dataclass(slots=True)
@@ -90,7 +107,7 @@ class RollingWindow:
     Adding a record is O(1); reading the window merges at most one bucket per minute.
     """
 
-    def __init__(self, seconds: int = 86400, bucket: int = 60, clock: Any = time.time) -> None:
+    def __init__(self, seconds: int = 86400, bucket: int = 60, clock: Callable[[], float] = time.time) -> None:
         self.seconds, self.bucket, self._clock = seconds, bucket, clock
         self._buckets: deque[tuple[int, dict[str, Totals]]] = deque()
 

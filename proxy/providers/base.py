@@ -188,7 +188,8 @@ def as_count(value: Any, field: str) -> int:
     t = type(value)  # not isinstance: bool is an int
     if t is int:
         if 0 <= value <= MAX_TOKENS:
-            return value
+            count: int = value  # t is int (mypy does not narrow through ``t``)
+            return count
     elif t is float:
         if 0.0 <= value <= MAX_TOKENS and value.is_integer():  # NaN fails the comparison
             return int(value)
@@ -244,11 +245,14 @@ def _writable(value: Any, depth: int) -> bool:
     if t is list:
         return depth < MAX_RAW_DEPTH and all(_writable(v, depth + 1) for v in value)
     if t is str:
-        return value.isascii() or _LONE_SURROGATE.search(value) is None
+        text: str = value  # t is str (mypy does not narrow through ``t``)
+        return text.isascii() or _LONE_SURROGATE.search(text) is None
     if t is int:
-        return _INT64_MIN <= value <= _UINT64_MAX
+        number: int = value
+        return _INT64_MIN <= number <= _UINT64_MAX
     if t is float:
-        return value - value == 0.0
+        real: float = value
+        return real - real == 0.0
     return value is None or t is bool
 
 

@@ -17,6 +17,7 @@ import orjson
 
 from proxy.core.timestamps import LINE_HEAD, TS_AT, canonical_ts, iso_ms
 from proxy.engine.lines import Dedupe
+from proxy.engine.totals import well_typed
 
 
 def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Dedupe | None = None) -> Iterator[dict[str, Any]]:
@@ -33,7 +34,7 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Ded
             if bad is not None:
                 bad[0] += 1
             continue
-        if isinstance(rec, dict):
+        if isinstance(rec, dict) and well_typed(rec):
             if not dd.seen_line(line) and not dd.seen_record(rec):
                 yield rec
         elif bad is not None:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import aiohttp
@@ -40,7 +40,7 @@ _BUDGET_HEADERS: Any = _RequestKey("lcp_budget_headers", dict) if _RequestKey el
 _BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys create` in this API's usual key header."
 
 
-def setup_access(state: ProxyState, log_path: Path, clock: Any) -> None:
+def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) -> None:
     """Key store and budget ledger, the ledger rebuilt from the log's current periods."""
     config = state.config
     if config.auth is not None:
@@ -51,7 +51,7 @@ def setup_access(state: ProxyState, log_path: Path, clock: Any) -> None:
         if config.auth is not None and state.keys is not None and state.keys.budget_limits():
             log.warning("budgets: per-key budgets are not enforced with cost tracking off")
         return
-    state.budgets = ledger_for(config.budgets, config.auth, clock)
+    state.budgets = ledger_for(config.budgets, per_key=config.auth is not None, clock=clock)
     state.tasks = set()
     t0 = time.perf_counter()
     read, counted = replay_log(state.budgets, log_path)
@@ -252,16 +252,18 @@ async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[
 
 def budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:
     """Counts for everyone; each budget's detail only for an admin key (Authorization: Bearer)."""
-    keys = state.keys
+    keys, ledger = state.keys, state.budgets
+    if ledger is None:
+        return {}
     extra = []
     if keys is not None:
         keys.refresh()
         extra = keys.budget_limits()
-    out: dict[str, Any] = state.budgets.summary(extra)
+    out: dict[str, Any] = ledger.summary(extra)
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
     if keys is not None and token and keys.is_admin(token):
-        out["detail"] = [s.as_dict() for s in state.budgets.states(extra)]
+        out["detail"] = [s.as_dict() for s in ledger.states(extra)]
     return out
 
 

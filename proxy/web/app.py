@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +36,9 @@ def load_window(path: Path, window: RollingWindow, now: float) -> int:
     return n
 
 
-def create_app(config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Any = time.time) -> web.Application:
+def create_app(
+    config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time
+) -> web.Application:
     """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries."""
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or default_log_path())

@@ -13,9 +13,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.budgets import Hold
 from proxy.config import ProviderConfig
 from proxy.core.estimate import estimate_input_tokens
 from proxy.core.money import cost_units, format_usd
+from proxy.core.policy import billed_usage
 from proxy.core.records import CallContext, build_record, dumps_record, json_default, redact
 from proxy.core.usage import CallInfo, Usage
 from proxy.pricing import price_call
@@ -97,7 +99,7 @@ class Call:
         self.secrets = secrets
         self.body: Any = None
         self.input_estimate: int | None = None  # precomputed for bodies digested off the loop
-        self.hold: Any = None  # a budget reservation, settled in finish()
+        self.hold: Hold | None = None  # a budget reservation, settled in finish()
         self.info = CallInfo()
         self.finished = False
         self.pending: asyncio.Future[bool] | None = None  # the record on its way to the kernel
@@ -108,28 +110,14 @@ class Call:
         return estimate_input_tokens(self.body, model)
 
     def _usage(self, info: CallInfo, error: str | None) -> tuple[Usage | None, str | None]:
-        """The reply's usage; or, when it never came, an estimate from the request and
-        the text relayed so far (the provider bills a call it accepted either way)."""
-        usage, text = info.usage, info.output_text
-        if info.usage_error:
-            return None, None  # the reply reported usage we cannot believe: cost unknown
-        accepted = 200 <= self.status < 400 or self.status == 499
-        if not (self.ctx.metered and accepted):
-            return usage, "provider" if usage is not None else None
-        if usage is None:
-            if self.body is None:
-                return None, None
-            model = info.response_model or self.ctx.model
-            output = text.tokens() if text is not None else 0
-            return Usage(input_tokens=self.input_tokens(model), output_tokens=output), "estimated"
-        if error and text is not None and not text.empty and info.finish_reason is None:
-            # Cut short after usage began (Anthropic's message_start has only a
-            # placeholder output count): the relayed text is the better output figure.
-            relayed = text.tokens()
-            if relayed > usage.output_tokens:
-                usage.output_tokens = relayed
-                return usage, "estimated"
-        return usage, "provider"
+        return billed_usage(
+            info,
+            model=self.ctx.model,
+            status=self.status,
+            metered=self.ctx.metered,
+            error=error,
+            input_tokens=self.input_tokens if self.body is not None else None,
+        )
 
     def finish(self, info: CallInfo | None = None) -> asyncio.Future[bool] | None:
         """Record the call, once: price it, settle its budget hold, hand the record to
@@ -151,7 +139,7 @@ class Call:
                 record, console = self._bare_record(f"metering failed: {type(e).__name__}"), None
                 line = dumps_record(record)
         finally:
-            if self.hold is not None:
+            if self.hold is not None and state.budgets is not None:
                 hold, self.hold = self.hold, None
                 state.budgets.settle(hold, units)
         if state.writer is None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import ProviderConfig
 from proxy.core.attribution import is_proxy_header
-from proxy.core.redaction import redact_headers
+from proxy.core.redaction import REPLACEMENT
 from proxy.providers import ADAPTERS, Adapter
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes.
@@ -57,3 +59,12 @@ def forward_headers(request: web.Request, provider: ProviderConfig, adapter: Ada
 
 def response_headers(resp: aiohttp.ClientResponse, secret: str | None) -> CIMultiDict[str]:
     return redact_headers(((n, v) for n, v in resp.headers.items() if n.lower() not in _RESPONSE_DROP), secret)
+
+
+def redact_headers(headers: Iterable[tuple[str, str]], secret: str | None) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if secret and secret in value:
+            value = value.replace(secret, REPLACEMENT.decode())
+        out.add(name, value)
+    return out

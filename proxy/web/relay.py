@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.core.redaction import StreamRedactor
 from proxy.core.sse import JSONArrayStreamParser, SSEParser
 from proxy.core.usage import CallInfo
+from proxy.providers.base import StreamTap
 from proxy.web.calls import Call
 from proxy.web.headers import response_headers
 
@@ -21,7 +22,7 @@ from proxy.web.headers import response_headers
 _TAIL_WAIT = 1.0
 
 
-def tap_result(tap: Any, call: Call) -> CallInfo:
+def tap_result(tap: StreamTap, call: Call) -> CallInfo:
     try:
         info: CallInfo = tap.result()
         return info
@@ -35,7 +36,7 @@ class _Relay:
 
     __slots__ = ("parser", "tap", "sse", "filtering", "broken")
 
-    def __init__(self, tap: Any, sse: bool, filtering: bool) -> None:
+    def __init__(self, tap: StreamTap, sse: bool, filtering: bool) -> None:
         # When re-framing, comment blocks (keep-alives) must be re-emitted too.
         self.parser: Any = SSEParser(keep_comments=filtering, keep_raw=filtering) if sse else JSONArrayStreamParser()
         self.tap, self.sse, self.filtering = tap, sse, filtering
@@ -84,7 +85,7 @@ async def relay_stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     call: Call,
-    tap: Any,
+    tap: StreamTap,
     sse: bool,
     hide_usage_chunk: bool,
 ) -> web.StreamResponse:
@@ -159,7 +160,7 @@ async def relay_stream(
     return response
 
 
-async def _record_stream(call: Call, tap: Any, relay: _Relay) -> None:
+async def _record_stream(call: Call, tap: StreamTap, relay: _Relay) -> None:
     if call.finished:
         return
     info = tap_result(tap, call)

@@ -6,11 +6,11 @@ import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.budgets import BudgetLedger
 from proxy.config import Config
 from proxy.engine.totals import RollingWindow
 from proxy.pricing import PriceBook
@@ -27,7 +27,7 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     warned_unpriced: set[tuple[str, str]] | None = None
     keys: KeyStore | None = None  # with auth: configured
-    budgets: Any = None  # budgets.BudgetLedger, with budgets: or auth: configured
+    budgets: BudgetLedger | None = None  # with budgets: or auth: configured
     tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
     shutting_down: bool = False  # set at SIGTERM: calls cut from here on were cut by us
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)

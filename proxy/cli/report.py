@@ -1,0 +1,169 @@
+"""``python -m proxy report`` and ``scripts/analyze_costs.py``: cost reports from the JSONL log.
+
+Only the options live here: they become a ``ReportRequest``, and ``reports.build``
+runs it (every number comes from ``proxy.engine`` and ``proxy.storage``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any, Sequence
+
+import click
+
+from proxy.cli.base import CONTEXT, Command
+from proxy.cli.options import config_option, log_file_option, log_from_default
+from proxy.core.periods import NAMED_PERIODS
+from proxy.errors import UsageError
+from proxy.reports.build import write_report
+from proxy.reports.request import FORMATS, ReportRequest
+from proxy.storage.logfiles import log_files
+
+UTC = timezone.utc
+
+# Help in sections, as the options are many; an option not named here goes under "Options".
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "Input": ("log_file", "no_rotated", "config", "jobs", "no_index"),
+    "Time": ("since", "start_date", "end_date", "period", "tz"),
+    "Output": ("fmt", "output", "group_by", "limit", "latency", "top", "savings", "projection", "suggest", "all_sections"),
+    "Filters (repeat a filter for alternatives; different filters combine)": (
+        "provider",
+        "model",
+        "user",
+        "status",
+        "errors_only",
+        "tag",
+    ),
+}
+
+EXAMPLES = """Examples:
+
+\b
+  {prog}                              last 24 hours, summary
+  {prog} --period monthly --all       this month, with every section
+  {prog} --since 7d --format daily    cost per day for a week
+  {prog} --group-by user --group-by model --since 30d
+  {prog} --model sonnet --errors-only --format detailed
+  {prog} --format csv --output costs.csv --start-date 2026-11-01"""
+
+
+class ReportCommand(Command):
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: r for p in self.get_params(ctx) if (r := p.get_help_record(ctx)) is not None}
+        for title, names in [*SECTIONS.items(), ("Options", tuple(n for n in records if not any(n in s for s in SECTIONS.values())))]:
+            rows = [records[n] for n in names if n in records]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = EXAMPLES.format(prog=ctx.command_path)
+        super().format_epilog(ctx, formatter)
+
+
+def _many(*decls: str, metavar: str | None = None, help: str) -> Any:
+    return click.option(*decls, multiple=True, metavar=metavar, help=help)
+
+
+@click.command(cls=ReportCommand, context_settings=CONTEXT)
+# input
+@log_file_option(
+    multiple=True,
+    aliases=("--file", "-f"),
+    help="log file, glob or directory; repeatable; rotated and .gz siblings of a file are included",
+)
+@click.option("--no-rotated", is_flag=True, help="read only the named files, not their rotated siblings")
+@config_option(help="config for model aliases and prices (optional)")
+@click.option("--jobs", "-j", type=int, default=None, metavar="N", help="processes for big logs  [default: CPUs]")
+@click.option(
+    "--no-index", is_flag=True, help="neither use nor write the roll-up index beside the log (.NAME.rollup); results are the same"
+)
+# time
+@click.option("--since", metavar="HOURS", help="the last HOURS (24, 36h, 7d, 2w, all; default 24)")
+@click.option("--start-date", metavar="DATE", help="from this date or ISO time (inclusive)")
+@click.option("--end-date", metavar="DATE", help="to this date (the whole day) or ISO time (exclusive)")
+@click.option(
+    "--period",
+    type=click.Choice(NAMED_PERIODS),
+    help="a calendar period: today, this week (from Monday), this month, or the previous one",
+)
+@click.option("--tz", default="UTC", show_default=True, help="time zone for dates, periods and buckets ('local' or e.g. Europe/Berlin)")
+# output
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="summary", show_default=True, help="what to write")
+@click.option("--output", "-o", metavar="FILE", help="write here instead of stdout")
+@_many(
+    "--group-by",
+    "-g",
+    metavar="DIM",
+    help="provider, model, user, endpoint, day, hour, week, month, status, key, team, tag:KEY…; repeatable or comma-separated",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="rows per table (summary default 10; detailed: the last N requests)"
+)
+@click.option("--latency", is_flag=True, help="success rate and latency p50/p95 per provider and model")
+@click.option("--top", type=click.IntRange(min=0), default=0, metavar="N", help="the N most expensive requests")
+@click.option("--savings", is_flag=True, help="what cache reads saved against the full input price")
+@click.option("--projection", is_flag=True, help="this month's cost projected from the recent daily rate")
+@click.option("--suggest", is_flag=True, help="suggestions where the data shows them")
+@click.option("--all", "-a", "all_sections", is_flag=True, help="all of the above (top 10)")
+# filters
+@_many("--provider", metavar="NAME", help="provider name as configured (openai, anthropic, …)")
+@_many("--model", metavar="MODEL", help="model, alias or snapshot (gpt-4o also matches gpt-4o-2024-08-06, not gpt-4o-mini)")
+@_many("--user", metavar="ID", help="user id")
+@_many("--status", metavar="STATUS", help="HTTP status: 200, 429, 4xx, 5xx, ok or error")
+@click.option("--errors-only", is_flag=True, help="only failed requests")
+@_many("--tag", metavar="KEY=VALUE", help="a request tag, e.g. feature=search")
+@click.pass_context
+def report(ctx: click.Context, log_file: tuple[str, ...], all_sections: bool, fmt: str, **options: Any) -> int:
+    """What did we spend, on what, for whom: reports from the proxy's JSONL cost log."""
+    if log_from_default(ctx):
+        _check_default_log(log_file, rotated=not options["no_rotated"])
+    req = ReportRequest(file=tuple(log_file), format=fmt, **options)
+    return run(req.with_all_sections() if all_sections else req)
+
+
+def _check_default_log(paths: Sequence[str], rotated: bool) -> None:
+    # Only here is it known that the log was not named, so only here can the error say how to name it.
+    try:
+        log_files(paths, rotated=rotated)
+    except FileNotFoundError as e:
+        raise UsageError(f"no log found at {e.args[0]} (set COST_TRACKING_FILE or pass --log-file)") from None
+
+
+def run(req: ReportRequest, now: datetime | None = None) -> int:
+    """Write the report ``req`` asks for, then its warnings on stderr."""
+    out, close = _open_output(req.output, req.format)
+    try:
+        warnings = write_report(req, out, now or _now())
+    finally:
+        if close:
+            out.close()
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return 0
+
+
+def _now() -> datetime:
+    # Tests pin "now" so relative windows are reproducible.
+    fixed = os.environ.get("ANALYZE_COSTS_NOW")
+    if fixed:
+        return datetime.fromisoformat(fixed.replace("Z", "+00:00"))
+    return datetime.now(UTC)
+
+
+def _open_output(path: str | None, fmt: str) -> tuple[IO[str], bool]:
+    if not path or path == "-":
+        return sys.stdout, False
+    try:
+        # newline="" lets the csv module write its own \r\n, which spreadsheets expect.
+        return open(path, "w", encoding="utf-8", newline="" if fmt == "csv" else None), True
+    except OSError as e:
+        raise UsageError(f"--output: cannot write {path}: {e.strerror or e}") from None
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The report alone, as ``scripts/analyze_costs.py`` runs it (``prog`` in help and errors)."""
+    code: Any = report.main(list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
+    return int(code)

@@ -1,0 +1,177 @@
+"""Running a report: its log files, its optional config, the engine query it compiles to, the scan, and the chosen format written out."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import orjson
+
+from proxy.config import Config, load_config, pricebook_for
+from proxy.core.text import printable
+from proxy.defaults import default_log_path
+from proxy.engine.cube import ScanResult
+from proxy.engine.query import TIME_DIMS, Query, check_dim, status_matcher
+from proxy.errors import ConfigError, UsageError
+from proxy.reports.csvfile import write_group_csv, write_request_csv
+from proxy.reports.jsondoc import report_json
+from proxy.reports.model import Report
+from proxy.reports.request import SERIES, ReportRequest
+from proxy.reports.text import render_series, render_summary, write_detailed
+from proxy.reports.window import get_tz, resolve_window
+from proxy.storage.logfiles import log_files, order_files
+from proxy.storage.scan import iter_selected, scan
+
+
+def resolve_files(args: ReportRequest) -> list[Path]:
+    patterns = list(args.file) or [default_log_path()]
+    try:
+        files = log_files(patterns, rotated=not args.no_rotated)
+    except FileNotFoundError as e:
+        hint = "" if args.file else " (set COST_TRACKING_FILE or pass --log-file)"
+        raise UsageError(f"no log found at {e.args[0]}{hint}") from None
+    return order_files(files)
+
+
+def optional_config(path: str, needed: bool, warnings: list[str]) -> Config | None:
+    """The config when it exists and is valid, else None (aliases and prices are extras;
+    a broken one is ignored with a warning)."""
+    if not needed or not os.path.exists(path):
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        warnings.append(f"ignoring {e}")
+        return None
+
+
+def scan_warnings(res: ScanResult) -> list[str]:
+    """What a reader should know about the log that was read: lines skipped, files damaged."""
+    out = []
+    if res.bad_lines:
+        s = "s" if res.bad_lines != 1 else ""
+        out.append(f"skipped {res.bad_lines:,} corrupt or incomplete line{s}")
+    if res.duplicate_lines:
+        s = "s" if res.duplicate_lines != 1 else ""
+        out.append(f"skipped {res.duplicate_lines:,} duplicate line{s} (a call written twice by a retried write; counted once)")
+    out += [f"{printable(broken, 400)} (read up to the damage)" for broken in dict.fromkeys(res.broken_files)]
+    return out
+
+
+def pricebook(config: Any) -> Any:
+    if config is None:
+        return None
+    return pricebook_for(config)
+
+
+def parse_group_by(values: Sequence[str] | None) -> list[str]:
+    dims: list[str] = []
+    for v in values or ():
+        for part in v.split(","):
+            part = part.strip()
+            if part:
+                try:
+                    d = check_dim(part)
+                except ValueError as e:
+                    raise UsageError(f"--group-by: {e}") from None
+                if d not in dims:
+                    dims.append(d)
+    return dims
+
+
+def parse_tags(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for v in values or ():
+        if "=" not in v:
+            raise UsageError(f"--tag: expected KEY=VALUE, got {v!r}")
+        k, _, val = v.partition("=")
+        out.append((k.strip(), val.strip()))
+    return out
+
+
+def write_report(args: ReportRequest, out: IO[str], now: datetime) -> list[str]:
+    """Run the report ``args`` asks for over the log and write it to ``out``. Returns the
+    warnings for the reader (a config ignored, corrupt or duplicate lines, damaged files)."""
+    warnings: list[str] = []
+    tz = get_tz(args.tz)
+    window = resolve_window(args, tz, now)
+    files = resolve_files(args)
+    group_dims = parse_group_by(args.group_by)
+    tags = parse_tags(args.tag)
+    needs_config = bool(args.model or args.savings or args.suggest)
+    config = optional_config(args.config, needs_config, warnings)
+    book = pricebook(config) if (args.savings or args.suggest) else None
+    aliases: dict[str, str] = dict(getattr(config, "aliases", {}) or {}) if config else {}
+    if config is not None:
+        for p in config.providers.values():
+            aliases.update(getattr(p, "aliases", {}) or {})
+
+    fmt = args.format
+    # The cube always keeps provider and model (summary tables and sections need them),
+    # plus the asked-for groups and one time dimension when any view is over time.
+    dims: list[str] = ["provider", "model", *[d for d in group_dims if d not in ("provider", "model")]]
+    if fmt in SERIES and SERIES[fmt] not in dims:
+        dims.append(SERIES[fmt])
+    if args.projection and not any(d in TIME_DIMS for d in dims):
+        dims.append("day")
+    query = Query(
+        start=window.start.timestamp() if window.start else None,
+        end=window.end.timestamp() if window.end else None,
+        providers=args.provider,
+        models=args.model,
+        aliases=aliases,
+        users=args.user,
+        statuses=args.status,
+        errors_only=args.errors_only,
+        tags=tags,
+        dims=tuple(dims),
+        tz=tz,
+        latency=args.latency,
+        top=args.top,
+        pricebook=book,
+        savings=args.savings,
+        habits=args.suggest,
+    )
+    try:
+        if args.status:
+            status_matcher(args.status)
+    except ValueError as e:
+        raise UsageError(f"--status: {e}") from None
+    filters: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("provider", args.provider),
+            ("model", args.model),
+            ("user", args.user),
+            ("status", args.status),
+            ("tag", [f"{k}={v}" for k, v in tags]),
+        )
+        if v
+    }
+    if args.errors_only:
+        filters["errors_only"] = True
+
+    if fmt == "detailed" or (fmt == "csv" and not group_dims):
+        res = ScanResult(dims=(), tz=tz)
+        res.files = files
+        records = iter_selected(files, query, res)
+        report = Report(args, window, now, files, res, group_dims, config, book, filters)
+        if fmt == "detailed":
+            write_detailed(out, records, report)
+        else:
+            write_request_csv(out, records)
+    else:
+        use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
+        res = scan(files, query, jobs=args.jobs, use_index=use_index)
+        report = Report(args, window, now, files, res, group_dims, config, book, filters)
+        if fmt == "summary":
+            out.write(render_summary(report))
+        elif fmt == "json":
+            out.write(orjson.dumps(report_json(report), option=orjson.OPT_INDENT_2).decode() + "\n")
+        elif fmt == "csv":
+            write_group_csv(out, report)
+        else:
+            out.write(render_series(report, SERIES[fmt]))
+    return warnings + scan_warnings(report.res)

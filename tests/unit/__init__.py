@@ -1,0 +1,1 @@
+"""In-process tests of the core, engine, pricing, providers, parsers and storage."""
