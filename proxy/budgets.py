@@ -388,10 +388,7 @@ class BudgetLedger:
         return {"count": len(states), "warning": warning, "exhausted": exhausted}
 
 
-# --- rebuilding from the log --------------------------------------------------------
-
-
-# --- `python -m proxy budgets` ------------------------------------------------------
+# --- the ledger a proxy keeps ----------------------------------------------------------
 
 
 def ledger_for(budgets: BudgetsConfig | None, *, per_key: bool, clock: Callable[[], float] = time.time) -> BudgetLedger:

@@ -19,7 +19,7 @@ from proxy.core.attribution import TAG_NAME
 from proxy.core.money import usd_to_units
 from proxy.core.periods import PERIODS
 from proxy.errors import ConfigError
-from proxy.keys import _HEX64, KEY_PREFIX, AuthConfig
+from proxy.keys import KEY_PREFIX, SHA256_HEX, AuthConfig
 from proxy.pricing import ModelPrice, PriceBook, PriceSpecError, name_candidates, normalize_model, parse_model_price
 from proxy.providers import ADAPTERS
 
@@ -239,7 +239,6 @@ _BUDGET_KEYS = {"timezone", "warn_at", "webhook", "override", "default_max_outpu
 
 def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsConfig | None:
     """The ``budgets:`` section of config.yml; None when absent."""
-
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -281,7 +280,6 @@ def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsC
 
 
 def _parse_limit(spec: Any, path: str, key: str) -> Limit:
-
     if not isinstance(spec, Mapping):
         raise ConfigError(path, key, "expected a mapping such as {scope: user, period: daily, usd: 5}")
     for k in spec:
@@ -319,7 +317,6 @@ def _parse_limit(spec: Any, path: str, key: str) -> Limit:
 
 def load_sections(config_path: str) -> tuple[AuthConfig | None, BudgetsConfig | None]:
     """(auth, budgets) sections of config.yml, validated, without needing provider keys."""
-
     data = read_yaml(config_path) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(config_path, "", "expected a mapping")
@@ -331,7 +328,6 @@ _AUTH_KEYS = {"keys_file", "admin_keys"}
 
 def parse_auth(value: Any, path: str) -> AuthConfig | None:
     """The ``auth:`` section; None when absent (clients' own keys pass through)."""
-
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -351,7 +347,7 @@ def parse_auth(value: Any, path: str) -> AuthConfig | None:
     hashes = set()
     for i, h in enumerate(admins):
         text = h[7:] if isinstance(h, str) and h.startswith("sha256:") else None
-        if text is None or not _HEX64.fullmatch(text):
+        if text is None or not SHA256_HEX.fullmatch(text):
             is_key = isinstance(h, str) and h.startswith(KEY_PREFIX)
             shown = "a key, not its hash: never put a key in config.yml" if is_key else repr(h)[:20]
             raise ConfigError(path, f"auth.admin_keys[{i}]", f'expected "sha256:" and 64 lower-case hex digits, got {shown}')

@@ -14,4 +14,4 @@ class ConfigError(Exception):
 
 class UsageError(Exception):
     """A bad argument from a user: a command-line option or an API query parameter.
-    The CLI prints it on one line and exits 2; the HTTP API answers 400."""
+    The CLI prints it on one line and exits 2; the analytics HTTP API (to come) is to answer 400."""

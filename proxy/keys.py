@@ -32,7 +32,7 @@ from proxy.pricing import name_candidates, normalize_model
 log = logging.getLogger("proxy")
 
 KEY_PREFIX = "lcp-"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KEY_ID = re.compile(r"[0-9a-f]{12}")
 _ENTRY_KEYS = {"id", "sha256", "user", "team", "models", "budget_monthly", "admin", "created", "revoked"}
 
@@ -101,14 +101,13 @@ class KeyEntry:
 
 
 def parse_entry(raw: Any, path: Path, key: str) -> KeyEntry:
-
     if not isinstance(raw, Mapping):
         raise ConfigError(path, key, "expected a mapping")
     for k in raw:
         if k not in _ENTRY_KEYS:
             raise ConfigError(path, f"{key}.{k}", f"unknown field; known: {', '.join(sorted(_ENTRY_KEYS))}")
     h = raw.get("sha256")
-    if not isinstance(h, str) or not _HEX64.fullmatch(h):
+    if not isinstance(h, str) or not SHA256_HEX.fullmatch(h):
         raise ConfigError(path, f"{key}.sha256", "expected 64 lower-case hex digits (the key's SHA-256)")
     kid = raw.get("id", h[:12])
     if kid != h[:12]:
@@ -141,9 +140,3 @@ def parse_entry(raw: Any, path: Path, key: str) -> KeyEntry:
     revoked = raw.get("revoked")
     limit = Limit("key", "monthly", units, match=h[:12], source="key") if units is not None and not revoked else None
     return KeyEntry(h[:12], h, raw.get("user"), raw.get("team"), models, units, admin, raw.get("created"), revoked, limit)
-
-
-# --- writing the keys file ------------------------------------------------------------
-
-
-# --- `python -m proxy keys …` -----------------------------------------------------------

@@ -134,12 +134,7 @@ def _check_default_log(paths: Sequence[str], rotated: bool) -> None:
 
 def run(req: ReportRequest, now: datetime | None = None) -> int:
     """Write the report ``req`` asks for, then its warnings on stderr."""
-    out, close = _open_output(req.output, req.format)
-    try:
-        warnings = write_report(req, out, now or _now())
-    finally:
-        if close:
-            out.close()
+    warnings = write_report(req, lambda: _open_output(req.output, req.format), now or _now())
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     return 0

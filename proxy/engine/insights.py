@@ -79,7 +79,6 @@ class CacheRates:
 def derived_savings_units(rec: Mapping[str, Any]) -> int | None:
     """Without a price: families whose cache rates are fixed multiples of the input rate
     (Anthropic) let the record's own input cost give its input rate, hence its savings."""
-
     rules = FAMILY_RULES.get(rec.get("provider_type") or "")
     ic = rec.get("input_cost")
     if rules is None or rules.cached_input is None or not ic:

@@ -32,7 +32,7 @@ from proxy.engine.cube import (
 )
 from proxy.engine.insights import CacheRates, add_habit, derived_savings_units
 from proxy.engine.query import NONE_LABEL, Plan
-from proxy.engine.totals import TOKEN_FIELDS, well_typed
+from proxy.engine.totals import MAX_USD, NUMBER_TYPES, NUMERIC_FIELDS
 
 # --- repeated lines --------------------------------------------------------------------
 #
@@ -108,7 +108,6 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
     DecodeError = orjson.JSONDecodeError
     head, at = LINE_HEAD, TS_AT
     canon_at = CANON_TS_AT.match
-    typed = well_typed
     lo_b, hi_b, lo, hi, keep = plan.lo_b, plan.hi_b, plan.lo, plan.hi, plan.keep
     bounded = lo_b is not None or hi_b is not None
     n = bad = 0
@@ -156,9 +155,6 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
                     continue
             if (lo is not None and ts < lo) or (hi is not None and ts >= hi):
                 continue
-            if not typed(rec):
-                bad += 1
-                continue
             if keep is not None and not keep(rec):
                 continue
             yield rec, ts
@@ -169,7 +165,7 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
         res.duplicate_lines += dups
 
 
-_MEASURE_FIELDS = ("status", "error", "total_cost", "input_cost", "output_cost", *TOKEN_FIELDS)
+_MEASURE_FIELDS = ("status", "error", *NUMERIC_FIELDS)  # NUMERIC_FIELDS: money, then TOKEN_FIELDS
 # One C call fetches every field a row needs from a complete record; older records
 # missing a field take the .get() path.
 _measures = operator.itemgetter(*_MEASURE_FIELDS)
@@ -187,8 +183,30 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
     rates = CacheRates(q.pricebook) if want_sav else None
     first = last = None
     measures = _measures
+    num, max_usd = NUMBER_TYPES, MAX_USD
     want_spans, spans = plan.spans, res.spans
     for rec, ts in select(lines, plan, res, dedupe):
+        try:
+            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = measures(rec)
+        except KeyError:
+            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = [rec.get(f) for f in _MEASURE_FIELDS]
+        # totals.well_typed, on the values in hand: a non-number where we add is a corrupt line.
+        if not (
+            type(cost) in num
+            and type(ic) in num
+            and type(oc) in num
+            and type(t_in) in num
+            and type(t_out) in num
+            and type(t_total) in num
+            and type(cread) in num
+            and type(cwrite) in num
+            and type(reason) in num
+            and (cost is None or -max_usd < cost < max_usd)
+            and (ic is None or -max_usd < ic < max_usd)
+            and (oc is None or -max_usd < oc < max_usd)
+        ):
+            res.bad_lines += 1
+            continue
         if first is None or ts < first:
             first = ts
         if last is None or ts > last:
@@ -200,10 +218,6 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
         row = cells.get(key)
         if row is None:
             row = cells[key] = [0] * ROW_LEN
-        try:
-            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = measures(rec)
-        except KeyError:
-            status, error, cost, ic, oc, t_in, t_out, t_total, cread, cwrite, reason = [rec.get(f) for f in _MEASURE_FIELDS]
         row[REQ] += 1
         if error or (type(status) is int and status >= 400):
             row[ERR] += 1
@@ -235,7 +249,7 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
             row[T_REASON] += reason
         if want_lat:
             ms = rec.get("latency_ms")
-            if ms is not None:
+            if type(ms) is float or type(ms) is int:
                 lk = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
                 h = lat.get(lk)
                 if h is None:

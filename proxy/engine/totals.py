@@ -27,19 +27,21 @@ MONEY_FIELDS = ("total_cost", "input_cost", "output_cost")
 # Every field a reader adds up. A record that gives one of them as anything but a number
 # (or null) is corrupt: summing it would crash the reader or, for a string cost, build
 # a string ten billion times its length (``"1" * 10**10``).
-NUMERIC_FIELDS = (*MONEY_FIELDS, *TOKEN_FIELDS, "cache_write_1h_tokens", "web_search_requests", "latency_ms", "ttft_ms")
-_NUMBER_TYPES = frozenset({int, float})
+NUMERIC_FIELDS = (*MONEY_FIELDS, *TOKEN_FIELDS)
+NUMBER_TYPES = frozenset({int, float, type(None)})
+# No call costs this much; a larger float (1e300) would overflow when made into units.
+MAX_USD = 1e12
 
 
 def well_typed(rec: Mapping[str, Any]) -> bool:
-    """Whether every field readers add up is a number or null: the one test every reader
-    (reports, /health, budget replay, reprice) applies before counting a record."""
-    get = rec.get
-    for name in NUMERIC_FIELDS:
-        v = get(name)
-        if v is not None and type(v) not in _NUMBER_TYPES:
-            return False
-    return True
+    """Whether every field readers add up is a number or null (and an amount of money
+    below ``MAX_USD``): the one test every reader
+    (reports, /health, budget replay, reprice) applies before counting a record. The
+    scan's hot loop (``engine.lines.accumulate``) applies it to the values it already
+    holds; a change here goes there too."""
+    if not NUMBER_TYPES.issuperset(map(type, map(rec.get, NUMERIC_FIELDS))):
+        return False
+    return all(v is None or -MAX_USD < v < MAX_USD for v in map(rec.get, MONEY_FIELDS))
 
 
 @dataclass(slots=True)

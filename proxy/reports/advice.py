@@ -22,7 +22,7 @@ from proxy.engine.insights import (
     Projection,
     project_month,
 )
-from proxy.pricing import name_candidates
+from proxy.pricing import cache_read_rate, name_candidates
 from proxy.reports.model import Report
 from proxy.reports.numbers import share
 
@@ -63,7 +63,6 @@ def cheaper_siblings(name: str, known: Iterable[str]) -> list[str]:
 
 
 def suggestions(r: Report) -> list[str]:
-
     tips: list[tuple[int, str]] = []
     book = r.book
     when = r.now
@@ -112,7 +111,7 @@ def suggestions(r: Report) -> list[str]:
                 price = book.resolve(provider, model, family=family)
                 if price is not None:
                     rates = _base_rates(price, when)
-                    cached = rates.cached_input if rates.cached_input is not None else rates.input
+                    cached = cache_read_rate(rates, family)
                     per10 = (Decimal(h[H_LONG_IN] - h[H_LONG_CACHED]) / 10 * (rates.input - cached)) / MILLION_DEC
                     if per10 > 0:
                         tip += f" (each 10% of it cached saves about {format_usd(per10)})"

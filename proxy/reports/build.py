@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import orjson
 
@@ -91,9 +91,12 @@ def parse_tags(values: Sequence[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def write_report(args: ReportRequest, out: IO[str], now: datetime) -> list[str]:
-    """Run the report ``args`` asks for over the log and write it to ``out``. Returns the
-    warnings for the reader (a config ignored, corrupt or duplicate lines, damaged files)."""
+def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], bool]], now: datetime) -> list[str]:
+    """Run the report ``args`` asks for over the log and write it to the output
+    ``open_output`` gives (the stream, and whether to close it after). The output is
+    opened only once every argument has been checked, so a mistake never truncates a file.
+    Returns the warnings for the reader (a config ignored, corrupt or duplicate lines,
+    damaged files)."""
     warnings: list[str] = []
     tz = get_tz(args.tz)
     window = resolve_window(args, tz, now)
@@ -142,10 +145,10 @@ def write_report(args: ReportRequest, out: IO[str], now: datetime) -> list[str]:
     filters: dict[str, Any] = {
         k: v
         for k, v in (
-            ("provider", args.provider),
-            ("model", args.model),
-            ("user", args.user),
-            ("status", args.status),
+            ("provider", list(args.provider)),
+            ("model", list(args.model)),
+            ("user", list(args.user)),
+            ("status", list(args.status)),
             ("tag", [f"{k}={v}" for k, v in tags]),
         )
         if v
@@ -153,25 +156,30 @@ def write_report(args: ReportRequest, out: IO[str], now: datetime) -> list[str]:
     if args.errors_only:
         filters["errors_only"] = True
 
-    if fmt == "detailed" or (fmt == "csv" and not group_dims):
-        res = ScanResult(dims=(), tz=tz)
-        res.files = files
-        records = iter_selected(files, query, res)
-        report = Report(args, window, now, files, res, group_dims, config, book, filters)
-        if fmt == "detailed":
-            write_detailed(out, records, report)
+    out, close = open_output()
+    try:
+        if fmt == "detailed" or (fmt == "csv" and not group_dims):
+            res = ScanResult(dims=(), tz=tz)
+            res.files = files
+            records = iter_selected(files, query, res)
+            report = Report(args, window, now, files, res, group_dims, config, book, filters)
+            if fmt == "detailed":
+                write_detailed(out, records, report)
+            else:
+                write_request_csv(out, records)
         else:
-            write_request_csv(out, records)
-    else:
-        use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
-        res = scan(files, query, jobs=args.jobs, use_index=use_index)
-        report = Report(args, window, now, files, res, group_dims, config, book, filters)
-        if fmt == "summary":
-            out.write(render_summary(report))
-        elif fmt == "json":
-            out.write(orjson.dumps(report_json(report), option=orjson.OPT_INDENT_2).decode() + "\n")
-        elif fmt == "csv":
-            write_group_csv(out, report)
-        else:
-            out.write(render_series(report, SERIES[fmt]))
+            use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
+            res = scan(files, query, jobs=args.jobs, use_index=use_index)
+            report = Report(args, window, now, files, res, group_dims, config, book, filters)
+            if fmt == "summary":
+                out.write(render_summary(report))
+            elif fmt == "json":
+                out.write(orjson.dumps(report_json(report), option=orjson.OPT_INDENT_2).decode() + "\n")
+            elif fmt == "csv":
+                write_group_csv(out, report)
+            else:
+                out.write(render_series(report, SERIES[fmt]))
+    finally:
+        if close:
+            out.close()
     return warnings + scan_warnings(report.res)

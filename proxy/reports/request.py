@@ -1,5 +1,5 @@
 """What a report is asked for: ``ReportRequest``, built by the command line from its
-options (and by the HTTP API from a query). Plain values only; parsing them into a
+options (and, to come, by the analytics HTTP API from a query). Plain values only; parsing them into a
 time window, filters and dimensions is ``reports.window`` and ``reports.build``."""
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def header_lines(r: Report, title: str) -> list[str]:
         lines.append(
             "Filters: "
             + "  ".join(
-                printable(f"{k}={','.join(v) if isinstance(v, list) else v}", 400) if k != "errors_only" else "errors only"
+                printable(f"{k}={','.join(v) if isinstance(v, (list, tuple)) else v}", 400) if k != "errors_only" else "errors only"
                 for k, v in r.filters.items()
             )
         )

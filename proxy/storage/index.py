@@ -37,7 +37,7 @@ from proxy.storage.tasks import primed, run_tasks, scan_task, worker_plan
 INDEX_VERSION = 2  # 2: repeated lines skipped (an index of version 1 counted them)
 _SEGMENT = 16 << 20  # bytes per indexed segment
 _MIN_SEGMENT = 4 << 20  # a shorter tail is read raw each run rather than indexed
-_INDEX_DIMS = ("provider", "provider_type", "model", "response_model", "endpoint", "status")
+INDEX_DIMS = ("provider", "provider_type", "model", "response_model", "endpoint", "status")
 _INDEX_FILTERABLE = frozenset(("provider", "model", "response_model", "provider_type", "endpoint", "status"))
 
 
@@ -201,7 +201,7 @@ def _build_segment(path: str, a: int, b: int | None, gz: bool) -> dict[str, Any]
 def _use_segment(seg: Mapping[str, Any], plan: Plan, res: ScanResult) -> None:
     """Add an indexed segment that lies wholly inside the window to ``res``."""
     keep, keyf = plan.keep, plan.key
-    nd = len(_INDEX_DIMS)
+    nd = len(INDEX_DIMS)
     for cell in seg["cells"]:
         provider, family, model, response_model, endpoint, status, err, hour = cell[: nd + 2]
         rec = {

@@ -26,7 +26,6 @@ log = logging.getLogger("proxy")
 def load_keys(path: Path) -> list[KeyEntry]:
     """The keys file's entries; a missing file has none. Raises ConfigError naming
     the file, the entry and what is wrong."""
-
     data = read_yaml(path, missing=None)
     if data is None:
         return []

@@ -34,11 +34,15 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Ded
             if bad is not None:
                 bad[0] += 1
             continue
-        if isinstance(rec, dict) and well_typed(rec):
-            if not dd.seen_line(line) and not dd.seen_record(rec):
+        if not isinstance(rec, dict):
+            if bad is not None:
+                bad[0] += 1
+        elif not dd.seen_line(line) and not dd.seen_record(rec):
+            # Judged after the repeat check, as the scan judges it (engine.lines).
+            if well_typed(rec):
                 yield rec
-        elif bad is not None:
-            bad[0] += 1
+            elif bad is not None:
+                bad[0] += 1
 
 
 # --- files -----------------------------------------------------------------------------

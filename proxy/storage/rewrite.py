@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from proxy.engine.reprice import RepriceStats, reprice_lines
 from proxy.pricing import PriceBook
-from proxy.storage.logfiles import open_log
+from proxy.storage.logfiles import is_gzip, open_log
 
 
 def complete_lines(f: Iterable[bytes], tail: bytearray) -> Iterator[bytes]:
@@ -53,7 +53,7 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
     stats = RepriceStats()
     now = now if now is not None else datetime.now(timezone.utc).timestamp()
     if in_place:
-        if src.suffix == ".gz":
+        if is_gzip(src):
             raise ValueError("--in-place does not rewrite compressed files; use --out")
         fd, tmp = tempfile.mkstemp(prefix=src.name + ".", suffix=".reprice", dir=src.parent)
         try:

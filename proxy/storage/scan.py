@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 from proxy.engine.cube import ScanResult, new_result
 from proxy.engine.lines import Dedupe, select
 from proxy.engine.query import Plan, Query, compile_query
+from proxy.engine.totals import well_typed
 from proxy.storage.index import index_answers, scan_indexed
 from proxy.storage.logfiles import is_gzip, open_log
 from proxy.storage.tasks import default_jobs, mp_methods, scan_task, worker_plan
@@ -93,6 +94,9 @@ def iter_selected(paths: Sequence[Path], query: Query, res: ScanResult | None = 
         try:
             with open_log(p) as f:
                 for rec, ts in select(f, plan, res, dedupe):
+                    if not well_typed(rec):
+                        res.bad_lines += 1  # as the scan counts it (engine.lines.accumulate)
+                        continue
                     if res.first_ts is None or ts < res.first_ts:
                         res.first_ts = ts
                     if res.last_ts is None or ts > res.last_ts:

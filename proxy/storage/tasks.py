@@ -32,7 +32,7 @@ def worker_plan(plan: Plan) -> Iterator[None]:
         _WORKER_PLAN = None
 
 
-def _lines_in_range(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
+def lines_in_range(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
     """Lines that *start* in [start, end): each line belongs to exactly one range."""
     if start:
         f.seek(start - 1)
@@ -61,9 +61,9 @@ def primed(f: IO[bytes], plan: Plan, start: int) -> Dedupe:
     dd = Dedupe()
     if start > 0:
         begin = max(0, start - _DEDUPE_OVERLAP)
-        f.seek(begin)  # (_lines_in_range seeks itself only past byte 0)
+        f.seek(begin)  # (lines_in_range seeks itself only past byte 0)
         scratch = new_result(plan)
-        for _ in select(_lines_in_range(f, begin, start), plan, scratch, dd):
+        for _ in select(lines_in_range(f, begin, start), plan, scratch, dd):
             pass
     return dd
 
@@ -79,7 +79,7 @@ def scan_task(task: tuple[str, int, int | None]) -> ScanResult:
                 accumulate(f, plan, res)
             else:
                 dedupe = primed(f, plan, start)
-                accumulate(_lines_in_range(f, start, end), plan, res, dedupe)
+                accumulate(lines_in_range(f, start, end), plan, res, dedupe)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
         # A truncated or damaged gzip: keep what was read, say so.
         res.broken_files.append(f"{path}: {type(e).__name__}: {e}")
@@ -101,5 +101,4 @@ def run_tasks(fn: Callable[[Any], Any], tasks: list[Any], jobs: int) -> list[Any
 
 
 def mp_methods() -> list[str]:
-
     return multiprocessing.get_all_start_methods()

@@ -214,7 +214,6 @@ def reserve(
 
 
 def _header_text(text: str) -> str:
-
     return quote(text, safe=" :=*'@+-._/%,()")
 
 

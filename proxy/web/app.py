@@ -16,6 +16,7 @@ from proxy.config import Config, pricebook_for
 from proxy.core.estimate import warm_up
 from proxy.defaults import default_log_path
 from proxy.engine.totals import RollingWindow
+from proxy.storage.keyfile import load_keys
 from proxy.storage.logfiles import records_since
 from proxy.storage.logwriter import JsonlWriter
 from proxy.web.access import add_budget_headers, setup_access
@@ -43,6 +44,9 @@ def create_app(
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or default_log_path())
     window = RollingWindow()
+    if config.auth is not None:
+        # A broken keys file stops start-up (ConfigError) before anything is created on disk.
+        load_keys(config.auth.keys_file)
     writer = None
     if config.cost_tracking:
         load_window(path, window, time.time())

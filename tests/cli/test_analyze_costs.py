@@ -429,7 +429,7 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
 def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None, capsys: pytest.CaptureFixture[str]) -> None:
     from proxy.engine.cube import REQ
     from proxy.engine.query import Query
-    from proxy.storage.index import _INDEX_DIMS, index_path
+    from proxy.storage.index import INDEX_DIMS, index_path
     from proxy.storage.scan import scan
 
     recs = make_records(3000, seed=11, days=10)
@@ -440,7 +440,7 @@ def test_index_never_disagrees_with_the_log(tmp_path: Path, small_segments: None
     assert len(segs) > 10 and segs[0]["a"] == 0 and all(x["b"] == y["a"] for x, y in zip(segs, segs[1:]))
     # The index is what answers: with the file untouched, a forged roll-up is believed.
     forged = json.loads(json.dumps(index))
-    forged["segments"][0]["cells"][0][len(_INDEX_DIMS) + 2 + REQ] += 1000
+    forged["segments"][0]["cells"][0][len(INDEX_DIMS) + 2 + REQ] += 1000
     index_path(log).write_bytes(orjson.dumps(forged))
     assert scan([log], Query(dims=("provider",)), jobs=1).totals().requests == len(recs) + 1000
     index_path(log).write_bytes(orjson.dumps(index))

@@ -328,7 +328,17 @@ def test_a_broken_keys_file_stops_start_up(tmp_path):
         create_app(config, tmp_path / "cost.jsonl")
     (tmp_path / "config.yml").write_text(yaml.safe_dump(_cfg(tmp_path, {"keys_file": str(kf)})))
     res = subprocess.run(
-        [sys.executable, "-m", "proxy", "--config", str(tmp_path / "config.yml"), "--port", "1"],
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(tmp_path / "config.yml"),
+            "--port",
+            "1",
+            "--log-file",
+            str(tmp_path / "logs" / "cost.jsonl"),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -336,6 +346,7 @@ def test_a_broken_keys_file_stops_start_up(tmp_path):
     )
     assert res.returncode == 2 and str(kf) in res.stderr and "not valid YAML" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "logs").exists()  # stopped before the log (or its directory) was created
 
 
 def test_key_store_admins_and_reloading(tmp_path, caplog):

@@ -21,7 +21,7 @@ from proxy.storage import scan as scan_module
 from proxy.storage.index import index_answers, index_path
 from proxy.storage.logfiles import log_files, order_files
 from proxy.storage.scan import scan
-from proxy.storage.tasks import _lines_in_range
+from proxy.storage.tasks import lines_in_range
 from tests.support.analyze_cli import NOW, expect, make_records
 from tests.support.synthlog import dumps, write_log
 
@@ -103,7 +103,7 @@ def test_line_ranges_give_each_line_to_exactly_one_task(tmp_path: Path) -> None:
         got = []
         for s in range(0, size, chunk):
             with open(p, "rb") as f:
-                got += list(_lines_in_range(f, s, min(s + chunk, size)))
+                got += list(lines_in_range(f, s, min(s + chunk, size)))
         assert got == lines, chunk
 
 

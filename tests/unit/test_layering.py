@@ -194,3 +194,16 @@ def test_the_checks_catch_what_they_are_for(source: str, problem: str) -> None:
         assert imp.target.startswith(".")
     else:
         assert imp.target in WEB_ONLY
+
+
+def test_no_private_name_crosses_a_module_line() -> None:
+    """``from proxy.x import _name`` anywhere in the package or its tests: a private name
+    used outside its module is a public one in disguise (give it a public name)."""
+    roots = [PACKAGE, PACKAGE.parent / "tests", PACKAGE.parent / "bench", PACKAGE.parent / "scripts"]
+    bad = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("proxy"):
+                    bad += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, "\n".join(bad)

@@ -313,10 +313,14 @@ def test_a_record_with_a_non_number_where_readers_add_is_corrupt_for_every_reade
         assert dumps(bad) in out  # an unreadable line is copied as it is
 
 
-def test_a_string_cost_in_the_log_is_a_warning_for_the_report_not_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cost", ["1", 1e300, -1e300])
+def test_a_string_or_absurd_cost_in_the_log_is_a_warning_not_a_crash(tmp_path: Path, cost: Any) -> None:
+    # 1e300 is a number, but as 1e-10 units it overflows to infinity (OverflowError).
     recs = sample(5, seed=12, days=1)
-    bad = {**recs[0], "total_cost": "1", "input_cost": "0.5", "request_id": "req_hostile"}
+    bad = {**recs[0], "total_cost": cost, "input_cost": cost, "request_id": "req_hostile", "record_id": "rec_hostile"}
     (tmp_path / "cost.jsonl").write_bytes(b"".join(dumps(r) for r in recs) + dumps(bad))
+    since = (NOW - timedelta(days=2)).timestamp()
+    assert len(list(records_since(tmp_path / "cost.jsonl", since))) == len(recs)
     for fmt in ("summary", "detailed", "csv", "json"):
         p = run("--log-file", str(tmp_path / "cost.jsonl"), "--since", "all", "--format", fmt)
         assert "warning: skipped 1 corrupt or incomplete line" in p.stderr, fmt
