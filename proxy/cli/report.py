@@ -19,7 +19,6 @@ from proxy.core.periods import NAMED_PERIODS
 from proxy.errors import UsageError
 from proxy.reports.build import write_report
 from proxy.reports.request import FORMATS, ReportRequest
-from proxy.storage.logfiles import log_files
 
 UTC = timezone.utc
 
@@ -118,18 +117,9 @@ def _many(*decls: str, metavar: str | None = None, help: str) -> Any:
 @click.pass_context
 def report(ctx: click.Context, log_file: tuple[str, ...], all_sections: bool, fmt: str, **options: Any) -> int:
     """What did we spend, on what, for whom: reports from the proxy's JSONL cost log."""
-    if log_from_default(ctx):
-        _check_default_log(log_file, rotated=not options["no_rotated"])
-    req = ReportRequest(file=tuple(log_file), format=fmt, **options)
+    # An unnamed log is left to the report (file=()), whose error then says how to name one.
+    req = ReportRequest(file=() if log_from_default(ctx) else tuple(log_file), format=fmt, **options)
     return run(req.with_all_sections() if all_sections else req)
-
-
-def _check_default_log(paths: Sequence[str], rotated: bool) -> None:
-    # Only here is it known that the log was not named, so only here can the error say how to name it.
-    try:
-        log_files(paths, rotated=rotated)
-    except FileNotFoundError as e:
-        raise UsageError(f"no log found at {e.args[0]} (set COST_TRACKING_FILE or pass --log-file)") from None
 
 
 def run(req: ReportRequest, now: datetime | None = None) -> int:

@@ -106,10 +106,10 @@ def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], b
     needs_config = bool(args.model or args.savings or args.suggest)
     config = optional_config(args.config, needs_config, warnings)
     book = pricebook(config) if (args.savings or args.suggest) else None
-    aliases: dict[str, str] = dict(getattr(config, "aliases", {}) or {}) if config else {}
+    aliases: dict[str, str] = dict(config.aliases) if config else {}
     if config is not None:
         for p in config.providers.values():
-            aliases.update(getattr(p, "aliases", {}) or {})
+            aliases.update(p.aliases)
 
     fmt = args.format
     # The cube always keeps provider and model (summary tables and sections need them),

@@ -22,7 +22,6 @@ from proxy.core.money import cost_units, format_usd, units_to_usd
 from proxy.core.policy import unpriced_refusal_message, worst_case_usage
 from proxy.pricing import price_call
 from proxy.providers import Adapter, Endpoint
-from proxy.storage.keyfile import KeyStore
 from proxy.storage.replay import replay_log
 from proxy.web.bodies import BodyDigest
 from proxy.web.calls import Call, console_safe, dumps_json, refuse
@@ -41,10 +40,10 @@ _BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys 
 
 
 def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) -> None:
-    """Key store and budget ledger, the ledger rebuilt from the log's current periods."""
+    """Budget ledger, rebuilt from the log's current periods (``state.keys``, with
+    auth:, is made first, by ``create_app``)."""
     config = state.config
-    if config.auth is not None:
-        state.keys = KeyStore(config.auth.keys_file, config.auth.admin_hashes)
+    if config.auth is not None and state.keys is not None:
         if not state.keys.entries:
             log.warning("auth: no keys in %s yet; create one with `python -m proxy keys create --user NAME`", config.auth.keys_file)
     if not config.cost_tracking or (config.budgets is None and config.auth is None):

@@ -16,7 +16,7 @@ from proxy.config import Config, pricebook_for
 from proxy.core.estimate import warm_up
 from proxy.defaults import default_log_path
 from proxy.engine.totals import RollingWindow
-from proxy.storage.keyfile import load_keys
+from proxy.storage.keyfile import KeyStore
 from proxy.storage.logfiles import records_since
 from proxy.storage.logwriter import JsonlWriter
 from proxy.web.access import add_budget_headers, setup_access
@@ -44,14 +44,13 @@ def create_app(
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or default_log_path())
     window = RollingWindow()
-    if config.auth is not None:
-        # A broken keys file stops start-up (ConfigError) before anything is created on disk.
-        load_keys(config.auth.keys_file)
+    # A broken keys file stops start-up (ConfigError) before anything is created on disk.
+    keys = KeyStore(config.auth.keys_file, config.auth.admin_hashes) if config.auth is not None else None
     writer = None
     if config.cost_tracking:
         load_window(path, window, time.time())
         writer = JsonlWriter(path)
-    state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set())
+    state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set(), keys=keys)
     app[APP_STATE] = state
     setup_access(state, path, clock)
     if state.budgets is not None:  # a signal per response costs; only when there are budgets

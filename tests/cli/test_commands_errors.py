@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.cli import main
 from proxy.cli.app import cli
-from proxy.core.timestamps import iso_ms
+from tests.support.records import gpt4o_call
 
 PROG = "python -m proxy"
 
@@ -31,20 +31,7 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 
 def record(i: int, **extra: object) -> dict[str, object]:
-    return {
-        "timestamp": iso_ms(time.time() - 60 - i),
-        "provider": "openai",
-        "provider_type": "openai",
-        "model": "gpt-4o",
-        "response_model": "gpt-4o-2024-08-06",
-        "status": 200,
-        "input_tokens": 1000,
-        "output_tokens": 100,
-        "total_tokens": 1100,
-        "total_cost": 0.0035,
-        "user_id": "alice",
-        **extra,
-    }
+    return gpt4o_call(time.time() - 60 - i, **extra)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli.app import cli
-from proxy.core.timestamps import iso_ms
+from tests.support.records import gpt4o_call
 
 PROG = "python -m proxy"
 PRICED = (
@@ -25,21 +25,7 @@ PRICED = (
 
 
 def record(i: int, user: str = "alice", key: str | None = None, model: str = "gpt-4o") -> dict[str, Any]:
-    return {
-        "timestamp": iso_ms(time.time() - 3600 + i),
-        "provider": "openai",
-        "provider_type": "openai",
-        "model": model,
-        "response_model": model,
-        "status": 200,
-        "input_tokens": 1000,
-        "output_tokens": 100,
-        "total_tokens": 1100,
-        "cache_read_tokens": 0,
-        "total_cost": 0.0035,
-        "user_id": user,
-        "key_id": key,
-    }
+    return gpt4o_call(time.time() - 3600 + i, model=model, response_model=model, cache_read_tokens=0, user_id=user, key_id=key)
 
 
 def write_log(path: Path, recs: list[dict[str, Any]]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.timestamps import iso_ms
+from tests.support.records import gpt4o_call
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPE_BUFFER = 1 << 16  # Linux's default; the output below is many times this
@@ -26,19 +26,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     now = time.time()
     with (d / "cost.jsonl").open("w") as f:
         for i in range(USERS):
-            rec = {
-                "timestamp": iso_ms(now - 600 + i * 0.1),
-                "provider": "openai",
-                "provider_type": "openai",
-                "model": "gpt-4o",
-                "response_model": "gpt-4o-2024-08-06",
-                "status": 200,
-                "input_tokens": 1000,
-                "output_tokens": 100,
-                "total_tokens": 1100,
-                "total_cost": 0.0035,
-                "user_id": f"user-{i:05d}",
-            }
+            rec = gpt4o_call(now - 600 + i * 0.1, user_id=f"user-{i:05d}")
             f.write(json.dumps(rec) + "\n")
     # One budget per user: `budgets --json` writes a line for each of them.
     (d / "config.yml").write_text("budgets:\n  limits:\n    - {scope: user, period: monthly, usd: 100}\n")

@@ -7,6 +7,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
+from proxy.core.timestamps import iso_ms
 from tests.support.config import ALL_KEYS
 
 RECORD_FIELDS = {
@@ -102,3 +103,22 @@ def parse_log(text: str) -> list[dict]:
 def assert_no_secrets(text: str, *secrets: str) -> None:
     for s in secrets or ALL_KEYS:
         assert s not in text, f"a key leaked into the log: {s[:8]}…"
+
+
+def gpt4o_call(ts: float, **fields: Any) -> dict[str, Any]:
+    """A plain priced gpt-4o call stamped at ``ts`` (1,000 in, 100 out, $0.0035), as the
+    CLI tests' small logs hold them; ``fields`` override or add to it."""
+    return {
+        "timestamp": iso_ms(ts),
+        "provider": "openai",
+        "provider_type": "openai",
+        "model": "gpt-4o",
+        "response_model": "gpt-4o-2024-08-06",
+        "status": 200,
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "total_tokens": 1100,
+        "total_cost": 0.0035,
+        "user_id": "alice",
+        **fields,
+    }
