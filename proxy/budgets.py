@@ -69,13 +69,18 @@ class Limit:
         return self.name(self.match)
 
     def name(self, value: str | None) -> str:
-        """One budget: the limit applied to one value (``user:bob daily``)."""
+        """One budget: the limit applied to one value (``user:bob daily``). A limit for
+        each value, applied to one, says so (``user:bob daily (each user)``): beside a
+        limit set for bob alone, two budgets are never shown under one name."""
         head = self.scope
         if self.scope == "tag":
             head += f":{self.tag}" + (f"={value}" if value is not None else "")
         elif self.scope != "global" and value is not None:
             head += f":{value}"
-        return f"{head} {self.period}" if self.period else head
+        name = f"{head} {self.period}" if self.period else head
+        if value is not None and self.match is None and self.scope != "global":
+            name += f" (each {self.tag if self.scope == 'tag' else self.scope})"
+        return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +212,8 @@ class Decision:
 def refusal_message(state: BudgetState, worst: int) -> str:
     limit = state.limit
     resets = f"resets at {iso(state.end)}" if state.end != _INF else "does not reset (session budget)"
-    scope_note = ""
-    if limit.match is None and limit.scope != "global":
-        scope_note = f" (a limit for each {limit.scope if limit.scope != 'tag' else 'value of tag ' + str(limit.tag)})"
     return (
-        f"Budget exceeded: {state.name}{scope_note} has a limit of {format_usd(limit.units, exact=True)} and "
+        f"Budget exceeded: {state.name} has a limit of {format_usd(limit.units, exact=True)} and "
         f"{format_usd(state.spent, exact=True)} is spent"
         + (f" (+{format_usd(state.reserved, exact=True)} held by calls in progress)" if state.reserved else "")
         + f"; this call may cost up to {format_usd(worst, exact=True)}. The budget {resets}."

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,7 +21,18 @@ from proxy.core.money import usd_to_units
 from proxy.core.periods import PERIODS
 from proxy.errors import ConfigError
 from proxy.keys import KEY_PREFIX, SHA256_HEX, AuthConfig
-from proxy.pricing import ModelPrice, PriceBook, PriceSpecError, name_candidates, normalize_model, parse_model_price
+from proxy.pricing import (
+    PERIOD_KEYS,
+    SERVICE_TIER_KEYS,
+    SERVICE_TIERS,
+    TIER_KEYS,
+    ModelPrice,
+    PriceBook,
+    PriceSpecError,
+    name_candidates,
+    normalize_model,
+    parse_model_price,
+)
 from proxy.providers import ADAPTERS
 
 log = logging.getLogger("proxy")
@@ -41,7 +53,25 @@ class ProviderConfig:
     max_output: Mapping[str, int] = field(default_factory=dict)
 
 
+# The keys each level of config.yml knows. Anything else is refused (check_keys): a typo
+# would otherwise be ignored in silence, and some cost money or leak (a misspelt
+# providers.*.api_key sends the client's own key upstream instead).
+_TOP_KEYS = ("features", "catalog", "aliases", "server", "providers", "auth", "budgets")
+_FEATURES_KEYS = ("cost_tracking",)
+_ENABLED_KEYS = ("enabled",)
+_SERVER_KEYS = ("connect_timeout", "read_timeout", "max_body_mb", "shutdown_timeout")
+_PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "aliases")
 _MODEL_KEYS = ("pricing", "max_output_tokens")
+
+
+def client_base_path(provider: ProviderConfig) -> str:
+    """The path on the proxy a client's SDK takes as its base URL: ``/NAME`` (the proxy
+    appends what the client sends to ``base_url``), plus ``/v1`` for an OpenAI-type
+    provider whose ``base_url`` does not end in ``/v1`` already, since the OpenAI SDKs
+    expect the ``/v1`` in their base URL and add only ``/chat/completions``."""
+    if provider.type == "openai" and not provider.base_url.endswith("/v1"):
+        return f"/{provider.name}/v1"
+    return f"/{provider.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +111,64 @@ def _mapping(value: Any, path: str, key: str) -> Mapping[str, Any]:
     return value
 
 
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def unknown_key_reason(name: str, known: Iterable[str], what: str = "key") -> str:
+    """Why ``name`` is refused: the closest known key, or all of them when none is close."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what}; did you mean '{close[0]}'?"
+    return f"unknown {what}; known {what}s: {', '.join(names)}"
+
+
+def check_keys(spec: Mapping[Any, Any], known: Iterable[str], path: str, key: str) -> None:
+    """Every key of the mapping ``spec`` (found at ``key``, "" for the top level) is
+    one of ``known``; the first that is not raises ConfigError with its key path and
+    the closest known key. The one check every level of config.yml goes through."""
+    allowed = frozenset(known)
+    for name in spec:
+        if name not in allowed:
+            raise ConfigError(path, _join(key, name), unknown_key_reason(str(name), allowed))
+
+
+def _section(value: Any, path: str, key: str, known: Iterable[str]) -> Mapping[str, Any]:
+    """A mapping section (absent: empty) whose keys are all known."""
+    spec = _mapping(value, path, key)
+    check_keys(spec, known, path, key)
+    return spec
+
+
+def _check_pricing_keys(spec: Any, path: str, key: str) -> None:
+    """The keys of a ``pricing:`` block, its periods, tiers and service tiers, before
+    pricing.py parses the values (it reads only the rate keys it knows in a tier)."""
+    periods = spec if isinstance(spec, list) else [spec]
+    for i, period in enumerate(periods):
+        pkey = f"{key}[{i}]" if isinstance(spec, list) else key
+        if not isinstance(period, Mapping):
+            continue  # pricing.py says what a period must be
+        check_keys(period, PERIOD_KEYS, path, pkey)
+        _check_tier_keys(period.get("tiers"), path, f"{pkey}.tiers")
+        service = period.get("service_tiers")
+        if isinstance(service, Mapping):
+            for name, sspec in service.items():
+                skey = f"{pkey}.service_tiers.{name}"
+                if str(name).lower() not in SERVICE_TIERS:  # a name no reply would ever match
+                    raise ConfigError(path, skey, unknown_key_reason(str(name), SERVICE_TIERS, "service tier"))
+                if isinstance(sspec, Mapping):
+                    check_keys(sspec, SERVICE_TIER_KEYS, path, skey)
+                    _check_tier_keys(sspec.get("tiers"), path, f"{skey}.tiers")
+
+
+def _check_tier_keys(tiers: Any, path: str, key: str) -> None:
+    if isinstance(tiers, list):
+        for i, tier in enumerate(tiers):
+            if isinstance(tier, Mapping):
+                check_keys(tier, TIER_KEYS, path, f"{key}[{i}]")
+
+
 def _number(value: Any, path: str, key: str, default: float) -> float:
     if value is None:
         return default
@@ -115,14 +203,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: Any, path: str = "config.yml") -> Config:
-    root = _mapping(data, path, "")
-    features = _mapping(root.get("features"), path, "features")
-    tracking = _mapping(features.get("cost_tracking"), path, "features.cost_tracking")
+    root = _section(data, path, "", _TOP_KEYS)
+    features = _section(root.get("features"), path, "features", _FEATURES_KEYS)
+    tracking = _section(features.get("cost_tracking"), path, "features.cost_tracking", _ENABLED_KEYS)
     enabled = tracking.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(path, "features.cost_tracking.enabled", f"expected true or false, got {enabled!r}")
 
-    catalog = _mapping(root.get("catalog"), path, "catalog").get("enabled", True)
+    catalog = _section(root.get("catalog"), path, "catalog", _ENABLED_KEYS).get("enabled", True)
     if not isinstance(catalog, bool):
         raise ConfigError(path, "catalog.enabled", f"expected true or false, got {catalog!r}")
     aliases = _aliases(root.get("aliases"), path, "aliases")
@@ -142,7 +230,7 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
                 )
     budgets = parse_budgets(root.get("budgets"), path, enabled)
 
-    server = _mapping(root.get("server"), path, "server")
+    server = _section(root.get("server"), path, "server", _SERVER_KEYS)
     max_body = server.get("max_body_mb", 64)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ConfigError(path, "server.max_body_mb", f"expected a whole number of megabytes, got {max_body!r}")
@@ -172,7 +260,7 @@ def _aliases(value: Any, path: str, key: str) -> dict[str, str]:
 
 def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
     key = f"providers.{name}"
-    spec = _mapping(spec, path, key)
+    spec = _section(spec, path, key, _PROVIDER_KEYS)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(path, key, "provider names may use only letters, digits, '.', '_' and '-' (they become URL paths)")
     family = spec.get("type", name if name in ADAPTERS else None)
@@ -193,10 +281,7 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
     max_output: dict[str, int] = {}
     for model, mspec in _mapping(spec.get("models"), path, f"{key}.models").items():
         mkey = f"{key}.models.{model}"
-        mspec = _mapping(mspec, path, mkey)
-        for k in mspec:
-            if k not in _MODEL_KEYS:
-                raise ConfigError(path, f"{mkey}.{k}", f"unknown setting; known: {', '.join(_MODEL_KEYS)}")
+        mspec = _section(mspec, path, mkey, _MODEL_KEYS)
         if "max_output_tokens" in mspec:
             limit = mspec["max_output_tokens"]
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -216,6 +301,7 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
         # Without pricing, an entry only sets the output limit: the price comes from the
         # catalog (or the model stays unpriced).
         if "pricing" in mspec:
+            _check_pricing_keys(mspec["pricing"], path, f"{mkey}.pricing")
             try:
                 models[str(model)] = parse_model_price(str(model), mspec["pricing"], f"{mkey}.pricing")
             except PriceSpecError as e:
@@ -243,9 +329,7 @@ def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsC
         return None
     if not isinstance(value, Mapping):
         raise ConfigError(path, "budgets", f"expected a mapping, got {type(value).__name__}")
-    for k in value:
-        if k not in _BUDGET_KEYS:
-            raise ConfigError(path, f"budgets.{k}", f"unknown setting; known: {', '.join(sorted(_BUDGET_KEYS))}")
+    check_keys(value, _BUDGET_KEYS, path, "budgets")
     if not cost_tracking:
         raise ConfigError(path, "budgets", "budgets need features.cost_tracking.enabled: spend is counted from the records")
     tz = value.get("timezone", "UTC")
@@ -282,9 +366,7 @@ def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsC
 def _parse_limit(spec: Any, path: str, key: str) -> Limit:
     if not isinstance(spec, Mapping):
         raise ConfigError(path, key, "expected a mapping such as {scope: user, period: daily, usd: 5}")
-    for k in spec:
-        if k not in _LIMIT_KEYS:
-            raise ConfigError(path, f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(_LIMIT_KEYS))}")
+    check_keys(spec, _LIMIT_KEYS, path, key)
     scope = spec.get("scope")
     if scope not in SCOPES:
         raise ConfigError(path, f"{key}.scope", f"expected one of {', '.join(SCOPES)}; got {scope!r}")
@@ -320,6 +402,7 @@ def load_sections(config_path: str) -> tuple[AuthConfig | None, BudgetsConfig | 
     data = read_yaml(config_path) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(config_path, "", "expected a mapping")
+    check_keys(data, _TOP_KEYS, config_path, "")
     return parse_auth(data.get("auth"), config_path), parse_budgets(data.get("budgets"), config_path)
 
 
@@ -332,9 +415,7 @@ def parse_auth(value: Any, path: str) -> AuthConfig | None:
         return None
     if not isinstance(value, Mapping):
         raise ConfigError(path, "auth", f"expected a mapping, got {type(value).__name__}")
-    for k in value:
-        if k not in _AUTH_KEYS:
-            raise ConfigError(path, f"auth.{k}", f"unknown setting; known: {', '.join(sorted(_AUTH_KEYS))}")
+    check_keys(value, _AUTH_KEYS, path, "auth")
     keys_file = value.get("keys_file", "keys.yml")
     if not isinstance(keys_file, str) or not keys_file:
         raise ConfigError(path, "auth.keys_file", f"expected a file name such as keys.yml, got {keys_file!r}")

@@ -132,6 +132,8 @@ _VARIANT_NAMES = {
     "fast": "fast",
     "scale": "scale",
 }
+# The variant names a price's ``service_tiers`` may use (config.py checks them).
+SERVICE_TIERS = frozenset(_VARIANT_NAMES.values())
 
 
 def price_variants(service_tier: str | None, speed: str | None = None) -> tuple[str, ...]:
@@ -275,6 +277,10 @@ class PriceBook:
 
 _RATE_KEYS = {f.name for f in fields(Rates)}
 _PERIOD_KEYS = _RATE_KEYS | {"until", "tiers", "service_tiers"}
+# The keys of one price period, of a long-context tier and of a service tier (config.py checks them).
+PERIOD_KEYS = frozenset(_PERIOD_KEYS)
+TIER_KEYS = frozenset(_RATE_KEYS | {"above"})
+SERVICE_TIER_KEYS = frozenset(_RATE_KEYS | {"tiers"})
 
 
 class PriceSpecError(ValueError):

@@ -7,6 +7,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from proxy.bootstrap import ensure_dependencies  # noqa: E402
+
+ensure_dependencies()  # with a Python that lacks them, re-run with ./.venv's
+
 from proxy.cli.report import main  # noqa: E402
 
 if __name__ == "__main__":

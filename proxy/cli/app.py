@@ -1,14 +1,14 @@
-"""The root command: ``python -m proxy [serve|report|keys|budgets|pricing|reprice]``."""
+"""The root command: ``python -m proxy [serve|report|keys|budgets|pricing|reprice|log|stats|export|demo|simulate]``."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
 from typing import Any, Sequence
 
 import click
 
 from proxy.cli.base import CONTEXT, Lazy, LazyGroup
+from proxy.defaults import version
 
 # A new command is one module in proxy/cli/ and one line here.
 COMMANDS = {
@@ -18,14 +18,12 @@ COMMANDS = {
     "budgets": Lazy("proxy.cli.budgets", "budgets", "Each budget's limit, spend, remaining and reset time."),
     "pricing": Lazy("proxy.cli.pricing", "pricing", "A model's price, unpriced models, catalog prices into config.yml."),
     "reprice": Lazy("proxy.cli.reprice", "reprice", "Recompute the costs of a log with today's prices."),
+    "log": Lazy("proxy.cli.log", "log", "Record a call made outside the proxy, priced like any other."),
+    "stats": Lazy("proxy.cli.stats", "stats", "The quick numbers: spend and calls today, this week, this month."),
+    "export": Lazy("proxy.cli.export", "export", "One row per request as CSV, JSON or JSONL, for accounting."),
+    "demo": Lazy("proxy.cli.demo", "demo", "Try it without a provider key: the proxy before a simulated provider."),
+    "simulate": Lazy("proxy.cli.simulate", "simulate", "Run the simulated provider alone (OpenAI, Anthropic and Gemini shapes)."),
 }
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("llm-cost-proxy")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -82,6 +82,17 @@ def keys_file_option(help: str = "the keys file, instead of the one the config's
     return click.option("--keys-file", metavar="PATH", default=None, help=help)
 
 
+def category_option() -> Callable[[FC], FC]:
+    """``--category C``: the cost tracker's categories, which are the ``category`` tag
+    here (``--category search`` is ``--tag category=search``); repeatable."""
+    return click.option("--category", "category", multiple=True, metavar="C", help="shorthand for --tag category=C; repeatable")
+
+
+def with_category(tags: Sequence[str], categories: Sequence[str]) -> tuple[str, ...]:
+    """The tag filters with each ``--category`` added as ``category=C``."""
+    return (*tags, *(f"category={c}" for c in categories))
+
+
 AFTER = "(also accepted before the action)"
 
 

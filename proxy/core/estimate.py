@@ -15,9 +15,13 @@ from collections import deque
 from functools import lru_cache
 from typing import Any, Callable
 
-# Chat formats wrap every message in a few tokens (role, separators) and prime the
-# reply with a few more; OpenAI's cookbook gives 3 and 3 for current models.
+# Chat formats wrap every message in a few tokens (separators) and prime the reply with
+# a few more; OpenAI's cookbook (num_tokens_from_messages) gives 3 and 3 for current
+# models, plus every value of the message encoded on its own (the role too) and one
+# more for a `name`. Counted that way, a chat prompt is estimated exactly as OpenAI
+# counts it (docs/providers.md §10).
 PER_MESSAGE_TOKENS = 3
+PER_NAME_TOKENS = 1
 REPLY_PRIMER_TOKENS = 3
 # Keep at most this much relayed text before counting it, so memory stays flat.
 _TEXT_BUFFER_CHARS = 16_384
@@ -176,12 +180,41 @@ def _messages(body: dict[str, Any]) -> int:
     return 1
 
 
+def _text_tokens(value: object, model: str | None) -> int:
+    parts: list[str] = []
+    _collect(value, parts)
+    return count_tokens("\n".join(parts), model)
+
+
+def chat_messages_tokens(messages: list[Any], model: str | None = None) -> int:
+    """A Chat Completions ``messages`` list as OpenAI counts it: per message the framing
+    plus each string value encoded separately (role, content, name); a ``content`` list
+    counts its text parts, other values (tool calls) their text."""
+    total = 0
+    for message in messages:
+        total += PER_MESSAGE_TOKENS
+        if not isinstance(message, dict):
+            total += _text_tokens(message, model)
+            continue
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += count_tokens(value, model)
+                if key == "name":
+                    total += PER_NAME_TOKENS
+            elif key == "content" and isinstance(value, list):
+                total += sum(_text_tokens(part, model) for part in value)
+            elif key not in _SKIP_KEYS:
+                total += _text_tokens(value, model)
+    return total
+
+
 def estimate_input_tokens(body: object, model: str | None = None) -> int:
     """Input tokens of a request body of any family: its text plus message framing.
     Images, audio and files are not counted (they are priced per provider rules)."""
     if not isinstance(body, dict):
         return 0
-    parts: list[str] = []
-    _collect(body, parts)
-    text = "\n".join(parts)
-    return count_tokens(text, model) + PER_MESSAGE_TOKENS * _messages(body) + REPLY_PRIMER_TOKENS
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        rest = {k: v for k, v in body.items() if k != "messages"}
+        return chat_messages_tokens(messages, model) + _text_tokens(rest, model) + REPLY_PRIMER_TOKENS
+    return _text_tokens(body, model) + PER_MESSAGE_TOKENS * _messages(body) + REPLY_PRIMER_TOKENS

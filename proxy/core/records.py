@@ -1,7 +1,10 @@
 """The JSONL record: one line per call. Pure functions only.
 
-Schema (``schema_version`` 1) is documented in docs/records.md; fields are only ever
-added, so readers of older lines keep working.
+Schema (``schema_version`` 2) is documented in docs/records.md; fields are only ever
+added, so readers of older lines keep working. Version 2 changed one meaning: ``endpoint``
+is the path the client called on the proxy (``/openai/v1/chat/completions``), where
+version 1 wrote the path after the provider's name (``/v1/chat/completions``);
+``upgrade_record`` maps a version-1 record as it is read.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, overload
 
 import orjson
 
 from proxy.core.money import Cost
 from proxy.core.usage import CallInfo, Usage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Client-chosen strings (model names, provider names from the path) are kept to this
 # many characters in a record: a 4 MB model name must not cost 4 MB per line.
@@ -32,10 +35,29 @@ _ID_PREFIX = os.urandom(6).hex()
 _ids = itertools.count(1)
 
 
+def upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record of an older schema in the current one's terms, changed in place.
+
+    Version 1's ``endpoint`` was the path after the provider's name, so the path the
+    client called is exactly ``/{provider}`` before it (docs/records.md, "Versions")."""
+    if rec.get("schema_version") == 1:
+        endpoint, provider = rec.get("endpoint"), rec.get("provider")
+        if isinstance(endpoint, str) and isinstance(provider, str) and endpoint.startswith("/"):
+            rec["endpoint"] = cap_name(f"/{provider}{endpoint}")
+        rec["schema_version"] = SCHEMA_VERSION
+    return rec
+
+
 def new_record_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
+@overload
+def cap_name(text: str) -> str: ...
+@overload
+def cap_name(text: None) -> None: ...
+@overload
+def cap_name(text: str | None) -> str | None: ...
 def cap_name(text: str | None) -> str | None:
     """A client-chosen name cut to ``MAX_NAME_CHARS``, marker included: the marker
     keeps a cut name from ever equalling (and being priced as) a real, shorter one, and

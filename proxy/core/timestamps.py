@@ -29,8 +29,10 @@ def iso_ms(ts: float, *, ceil: bool = False) -> str:
 # as text in time order, which is what lets a line be skipped before it is parsed.
 _CANON_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 CANON_TS_AT = re.compile(rb'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"')
-LINE_HEAD = b'{"schema_version":1,"timestamp":"'
-TS_AT = len(LINE_HEAD)
+# The start of every line our writer produced, of each schema version (1 and 2): a
+# tuple, as bytes.startswith takes one. All have the same length, so TS_AT is one offset.
+LINE_HEAD = (b'{"schema_version":2,"timestamp":"', b'{"schema_version":1,"timestamp":"')
+TS_AT = len(LINE_HEAD[0])
 
 
 def canonical_ts(value: object) -> str | None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import orjson
 
 from proxy.core.money import COST_UNITS_PER_USD
+from proxy.core.records import upgrade_record
 from proxy.core.timestamps import CANON_TS_AT, LINE_HEAD, TS_AT, canonical_ts
 from proxy.engine.cube import (
     COST,
@@ -107,6 +108,7 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
     loads = orjson.loads
     DecodeError = orjson.JSONDecodeError
     head, at = LINE_HEAD, TS_AT
+    upgrade = upgrade_record
     canon_at = CANON_TS_AT.match
     lo_b, hi_b, lo, hi, keep = plan.lo_b, plan.hi_b, plan.lo, plan.hi, plan.keep
     bounded = lo_b is not None or hi_b is not None
@@ -129,6 +131,8 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
             if type(rec) is not dict:
                 bad += 1
                 continue
+            if rec.get("schema_version") == 1:
+                upgrade(rec)  # before the filters and keys, which read today's meanings
             h = hash(line)
             if h in line_seen:
                 dups += 1

@@ -34,7 +34,7 @@ from proxy.storage.tasks import primed, run_tasks, scan_task, worker_plan
 #   * any mismatch drops the file's index and rebuilds it from the log.
 # Lines appended since the last run are read raw and indexed for the next one.
 
-INDEX_VERSION = 2  # 2: repeated lines skipped (an index of version 1 counted them)
+INDEX_VERSION = 3  # 2: repeated lines skipped (version 1 counted them); 3: endpoints as the client called them (record schema 2)
 _SEGMENT = 16 << 20  # bytes per indexed segment
 _MIN_SEGMENT = 4 << 20  # a shorter tail is read raw each run rather than indexed
 INDEX_DIMS = ("provider", "provider_type", "model", "response_model", "endpoint", "status")

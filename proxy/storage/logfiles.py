@@ -15,6 +15,7 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 
 import orjson
 
+from proxy.core.records import upgrade_record
 from proxy.core.timestamps import LINE_HEAD, TS_AT, canonical_ts, iso_ms
 from proxy.engine.lines import Dedupe
 from proxy.engine.totals import well_typed
@@ -40,7 +41,7 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Ded
         elif not dd.seen_line(line) and not dd.seen_record(rec):
             # Judged after the repeat check, as the scan judges it (engine.lines).
             if well_typed(rec):
-                yield rec
+                yield upgrade_record(rec)
             elif bad is not None:
                 bad[0] += 1
 

@@ -4,10 +4,12 @@ clean-up hooks, and the routes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +25,18 @@ from proxy.web.access import add_budget_headers, setup_access
 from proxy.web.calls import UNKNOWN_PROVIDER
 from proxy.web.forward import handle_proxy
 from proxy.web.health import handle_health
+from proxy.web.home import handle_home
 from proxy.web.state import APP_STATE, ProxyState
+
+log = logging.getLogger("proxy")
+
+
+def shutdown_message(in_flight: int, timeout: float) -> str:
+    """What SIGTERM logs: how many calls the proxy waits for, and for how long at most."""
+    if in_flight == 0:
+        return "shutting down: no calls in flight"
+    calls = "1 call" if in_flight == 1 else f"{in_flight} calls"
+    return f"shutting down: waiting up to {timeout:g} s for {calls} in flight"
 
 
 def load_window(path: Path, window: RollingWindow, now: float) -> int:
@@ -67,8 +80,21 @@ def create_app(
             skip_auto_headers=("User-Agent",),
         )
 
+    # Calls being handled (a stream until its last byte), for the shutdown message.
+    in_flight = 0
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        nonlocal in_flight
+        in_flight += 1
+        try:
+            return await handle_proxy(request)
+        finally:
+            in_flight -= 1
+
     async def on_shutdown(app: web.Application) -> None:
+        # aiohttp has stopped listening; next it waits up to shutdown_timeout for these.
         state.shutting_down = True
+        log.info("%s", shutdown_message(in_flight, config.shutdown_timeout))
 
     async def on_cleanup(app: web.Application) -> None:
         state.shutdown_pool()
@@ -83,20 +109,31 @@ def create_app(
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/", handle_home)  # and HEAD
     app.router.add_get("/health", handle_health)
     # [\s\S], not ".": a path with an encoded line break (%0A) is a call like any other.
-    app.router.add_route("*", r"/{provider}/{tail:[\s\S]*}", handle_proxy)
+    app.router.add_route("*", r"/{provider}/{tail:[\s\S]*}", counted)
     return app
 
 
-def run_app(app: web.Application, *, loop: asyncio.AbstractEventLoop | None, host: str, port: int, shutdown_timeout: float) -> None:
-    """Serve until SIGINT/SIGTERM. handler_cancellation: a client that leaves cancels its
-    call (recorded as 499); no access log, no banner (cli logs its own)."""
+def run_app(
+    app: web.Application,
+    *,
+    loop: asyncio.AbstractEventLoop | None,
+    host: str | None = None,
+    port: int | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    shutdown_timeout: float,
+) -> None:
+    """Serve until SIGINT/SIGTERM, on ``sockets`` already listening (serve binds them
+    first) or else on ``host:port``. handler_cancellation: a client that leaves cancels
+    its call (recorded as 499); no access log, no banner (cli logs its own)."""
     web.run_app(
         app,
         loop=loop,
         host=host,
         port=port,
+        sock=list(sockets) if sockets else None,
         shutdown_timeout=shutdown_timeout,
         handler_cancellation=True,
         access_log=None,

@@ -136,7 +136,9 @@ def _start_call(state: ProxyState, request: web.Request, name: str, provider: Pr
         timestamp=time.time(),
         provider=name,
         family=provider.type,
-        endpoint=cap_name(path) or path,
+        # The path the client called on the proxy, as the user guide has it (schema 2),
+        # not the path sent upstream, which depends on how base_url is written.
+        endpoint=cap_name(f"/{name}{path}"),
         key_id=_key_fingerprint(client_key) if client_key else None,
         ip_address=request.remote,
         metered=endpoint.kind is not None,
@@ -338,7 +340,7 @@ async def _unknown_provider(state: ProxyState, request: web.Request, name: str) 
         timestamp=time.time(),
         provider=cap_name(name) or name,
         family="unknown",
-        endpoint=cap_name("/" + request.match_info["tail"]) or "/",
+        endpoint=cap_name(f"/{name}/{request.match_info['tail']}"),
         ip_address=request.remote,
     )
     call = Call(state, unknown, ADAPTERS["openai"], Endpoint(None), ctx, ())

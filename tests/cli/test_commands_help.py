@@ -30,7 +30,11 @@ def test_root_help_lists_every_command_and_the_default() -> None:
         assert (code, err) == (0, "")
         assert out.startswith(f"Usage: {PROG} [OPTIONS] COMMAND [ARGS]...")
         listed = re.findall(r"^  (\w+)  ", out.split("Commands:")[1], re.MULTILINE)
-        assert listed == sorted(["serve", "report", "keys", "budgets", "pricing", "reprice"]) == sorted(COMMANDS)
+        assert (
+            listed
+            == sorted(["serve", "report", "keys", "budgets", "pricing", "reprice", "log", "stats", "export", "demo", "simulate"])
+            == sorted(COMMANDS)
+        )
         assert "--version" in out and "it serves" in out
 
 

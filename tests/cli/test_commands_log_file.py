@@ -113,7 +113,7 @@ def test_budgets_read_the_named_log(workdir: Path) -> None:
     code, out, err = run("budgets", "--json", "--log-file", str(log))
     assert (code, err) == (0, "")
     [bob] = [json.loads(line, parse_float=Decimal) for line in out.splitlines()]
-    assert bob["budget"] == "user:bob monthly" and bob["spent_usd"] == Decimal("0.014")
+    assert bob["budget"] == "user:bob monthly (each user)" and bob["spent_usd"] == Decimal("0.014")
     assert run("budgets", "--json", env={"COST_TRACKING_FILE": str(log)})[1] == out
     assert run("budgets", "--json")[1] == ""  # the default log does not exist: nothing spent
 

@@ -67,7 +67,7 @@ def test_budgets_json_into_head(workdir: Path) -> None:
     args = ["budgets", "--json", "--log-file", "cost.jsonl"]
     assert full_size(workdir, *args) > 10 * PIPE_BUFFER
     code, out, err = head_1(workdir, *args)
-    assert json.loads(out)["budget"] == "user:user-00000 monthly"
+    assert json.loads(out)["budget"] == "user:user-00000 monthly (each user)"
     assert (code, err) == (0, "")
 
 

@@ -42,7 +42,7 @@ async def test_messages_non_stream_cache_read_and_1h_write(mock, proxy):
     [rec] = await proxy.records()
     assert rec["provider"] == "anthropic" and rec["provider_type"] == "anthropic"
     assert rec["model"] == "claude-sonnet-4-5" and rec["response_model"] == "claude-sonnet-4-5-20250929"
-    assert rec["endpoint"] == "/v1/messages" and rec["is_streaming"] is False
+    assert rec["endpoint"] == "/anthropic/v1/messages" and rec["is_streaming"] is False
     # Anthropic's three disjoint input counts are summed: 50 + 2000 + 10000.
     assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (12050, 400, 12450)
     assert (rec["cache_read_tokens"], rec["cache_write_tokens"], rec["cache_write_1h_tokens"]) == (10000, 2000, 2000)

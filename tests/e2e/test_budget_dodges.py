@@ -502,7 +502,7 @@ async def test_billable_endpoints_are_refused_once_the_budget_is_spent(mock, sta
     records = await proxy.records()
     gina = [r for r in records if r["user_id"] == "gina"]
     first = gina[: len(BILLABLE)]
-    assert [r["endpoint"] for r in first] == [p for _, p, _ in BILLABLE]
+    assert [r["endpoint"] for r in first] == [f"/{family}{p}" for family, p, _ in BILLABLE]
     assert all(r["status"] == 200 and r["total_cost"] is None and r["input_tokens"] is None for r in first)
     embedded = gina[len(BILLABLE)]
     assert embedded["status"] == 200 and embedded["input_tokens"] == 2000

@@ -250,7 +250,7 @@ def test_refusal_message_names_budget_limit_spend_and_reset():
     d = ledger.reserve(Subject(user_id="bob"), USD)
     msg = refusal_message(d.refused, USD)
     assert msg == (
-        "Budget exceeded: user:bob daily (a limit for each user) has a limit of $5.00 and $4.25 is spent; "
+        "Budget exceeded: user:bob daily (each user) has a limit of $5.00 and $4.25 is spent; "
         "this call may cost up to $1.00. The budget resets at 2026-05-06T00:00:00Z."
     )
 
@@ -359,13 +359,13 @@ def test_replay_counts_only_the_current_periods(tmp_path):
     assert read < 1000 and counted == 5  # the bisection skipped May without reading it
     states = {s.name: s for s in ledger.states()}
     assert states["global monthly"].spent == cost_units(Decimal("0.875")) + 1
-    assert states["user:alice daily"].spent == cost_units(Decimal("0.5")) + 1  # today only
-    assert states["tag:feature=search weekly"].spent == cost_units(Decimal("0.5"))
-    assert "user:bob daily" not in states  # bob spent yesterday: today starts at 0
+    assert states["user:alice daily (each user)"].spent == cost_units(Decimal("0.5")) + 1  # today only
+    assert states["tag:feature=search weekly (each feature)"].spent == cost_units(Decimal("0.5"))
+    assert "user:bob daily (each user)" not in states  # bob spent yesterday: today starts at 0
     # Sessions have no calendar period: they are rebuilt from the last 31 days.
     sessions = BudgetLedger([Limit("session", None, USD)], clock=Clock(now))
     replay_log(sessions, log)
-    assert {s.name: s.spent for s in sessions.states()} == {"session:s-9": cost_units(Decimal("0.125"))}
+    assert {s.name: s.spent for s in sessions.states()} == {"session:s-9 (each session)": cost_units(Decimal("0.125"))}
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ async def test_spend_survives_a_restart(mock, launch, tmp_path):
 
     second = await launch(cfg, log)
     async with oai(second.url, key=user) as c:
-        with pytest.raises(openai.RateLimitError, match=r"user:alice monthly .* has a limit of \$0.03 and \$0.03 is spent"):
+        with pytest.raises(openai.RateLimitError, match=r"user:alice monthly \(each user\) has a limit of \$0.03 and \$0.03 is spent"):
             await flat_call(c)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{second.url}/health") as r:
@@ -550,7 +550,10 @@ async def test_spend_survives_a_restart(mock, launch, tmp_path):
             detailed = json.loads(await r.read(), parse_float=Decimal)
     assert public["budgets"] == {"count": 2, "warning": 0, "exhausted": 1}  # no per-user detail
     detail = {d["budget"]: d for d in detailed["budgets"]["detail"]}
-    assert detail["user:alice monthly"]["spent_usd"] == Decimal("0.03") and detail["user:alice monthly"]["remaining_usd"] == 0
+    assert (
+        detail["user:alice monthly (each user)"]["spent_usd"] == Decimal("0.03")
+        and detail["user:alice monthly (each user)"]["remaining_usd"] == 0
+    )
     assert detail["global monthly"]["spent_usd"] == Decimal("0.03")
     await second.stop()
 
@@ -567,8 +570,8 @@ async def test_spend_survives_a_restart(mock, launch, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["BUDGET", "LIMIT", "SPENT", "REMAINING", "USED", "RESETS"]
-    alice = next(line for line in lines if line.startswith("user:alice monthly"))
-    assert alice.split()[2:6] == ["$0.03", "$0.03", "$0.00", "100%"] and alice.endswith("EXHAUSTED")
+    alice = next(line for line in lines if line.startswith("user:alice monthly (each user)"))
+    assert alice.split()[4:8] == ["$0.03", "$0.03", "$0.00", "100%"] and alice.endswith("EXHAUSTED")
     assert next(line for line in lines if line.startswith("global monthly")).split()[2:6] == ["$5.00", "$0.03", "$4.97", "1%"]
 
 

@@ -1,7 +1,7 @@
 """Calls that end without reported usage still get tokens and a cost, marked estimated.
 
 Expected counts come from the o200k vocabulary through bpe_openai directly, plus the
-documented chat framing (3 tokens a message, 3 for the reply), not from proxy code.
+documented chat framing (3 tokens a message, each value encoded, 3 for the reply), not from proxy code.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def gpt4o_cost(inp: int, out: int) -> Decimal:
     return (inp * Decimal("2.50") + out * Decimal("10.00")) / Decimal(1_000_000)
 
 
-EXPECTED_INPUT = tokens("\n".join(["user", PROMPT][1:])) + 3 * 1 + 3
+# OpenAI's count of one user message: 3 of framing, the role and the content encoded
+# separately, 3 priming the reply (the cookbook's num_tokens_from_messages).
+EXPECTED_INPUT = 3 + tokens("user") + tokens(PROMPT) + 3
 
 
 async def test_client_abort_mid_stream_is_estimated_from_request_and_relayed_text(mock, proxy):

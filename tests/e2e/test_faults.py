@@ -619,7 +619,7 @@ async def test_non_metered_endpoint_passes_through_with_a_zero_record(mock, prox
     assert sent.method == "GET" and sent.query["limit"] == "5"
     assert sent.headers["Authorization"] == f"Bearer {PROXY_OPENAI_KEY}"
     [rec] = await proxy.records()
-    assert rec["endpoint"] == "/v1/models" and rec["status"] == 200 and rec["error"] is None
+    assert rec["endpoint"] == "/openai-keyed/v1/models" and rec["status"] == 200 and rec["error"] is None
     assert rec["ip_address"] == "127.0.0.1"
     assert_zero_usage(rec)  # no tokens used: 0, not null
 
@@ -638,7 +638,7 @@ async def test_percent_encoded_path_is_metered_like_the_decoded_one(mock, proxy,
     async with http.post(url, json=GEMINI_BODY, headers=CALLS["gemini"][3]) as r:
         assert r.status == 200
     chat, gem = await proxy.records()
-    assert chat["endpoint"] == "/v1/chat/completions" and dec(chat["total_cost"]) == Decimal("0.020")
+    assert chat["endpoint"] == "/openai/v1/chat/completions" and dec(chat["total_cost"]) == Decimal("0.020")
     assert gem["model"] == "gemini-2.5-flash" and dec(gem["total_cost"]) == Decimal("0.0034")
 
 

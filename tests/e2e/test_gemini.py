@@ -41,7 +41,7 @@ async def test_generate_content(mock, proxy, http):
     assert rec["provider"] == "gemini" and rec["provider_type"] == "gemini"
     assert rec["model"] == "gemini-2.5-flash"  # from the URL: the body has none
     assert rec["response_model"] == "gemini-2.5-flash" and rec["request_id"] == "abc"
-    assert rec["endpoint"] == GEN and rec["is_streaming"] is False
+    assert rec["endpoint"] == "/gemini" + GEN and rec["is_streaming"] is False
     assert rec["finish_reason"] == "STOP"
     assert rec["user_id"] == "key:" + fingerprint(CLIENT_GEMINI_KEY)
     assert rec["raw_usage"] == FLASH_USAGE
@@ -73,7 +73,7 @@ async def test_stream_sse_crlf_usage_on_every_chunk_last_wins(mock, proxy, http)
 
     [rec] = await proxy.records()
     assert rec["is_streaming"] is True and rec["model"] == "gemini-2.5-flash"
-    assert rec["endpoint"] == STREAM  # the query string is not part of the endpoint
+    assert rec["endpoint"] == "/gemini" + STREAM  # the query string is not part of the endpoint
     assert rec["finish_reason"] == "STOP"
     assert_flash_cost(rec)  # not the sum of five chunks, and not reset by the empty ones
 

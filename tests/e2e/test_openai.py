@@ -70,7 +70,7 @@ async def test_chat_non_stream_dated_snapshot_priced_as_family(mock, proxy):
     assert_gpt4o_usage(rec)
     assert rec["provider"] == "openai" and rec["provider_type"] == "openai"
     assert rec["model"] == "gpt-4o" and rec["response_model"] == "gpt-4o-2024-08-06"
-    assert rec["endpoint"] == "/v1/chat/completions"
+    assert rec["endpoint"] == "/openai/v1/chat/completions"
     assert rec["is_streaming"] is False
     assert rec["request_id"] == "chatcmpl-x1"
     assert rec["user_id"] == "alice"  # OpenAI body `user`
@@ -241,7 +241,7 @@ async def test_legacy_completions_non_stream_and_stream(mock, proxy):
 
     plain, streamed = await proxy.records()
     for rec, is_stream in ((plain, False), (streamed, True)):
-        assert rec["endpoint"] == "/v1/completions" and rec["is_streaming"] is is_stream
+        assert rec["endpoint"] == "/openai/v1/completions" and rec["is_streaming"] is is_stream
         assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (5, 1, 6)
         assert_cost(rec, "0.0000075", "0.000002", "0.0000095")  # 5*1.50 + 1*2.00 per 1M
         assert rec["finish_reason"] == "stop"
@@ -253,7 +253,7 @@ async def test_embeddings(mock, proxy):
         reply = await c.embeddings.create(model="text-embedding-3-small", input="hello world")
     assert reply.data[0].embedding[:2] == pytest.approx([0.0123, -0.0456])
     [rec] = await proxy.records()
-    assert rec["endpoint"] == "/v1/embeddings"
+    assert rec["endpoint"] == "/openai/v1/embeddings"
     assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (1000, 0, 1000)
     assert_cost(rec, "0.00002", "0", "0.00002")  # §2.2: 1000 x $0.02/MTok
 
@@ -267,7 +267,7 @@ async def test_responses_non_stream(mock, proxy):
         reply = await c.responses.create(model="o4-mini", input="What is 6x7?")
     assert reply.output_text == "42" and reply.usage.input_tokens == 5000
     [rec] = await proxy.records()
-    assert rec["endpoint"] == "/v1/responses"
+    assert rec["endpoint"] == "/openai/v1/responses"
     assert rec["model"] == "o4-mini" and rec["response_model"] == "o4-mini-2025-04-16"
     assert (rec["input_tokens"], rec["cache_read_tokens"], rec["output_tokens"], rec["reasoning_tokens"]) == (5000, 4096, 800, 640)
     # §3.1: 904 x 1.10 + 4096 x 0.275 + 800 x 4.40 per 1M = $0.0056408

@@ -67,7 +67,10 @@ def dec(x: Any) -> Decimal | None:
 def check_record(rec: dict) -> None:
     """Shape every record must have, whatever happened to the call."""
     assert RECORD_FIELDS <= set(rec), RECORD_FIELDS - set(rec)  # fields are only ever added
-    assert rec["schema_version"] == 1
+    assert rec["schema_version"] == 2
+    # The path the client called on the proxy (schema 2), which starts with the provider's name.
+    # (A capped provider name is compared by its first 100 characters, which capping keeps.)
+    assert rec["endpoint"] is None or rec["endpoint"].startswith(f"/{rec['provider'][:100]}"), rec["endpoint"]
     assert _TS.match(rec["timestamp"]), rec["timestamp"]
     assert rec["currency"] == "USD"
     assert isinstance(rec["status"], int)

@@ -183,7 +183,7 @@ def record(c: Call, full: bool) -> dict[str, Any]:
     else:
         finish, source = "stop", "provider"
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "timestamp": iso(c.ms),
         "request_id": c.request_id,
         "user_id": c.user_id,
@@ -193,7 +193,7 @@ def record(c: Call, full: bool) -> dict[str, Any]:
         "provider_type": m.family,
         "model": m.name,
         "response_model": None if failed else m.response_model,
-        "endpoint": c.endpoint,
+        "endpoint": f"/{m.provider}{c.endpoint}",  # as the client called it (schema 2)
         "is_streaming": c.streaming,
         **tokens,
         "input_cost": None if cost is None else cost[0],

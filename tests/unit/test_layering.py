@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
 # Lowest first. A module may import its own layer (without a cycle) and those below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("proxy.errors", "proxy.defaults"),
+    ("proxy.errors", "proxy.defaults", "proxy.bootstrap"),
     ("proxy.core",),
     ("proxy.providers", "proxy.pricing", "proxy.catalog", "proxy.budgets", "proxy.keys"),
     ("proxy.config", "proxy.engine"),

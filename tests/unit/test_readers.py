@@ -236,7 +236,7 @@ def test_budget_replay_counts_each_call_once(old_log: tuple[Path, OldLog]) -> No
     spent = {s.name: s.spent for s in ledger.states()}
     assert spent["global monthly"] == sum(cost_units(r["total_cost"]) or 0 for r in november)
     for user in {r["user_id"] for r in today}:
-        assert spent[f"user:{user} daily"] == sum(cost_units(r["total_cost"]) or 0 for r in today if r["user_id"] == user)
+        assert spent[f"user:{user} daily (each user)"] == sum(cost_units(r["total_cost"]) or 0 for r in today if r["user_id"] == user)
 
 
 def test_a_retry_that_landed_in_the_new_file_after_rotation(tmp_path: Path) -> None:
