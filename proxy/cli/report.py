@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
-from typing import IO, Any, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Sequence
 
 import click
 
 from proxy.cli.base import CONTEXT, Command
-from proxy.cli.options import config_option, log_file_option, log_from_default
+from proxy.cli.options import category_option, config_option, log_file_option, log_from_default, with_category
+from proxy.cli.output import open_output
+from proxy.cli.progress import ProgressLine
 from proxy.core.periods import NAMED_PERIODS
-from proxy.errors import UsageError
 from proxy.reports.build import write_report
+from proxy.reports.extra import SESSION_SORTS
 from proxy.reports.request import FORMATS, ReportRequest
+from proxy.reports.window import Window, get_tz, resolve_window
 
 UTC = timezone.utc
 
@@ -26,7 +29,25 @@ UTC = timezone.utc
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Input": ("log_file", "no_rotated", "config", "jobs", "no_index"),
     "Time": ("since", "start_date", "end_date", "period", "tz"),
-    "Output": ("fmt", "output", "group_by", "limit", "latency", "top", "savings", "projection", "suggest", "all_sections"),
+    "Output": (
+        "fmt",
+        "output",
+        "group_by",
+        "limit",
+        "latency",
+        "top",
+        "savings",
+        "projection",
+        "suggest",
+        "shares",
+        "compare",
+        "sessions",
+        "sessions_sort",
+        "min_cost",
+        "max_cost",
+        "users",
+        "all_sections",
+    ),
     "Filters (repeat a filter for alternatives; different filters combine)": (
         "provider",
         "model",
@@ -34,6 +55,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "status",
         "errors_only",
         "tag",
+        "category",
     ),
 }
 
@@ -101,11 +123,18 @@ def _many(*decls: str, metavar: str | None = None, help: str) -> Any:
 @click.option(
     "--limit", type=click.IntRange(min=0), default=None, help="rows per table (summary default 10; detailed: the last N requests)"
 )
-@click.option("--latency", is_flag=True, help="success rate and latency p50/p95 per provider and model")
+@click.option("--latency", is_flag=True, help="success rate and latency p50/p95 per provider and model, and per --group-by group")
 @click.option("--top", type=click.IntRange(min=0), default=0, metavar="N", help="the N most expensive requests")
 @click.option("--savings", is_flag=True, help="what cache reads saved against the full input price")
 @click.option("--projection", is_flag=True, help="this month's cost projected from the recent daily rate")
 @click.option("--suggest", is_flag=True, help="suggestions where the data shows them")
+@click.option("--shares", is_flag=True, help="cost by provider and by model with each one's share and average per request")
+@click.option("--compare", is_flag=True, help="today vs yesterday and this week vs last week (calendar, in --tz; filters apply)")
+@click.option("--sessions", is_flag=True, help="sessions (the record's session_id): count, average cost, the top ones")
+@click.option("--sessions-sort", type=click.Choice(SESSION_SORTS), default="recent", show_default=True, help="order of the --sessions list")
+@click.option("--min-cost", metavar="USD", help="only sessions costing at least this (--sessions)")
+@click.option("--max-cost", metavar="USD", help="only sessions costing at most this (--sessions)")
+@click.option("--users", is_flag=True, help="active users (at least one call) and the cost per active user")
 @click.option("--all", "-a", "all_sections", is_flag=True, help="all of the above (top 10)")
 # filters
 @_many("--provider", metavar="NAME", help="provider name as configured (openai, anthropic, …)")
@@ -114,20 +143,60 @@ def _many(*decls: str, metavar: str | None = None, help: str) -> Any:
 @_many("--status", metavar="STATUS", help="HTTP status: 200, 429, 4xx, 5xx, ok or error")
 @click.option("--errors-only", is_flag=True, help="only failed requests")
 @_many("--tag", metavar="KEY=VALUE", help="a request tag, e.g. feature=search")
+@category_option()
 @click.pass_context
-def report(ctx: click.Context, log_file: tuple[str, ...], all_sections: bool, fmt: str, **options: Any) -> int:
+def report(
+    ctx: click.Context,
+    log_file: tuple[str, ...],
+    all_sections: bool,
+    fmt: str,
+    tag: tuple[str, ...],
+    category: tuple[str, ...],
+    **options: Any,
+) -> int:
     """What did we spend, on what, for whom: reports from the proxy's JSONL cost log."""
     # An unnamed log is left to the report (file=()), whose error then says how to name one.
-    req = ReportRequest(file=() if log_from_default(ctx) else tuple(log_file), format=fmt, **options)
+    req = ReportRequest(file=() if log_from_default(ctx) else tuple(log_file), format=fmt, tag=with_category(tag, category), **options)
     return run(req.with_all_sections() if all_sections else req)
 
 
 def run(req: ReportRequest, now: datetime | None = None) -> int:
     """Write the report ``req`` asks for, then its warnings on stderr."""
-    warnings = write_report(req, lambda: _open_output(req.output, req.format), now or _now())
+    at = now or _now()
+    path = req.output
+    if req.format == "csv" and not path and sys.stdout.isatty():
+        # The guide's "--format csv creates a CSV file": on a terminal a file is what
+        # people want; piped (or with --output -) the CSV goes to stdout as ever.
+        path = csv_file_name(resolve_window(req, get_tz(req.tz), at), at)
+    # A bar on stderr while the log is read (only on a terminal), except where the rows
+    # themselves stream to that terminal as they are read.
+    streams = req.format == "detailed" or (req.format == "csv" and not req.group_by)
+    with ProgressLine("reading the log") as bar:
+        show = not (streams and path in (None, "-") and sys.stdout.isatty())
+        warnings = write_report(req, lambda files: open_output(path, req.format, files), at, progress=bar if show else None)
+    if path and path != req.output:
+        click.echo(f"CSV written to {path}", err=True)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     return 0
+
+
+def csv_file_name(window: Window, now: datetime) -> str:
+    """``cost-report-<start>-<end>.csv`` for the window, in its time zone: whole days as
+    dates (the end inclusive, as --end-date says it), else date_HHMM; an open start is
+    "all". Only digits, dashes and underscores, so it is safe on every filesystem."""
+    end = min(window.end, now) if window.end else now
+    start = window.start
+    tz = window.tz
+
+    def midnight(d: datetime) -> bool:
+        return d.astimezone(tz).time() == datetime.min.time()
+
+    if start is not None and window.end is not None and midnight(start) and midnight(end):
+        a, b = start.astimezone(tz).date(), (end.astimezone(tz) - timedelta(days=1)).date()
+        return f"cost-report-{a.isoformat()}-{b.isoformat()}.csv"
+    a_text = start.astimezone(tz).strftime("%Y-%m-%d_%H%M") if start else "all"
+    return f"cost-report-{a_text}-{end.astimezone(tz).strftime('%Y-%m-%d_%H%M')}.csv"
 
 
 def _now() -> datetime:
@@ -136,16 +205,6 @@ def _now() -> datetime:
     if fixed:
         return datetime.fromisoformat(fixed.replace("Z", "+00:00"))
     return datetime.now(UTC)
-
-
-def _open_output(path: str | None, fmt: str) -> tuple[IO[str], bool]:
-    if not path or path == "-":
-        return sys.stdout, False
-    try:
-        # newline="" lets the csv module write its own \r\n, which spreadsheets expect.
-        return open(path, "w", encoding="utf-8", newline="" if fmt == "csv" else None), True
-    except OSError as e:
-        raise UsageError(f"--output: cannot write {path}: {e.strerror or e}") from None
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -13,12 +13,13 @@ import click
 
 from proxy.cli.base import CONTEXT, Command
 from proxy.cli.options import config_option, log_file_option
+from proxy.cli.progress import ProgressLine
 from proxy.config import load_config, pricebook_for
 from proxy.core.money import units_to_usd
 from proxy.engine.reprice import RepriceStats, reprice_lines
 from proxy.errors import UsageError
-from proxy.storage.logfiles import open_log
-from proxy.storage.rewrite import all_lines, reprice_file
+from proxy.storage.logfiles import is_gzip, open_log
+from proxy.storage.rewrite import all_lines, counted, reprice_file
 
 
 def format_stats(stats: RepriceStats) -> str:
@@ -58,11 +59,12 @@ def reprice(config: str, log_file: str, out: str | None, in_place: bool, dry_run
     try:
         if dry_run:
             stats = RepriceStats()
-            with open_log(src) as f:
-                for _ in reprice_lines(all_lines(f), book, stats, 0.0):
+            with open_log(src) as f, ProgressLine("reading the log") as bar:
+                for _ in reprice_lines(counted(all_lines(f), 0 if is_gzip(src) else src.stat().st_size, bar), book, stats, 0.0):
                     pass
         else:
-            stats = reprice_file(src, Path(out) if out else None, book, in_place=in_place)
+            with ProgressLine("re-pricing") as bar:
+                stats = reprice_file(src, Path(out) if out else None, book, in_place=in_place, progress=bar)
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo(format_stats(stats))

@@ -60,6 +60,15 @@ def format_usd(amount: Decimal | int, *, exact: bool = False, at_least: bool = F
     return f"{'≥' if at_least else ''}{sign}${text}"
 
 
+def format_usd_places(amount: Decimal | int, places: int = 6) -> str:
+    """USD with exactly ``places`` decimals and no thousands separator ($12.345678,
+    $1234.500000), rounded half-up from the exact amount (integer units when an int):
+    the user guide's summary lines, which scripts parse with a plain number pattern."""
+    value = units_to_usd(amount) if isinstance(amount, int) else amount
+    text = f"{abs(value).quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP):f}"
+    return f"{'-' if value < 0 else ''}${text}"
+
+
 def usd_to_units(value: object) -> int:
     """A USD amount from config or the command line, as exact integer units."""
     if isinstance(value, bool):

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from proxy.core.timestamps import UTC
 from proxy.engine.insights import HabitKey
-from proxy.engine.query import TIME_DIMS, CellKey, Plan
+from proxy.engine.query import LATENCY_DIM, NONE_LABEL, TIME_DIMS, CellKey, Plan
 from proxy.engine.totals import TOKEN_FIELDS, Totals
 
 # Cube row layout: counters, then token sums in TOKEN_FIELDS order.
@@ -169,6 +169,21 @@ class ScanResult:
             h = hists.get(name, {})
             n = sum(h.values())
             out[name] = (t.requests, t.errors, n, percentile(h, 50), percentile(h, 95))
+        return out
+
+    def latency_by(self, dims: Sequence[str]) -> dict[CellKey, tuple[int, int, int, float | None, float | None]]:
+        """Per group of ``dims`` (a cube that kept them and ``LATENCY_DIM``): (requests,
+        errors, calls with a latency, p50 ms, p95 ms), as ``latency_for`` gives them per
+        provider or model."""
+        hists: dict[CellKey, dict[int, int]] = {}
+        for key, t in self.rollup([*dims, LATENCY_DIM]).items():
+            if key[-1] != NONE_LABEL:
+                h = hists.setdefault(key[:-1], {})
+                h[key[-1]] = h.get(key[-1], 0) + t.requests
+        out = {}
+        for key, t in self.rollup(dims).items():
+            h = hists.get(key, {})
+            out[key] = (t.requests, t.errors, sum(h.values()), percentile(h, 50), percentile(h, 95))
         return out
 
     def time_buckets(self) -> dict[datetime, int]:

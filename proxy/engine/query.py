@@ -101,6 +101,14 @@ _TOP_LEVEL_TAGS = frozenset({"team", "session_id", "session"})
 # --- dimensions --------------------------------------------------------------------------
 
 NONE_LABEL = "(none)"
+# Internal (no --group-by takes it): a call's latency in whole milliseconds, so that a
+# cube keyed by any dimensions and this one holds latency histograms per group.
+LATENCY_DIM = "_latency_ms"
+
+
+def _latency_ms(r: Mapping[str, Any]) -> Any:
+    ms = r.get("latency_ms")
+    return int(ms + 0.5) if type(ms) is float or type(ms) is int else NONE_LABEL
 
 
 def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -123,6 +131,8 @@ def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
         return lambda r: r.get(field_name) or NONE_LABEL
     if dim == "model":
         return lambda r: r.get("model") or r.get("response_model") or NONE_LABEL
+    if dim == LATENCY_DIM:
+        return _latency_ms
     if dim == "status":
         return lambda r: str(r.get("status"))
     if dim in ("team", "session"):

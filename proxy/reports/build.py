@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
 import orjson
 
 from proxy.config import Config, load_config, pricebook_for
+from proxy.core.money import units_to_usd, usd_to_units
 from proxy.core.text import printable
 from proxy.defaults import default_log_path
 from proxy.engine.cube import ScanResult
-from proxy.engine.query import TIME_DIMS, Query, check_dim, status_matcher
+from proxy.engine.query import LATENCY_DIM, TIME_DIMS, Query, check_dim, status_matcher
 from proxy.errors import ConfigError, UsageError
 from proxy.reports.csvfile import write_group_csv, write_request_csv
+from proxy.reports.extra import SESSION_SORTS, ExtraRequest, extra_sections, extra_text
 from proxy.reports.jsondoc import report_json
 from proxy.reports.model import Report
 from proxy.reports.request import SERIES, ReportRequest
-from proxy.reports.text import render_series, render_summary, write_detailed
+from proxy.reports.summary import render_summary
+from proxy.reports.text import render_series, tz_name, write_detailed
 from proxy.reports.window import get_tz, resolve_window
 from proxy.storage.logfiles import log_files, order_files
 from proxy.storage.scan import iter_selected, scan
@@ -91,10 +96,26 @@ def parse_tags(values: Sequence[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], bool]], now: datetime) -> list[str]:
+def cost_bound(option: str, text: str | None) -> Decimal | None:
+    """A session cost bound in USD from the command line."""
+    if text is None:
+        return None
+    try:
+        return units_to_usd(usd_to_units(text))
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def write_report(
+    args: ReportRequest,
+    open_output: Callable[[Sequence[Path]], tuple[IO[str], bool]],
+    now: datetime,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
     """Run the report ``args`` asks for over the log and write it to the output
-    ``open_output`` gives (the stream, and whether to close it after). The output is
-    opened only once every argument has been checked, so a mistake never truncates a file.
+    ``open_output(log files)`` gives (the stream, and whether to close it after). The
+    output is opened only once every argument has been checked, so a mistake never
+    truncates a file; it is given the logs to be read, so it can refuse to overwrite one.
     Returns the warnings for the reader (a config ignored, corrupt or duplicate lines,
     damaged files)."""
     warnings: list[str] = []
@@ -155,13 +176,23 @@ def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], b
     }
     if args.errors_only:
         filters["errors_only"] = True
+    extra_ask = ExtraRequest(
+        compare=args.compare,
+        sessions=args.sessions,
+        sessions_sort=args.sessions_sort,
+        min_cost=cost_bound("--min-cost", args.min_cost),
+        max_cost=cost_bound("--max-cost", args.max_cost),
+        users=args.users,
+    )
+    if args.sessions_sort not in SESSION_SORTS:
+        raise UsageError(f"--sessions-sort: expected one of {', '.join(SESSION_SORTS)}")
 
-    out, close = open_output()
+    out, close = open_output(files)
     try:
         if fmt == "detailed" or (fmt == "csv" and not group_dims):
             res = ScanResult(dims=(), tz=tz)
             res.files = files
-            records = iter_selected(files, query, res)
+            records = iter_selected(files, query, res, progress=progress)
             report = Report(args, window, now, files, res, group_dims, config, book, filters)
             if fmt == "detailed":
                 write_detailed(out, records, report)
@@ -169,8 +200,14 @@ def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], b
                 write_request_csv(out, records)
         else:
             use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
-            res = scan(files, query, jobs=args.jobs, use_index=use_index)
+            res = scan(files, query, jobs=args.jobs, use_index=use_index, progress=progress)
             report = Report(args, window, now, files, res, group_dims, config, book, filters)
+            if fmt != "csv":
+                report.extras = extra_sections(extra_ask, query, files, now, tz, jobs=args.jobs, use_index=use_index)
+            if args.latency and group_dims and fmt != "csv":
+                # Success and latency per group: a cube of the groups by whole milliseconds.
+                lat = replace(query, dims=(*group_dims, LATENCY_DIM), latency=False, top=0, savings=False, habits=False, pricebook=None)
+                report.group_latency = scan(files, lat, jobs=args.jobs, use_index=use_index).latency_by(group_dims)
             if fmt == "summary":
                 out.write(render_summary(report))
             elif fmt == "json":
@@ -179,6 +216,9 @@ def write_report(args: ReportRequest, open_output: Callable[[], tuple[IO[str], b
                 write_group_csv(out, report)
             else:
                 out.write(render_series(report, SERIES[fmt]))
+                more = extra_text(report.extras, tz_name(tz), args.limit or 10, args.sessions_sort)
+                if more:
+                    out.write("\n" + "\n".join(more).rstrip("\n") + "\n")
     finally:
         if close:
             out.close()

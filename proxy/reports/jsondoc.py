@@ -7,6 +7,7 @@ from typing import Any
 from proxy.core.money import units_to_usd
 from proxy.engine.totals import Totals
 from proxy.reports.advice import projection, savings, suggestions
+from proxy.reports.extra import extra_json
 from proxy.reports.model import Report, sorted_groups
 from proxy.reports.numbers import exact, ratio, record_decimal
 from proxy.reports.text import tz_name
@@ -75,6 +76,18 @@ def report_json(r: Report) -> dict[str, Any]:
             ]
             for by in ("provider", "model")
         }
+        if r.group_latency is not None:
+            body["latency"]["groups"] = [
+                {
+                    **dict(zip(r.group_dims, k)),
+                    "requests": n,
+                    "errors": err,
+                    "success_rate": round((n - err) / n, 6) if n else None,
+                    "p50_ms": p50,
+                    "p95_ms": p95,
+                }
+                for k, (n, err, _, p50, p95) in sorted(r.group_latency.items(), key=lambda kv: tuple(str(x) for x in kv[0]))
+            ]
     if a.top:
         body["top_requests"] = [{**x, "total_cost": exact(record_decimal(x["total_cost"]))} for x in res.top_requests()]
     if a.savings:
@@ -99,4 +112,5 @@ def report_json(r: Report) -> dict[str, Any]:
         )
     if a.suggest:
         body["suggestions"] = suggestions(r)
+    body.update(extra_json(r.extras))
     return body

@@ -28,6 +28,9 @@ class Report:
     config: Any = None
     book: Any = None
     filters: dict[str, Any] = field(default_factory=dict)
+    extras: Any = None  # reports.extra.Extras: the sections with scans of their own
+    # --latency with --group-by: per group, (requests, errors, timed calls, p50 ms, p95 ms)
+    group_latency: dict[tuple[Any, ...], tuple[int, int, int, float | None, float | None]] | None = None
 
     @property
     def tz(self) -> tzinfo:

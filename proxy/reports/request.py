@@ -34,6 +34,13 @@ class ReportRequest:
     savings: bool = False
     projection: bool = False
     suggest: bool = False
+    shares: bool = False  # the provider and model tables with shares and averages
+    compare: bool = False  # today vs yesterday, this week vs last week
+    sessions: bool = False
+    sessions_sort: str = "recent"  # recent, cost, tokens or requests
+    min_cost: str | None = None  # a session's cost range (USD), for --sessions
+    max_cost: str | None = None
+    users: bool = False  # active users and cost per active user
     # filters
     provider: tuple[str, ...] = ()
     model: tuple[str, ...] = ()
@@ -44,8 +51,29 @@ class ReportRequest:
 
     def with_all_sections(self) -> ReportRequest:
         """``--all``: every extra section, and the top 10 requests unless a count was given."""
-        return replace(self, latency=True, savings=True, projection=True, suggest=True, top=self.top or 10)
+        return replace(
+            self,
+            latency=True,
+            savings=True,
+            projection=True,
+            suggest=True,
+            shares=True,
+            compare=True,
+            sessions=True,
+            users=True,
+            top=self.top or 10,
+        )
 
     @property
     def any_section(self) -> bool:
-        return bool(self.latency or self.top or self.savings or self.projection or self.suggest)
+        return bool(
+            self.latency
+            or self.top
+            or self.savings
+            or self.projection
+            or self.suggest
+            or self.shares
+            or self.compare
+            or self.sessions
+            or self.users
+        )

@@ -77,101 +77,98 @@ def lower_bound_note(t: Totals) -> str:
     return "; ".join(parts)
 
 
-def render_summary(r: Report) -> str:
+DEFAULT_LIMIT = 10
+
+
+def row_limit(r: Report) -> int | None:
+    """Rows per table: ``--limit N``, 10 when not given, every row for ``--limit 0``."""
+    limit = r.request.limit
+    return DEFAULT_LIMIT if limit is None else (limit or None)
+
+
+def shares_text(r: Report, t: Totals) -> list[str]:
+    """``--shares``: cost by provider and by model with each one's share and average."""
     res = r.res
-    t = res.totals()
-    limit = r.request.limit or 10
-    out = header_lines(r, "Cost report")
-    out.append("")
-    if not t.requests:
-        out.append("No requests in this period." if not r.filters else "No requests match these filters in this period.")
-        return "\n".join(out) + "\n"
-    cost = t.total_cost
-    at_least = t.incomplete
-    cost_text = ("at least " if at_least else "") + format_usd(cost)
-    rows = [("Total cost", cost_text)]
+    limit = row_limit(r)
     ok = t.requests - t.errors
-    rows.append(("Requests", f"{t.requests:,}  ({ok:,} ok, {t.errors:,} errors, {share(ok, t.requests)} success)"))
     tok = t.tokens
     tok_detail = f"input {tok['input_tokens']:,}, output {tok['output_tokens']:,}"
     if tok["cache_read_tokens"]:
         tok_detail += f", cache read {tok['cache_read_tokens']:,}"
-    rows.append(("Tokens", f"{tok['total_tokens']:,}  ({tok_detail})"))
-    rows.append(("Avg per request", format_usd(ratio(cost, t.requests), at_least=at_least)))
-    rows.append(("Avg per 1K tokens", format_usd(ratio(cost, tok["total_tokens"], 1000), at_least=at_least)))
-    w = max(len(k) for k, _ in rows)
-    out += [f"{k.ljust(w)}  {v}" for k, v in rows]
-    note = lower_bound_note(t)
-    if note:
-        out.append(f"{'':{w}}  Costs are lower bounds: {note}.")
-    out.append("")
-
-    if r.group_dims:
-        out.append("By " + ", ".join(r.group_dims))
-        out.append(group_table(r, r.group_dims, t, limit=r.request.limit))
-    else:
-        by_provider = sorted(res.rollup(["provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
-        out.append("Cost by provider")
-        out.append(
-            table(
-                ["provider", "cost", "share", "requests", "tokens"],
-                [
-                    (
-                        k[0],
-                        format_usd(v.total_cost, at_least=v.incomplete),
-                        share(v.cost_units, t.cost_units),
-                        fmt_int(v.requests),
-                        fmt_int(v.tokens["total_tokens"]),
-                    )
-                    for k, v in by_provider
-                ],
-                [False, True, True, True, True],
-            )
+    out: list[str] = [
+        f"Requests  {t.requests:,}  ({ok:,} ok, {t.errors:,} errors, {share(ok, t.requests)} success)",
+        f"Tokens    {tok['total_tokens']:,}  ({tok_detail})",
+        "",
+    ]
+    by_provider = sorted(res.rollup(["provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
+    out.append("Cost by provider")
+    out.append(
+        table(
+            ["provider", "cost", "share", "requests", "tokens"],
+            [
+                (
+                    k[0],
+                    format_usd(v.total_cost, at_least=v.incomplete),
+                    share(v.cost_units, t.cost_units),
+                    fmt_int(v.requests),
+                    fmt_int(v.tokens["total_tokens"]),
+                )
+                for k, v in by_provider
+            ],
+            [False, True, True, True, True],
         )
-        by_model = sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
-        shown = by_model[:limit]
-        more = len(by_model) - len(shown)
-        out.append("Top models by cost" + (f" (top {limit} of {len(by_model)})" if more > 0 else ""))
-        out.append(
-            table(
-                ["model", "provider", "cost", "share", "requests", "avg/request"],
-                [
-                    (
-                        k[0],
-                        k[1],
-                        format_usd(v.total_cost, at_least=v.incomplete),
-                        share(v.cost_units, t.cost_units),
-                        fmt_int(v.requests),
-                        format_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete),
-                    )
-                    for k, v in shown
-                ],
-                [False, False, True, True, True, True],
-            )
-        )
-    out += sections_text(r, t)
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def group_table(r: Report, dims: Sequence[str], overall: Totals, limit: int | None = None) -> str:
-    rows = sorted_groups(r, dims)
-    if limit:
-        rows = rows[:limit]
-    return table(
-        [*dims, "requests", "errors", "tokens", "cost", "share"],
-        [
-            (
-                *[str(x) for x in k],
-                fmt_int(v.requests),
-                fmt_int(v.errors),
-                fmt_int(v.tokens["total_tokens"]),
-                format_usd(v.total_cost, at_least=v.incomplete),
-                share(v.cost_units, overall.cost_units),
-            )
-            for k, v in rows
-        ],
-        [False] * len(dims) + [True] * 5,
     )
+    by_model = sorted(res.rollup(["model", "provider"]).items(), key=lambda kv: (-kv[1].cost_units, kv[0]))
+    shown = by_model[:limit] if limit else by_model
+    out.append("Models by cost" + top_of(len(shown), len(by_model)))
+    out.append(
+        table(
+            ["model", "provider", "cost", "share", "requests", "avg/request"],
+            [
+                (
+                    k[0],
+                    k[1],
+                    format_usd(v.total_cost, at_least=v.incomplete),
+                    share(v.cost_units, t.cost_units),
+                    fmt_int(v.requests),
+                    format_usd(ratio(v.total_cost, v.requests), at_least=v.incomplete),
+                )
+                for k, v in shown
+            ],
+            [False, False, True, True, True, True],
+        )
+    )
+    return out
+
+
+def top_of(shown: int, total: int) -> str:
+    return f" (top {shown} of {total})" if total > shown else ""
+
+
+def group_table(r: Report, dims: Sequence[str], overall: Totals, limit: int | None = None) -> list[str]:
+    """The ``--group-by`` table under its heading: the ``limit`` costliest groups (time
+    groups in time order, the first ``limit``), the heading saying "top N of M"."""
+    rows = sorted_groups(r, dims)
+    shown = rows[:limit] if limit else rows
+    heading = "By " + ", ".join(dims) + top_of(len(shown), len(rows))
+    return [
+        heading,
+        table(
+            [*dims, "requests", "errors", "tokens", "cost", "share"],
+            [
+                (
+                    *[str(x) for x in k],
+                    fmt_int(v.requests),
+                    fmt_int(v.errors),
+                    fmt_int(v.tokens["total_tokens"]),
+                    format_usd(v.total_cost, at_least=v.incomplete),
+                    share(v.cost_units, overall.cost_units),
+                )
+                for k, v in shown
+            ],
+            [False] * len(dims) + [True] * 5,
+        ),
+    ]
 
 
 def sections_text(r: Report, t: Totals) -> list[str]:
@@ -186,6 +183,23 @@ def sections_text(r: Report, t: Totals) -> list[str]:
                     [by, "requests", "success", "p50", "p95"],
                     [(name, fmt_int(n), share(n - err, n), ms_text(p50), ms_text(p95)) for name, (n, err, _, p50, p95) in stats],
                     [False, True, True, True, True],
+                )
+            )
+        if r.group_latency is not None:
+            # Per --group-by group too, the busiest first (the --limit of them).
+            rows = sorted(r.group_latency.items(), key=lambda kv: (-kv[1][0], tuple(str(x) for x in kv[0])))
+            limit = row_limit(r)
+            shown = rows[:limit] if limit else rows
+            if len(shown) < len(rows):
+                out.append(f"  by {', '.join(r.group_dims)}{top_of(len(shown), len(rows))}")
+            out.append(
+                table(
+                    [*r.group_dims, "requests", "success", "p50", "p95"],
+                    [
+                        (*[str(x) for x in k], fmt_int(n), share(n - err, n), ms_text(p50), ms_text(p95))
+                        for k, (n, err, _, p50, p95) in shown
+                    ],
+                    [False] * len(r.group_dims) + [True] * 4,
                 )
             )
     if a.top:

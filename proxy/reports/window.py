@@ -76,7 +76,10 @@ def resolve_window(args: ReportRequest, tz: tzinfo, now: datetime) -> Window:
         end = parse_when(args.end_date, tz, end=True) if args.end_date else None
         if start and end and end <= start:
             raise UsageError("--end-date is before --start-date")
-        label = " to ".join(x for x in (args.start_date and f"from {args.start_date}", args.end_date and f"through {args.end_date}") if x)
+        if args.start_date and args.end_date:
+            label = f"{args.start_date} through {args.end_date}"
+        else:
+            label = f"from {args.start_date}" if args.start_date else f"through {args.end_date}"
         return Window(start, end, label, tz)
     hours = parse_since(args.since if args.since is not None else "24")
     if hours is None:

@@ -9,7 +9,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from proxy.engine.reprice import RepriceStats, reprice_lines
 from proxy.pricing import PriceBook
@@ -48,9 +48,35 @@ def all_lines(f: Iterable[bytes]) -> Iterator[bytes]:
         yield bytes(tail)
 
 
-def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool = False, now: float | None = None) -> RepriceStats:
-    """Write the re-priced log to ``dst``; or, with ``in_place``, atomically replace ``src``."""
+# A progress callback: (bytes done, bytes in all).
+Progress = Callable[[int, int], None]
+_PROGRESS_STEP = 1 << 20  # report about every MiB read
+
+
+def counted(lines: Iterable[bytes], total: int, progress: Progress | None) -> Iterator[bytes]:
+    """``lines`` as they are, telling ``progress`` the bytes read so far, of ``total``
+    (a plain file's size; 0 when unknown, as for a gzip file, whose decompressed bytes
+    are counted: it then ends with the count as the total)."""
+    if progress is None:
+        yield from lines
+        return
+    done = told = 0
+    for line in lines:
+        done += len(line)
+        if done - told >= _PROGRESS_STEP:
+            told = done
+            progress(min(done, total) if total else done, total)
+        yield line
+    progress(total or done, total or done)
+
+
+def reprice_file(
+    src: Path, dst: Path | None, book: PriceBook, *, in_place: bool = False, now: float | None = None, progress: Progress | None = None
+) -> RepriceStats:
+    """Write the re-priced log to ``dst``; or, with ``in_place``, atomically replace ``src``.
+    ``progress`` hears of the bytes read."""
     stats = RepriceStats()
+    size = 0 if is_gzip(src) else src.stat().st_size
     now = now if now is not None else datetime.now(timezone.utc).timestamp()
     if in_place:
         if is_gzip(src):
@@ -59,7 +85,7 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
         try:
             with os.fdopen(fd, "wb") as out, src.open("rb") as f:
                 tail = bytearray()  # a line the proxy was still writing when we read it
-                for line in reprice_lines(complete_lines(f, tail), book, stats, now):
+                for line in reprice_lines(counted(complete_lines(f, tail), size, progress), book, stats, now):
                     out.write(line)
                 # A running proxy writes each batch under a shared lock and follows a
                 # rename (storage/logwriter.py): holding the exclusive lock while the last lines
@@ -83,6 +109,6 @@ def reprice_file(src: Path, dst: Path | None, book: PriceBook, *, in_place: bool
     if dst.resolve() == src.resolve():
         raise ValueError("--out is the input file: use --in-place to rewrite it")
     with open_log(src) as f, gzip.open(dst, "wb") if dst.suffix == ".gz" else dst.open("wb") as out:
-        for line in reprice_lines(all_lines(f), book, stats, now):
+        for line in reprice_lines(counted(all_lines(f), size, progress), book, stats, now):
             out.write(line)
     return stats

@@ -8,7 +8,7 @@ import multiprocessing
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from proxy.engine.cube import ScanResult, new_result
 from proxy.engine.lines import Dedupe, select
@@ -38,6 +38,19 @@ from proxy.storage.tasks import default_jobs, mp_methods, scan_task, worker_plan
 _CHUNK = 32 << 20  # bytes per parallel task: small enough to balance two cores
 _PARALLEL_MIN = 24 << 20  # below this, forking costs more than it saves
 
+# A progress callback: (bytes done, bytes in all), called in this process as work finishes.
+Progress = Callable[[int, int], None]
+
+
+def _task_bytes(task: tuple[str, int, int | None]) -> int:
+    path, start, end = task
+    return (end - start) if end is not None else Path(path).stat().st_size
+
+
+def _sized_task(task: tuple[str, int, int | None]) -> tuple[int, ScanResult]:
+    """A task's result with its size, for progress as results come back in any order."""
+    return _task_bytes(task), scan_task(task)
+
 
 def _tasks(paths: Sequence[Path], plan: Plan, chunk: int) -> list[tuple[str, int, int | None]]:
     tasks: list[tuple[str, int, int | None]] = []
@@ -58,42 +71,69 @@ def _tasks(paths: Sequence[Path], plan: Plan, chunk: int) -> list[tuple[str, int
     return tasks
 
 
-def scan(paths: Sequence[Path], query: Query, jobs: int | None = None, use_index: bool = True) -> ScanResult:
+def scan(
+    paths: Sequence[Path], query: Query, jobs: int | None = None, use_index: bool = True, progress: Progress | None = None
+) -> ScanResult:
     """Aggregate the records of ``paths`` that ``query`` selects (from the roll-up
-    index where it answers the query and ``use_index``; the answer is the same)."""
+    index where it answers the query and ``use_index``; the answer is the same).
+    ``progress`` hears of each finished byte range (a chunk of a big log)."""
     plan = compile_query(query)
     jobs = default_jobs() if jobs is None else jobs
     if use_index and index_answers(query, plan):
-        return scan_indexed(paths, plan, jobs)
+        res = scan_indexed(paths, plan, jobs)
+        if progress is not None:
+            size = sum(p.stat().st_size for p in paths)
+            progress(size, size)
+        return res
     total = sum(p.stat().st_size for p in paths)
-    chunk = _CHUNK if jobs > 1 and total >= _PARALLEL_MIN else 1 << 62
-    tasks = _tasks(paths, plan, chunk)
+    # Chunks for a progress bar too, one process or many: any split gives the same answer.
+    chunked = (jobs > 1 or progress is not None) and total >= _PARALLEL_MIN
+    tasks = _tasks(paths, plan, _CHUNK if chunked else 1 << 62)
     res = new_result(plan)
     res.files = list(paths)
+    work = sum(_task_bytes(t) for t in tasks) if progress is not None else 0
+    done = 0
     with worker_plan(plan):
         if jobs > 1 and len(tasks) > 1 and "fork" in mp_methods():
             with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
-                for part in pool.imap_unordered(scan_task, tasks):
+                for size, part in pool.imap_unordered(_sized_task, tasks):
                     res.merge(part)
+                    if progress is not None:
+                        done += size
+                        progress(done, work)
         else:
             for task in tasks:
                 res.merge(scan_task(task))
+                if progress is not None:
+                    done += _task_bytes(task)
+                    progress(done, work)
+    if progress is not None and not tasks:
+        progress(0, 0)
     return res
 
 
-def iter_selected(paths: Sequence[Path], query: Query, res: ScanResult | None = None) -> Iterator[dict[str, Any]]:
+def iter_selected(
+    paths: Sequence[Path], query: Query, res: ScanResult | None = None, progress: Progress | None = None
+) -> Iterator[dict[str, Any]]:
     """The selected records themselves, file by file in the given order (for per-request
-    output). Counts go to ``res`` when given."""
+    output). Counts go to ``res`` when given; ``progress`` hears of the bytes read."""
     plan = compile_query(replace(query, dims=()))
     res = res if res is not None else new_result(plan)
     lo = query.start
     dedupe = Dedupe()  # one pass over the files in order: a repeat across a rotation is caught too
-    for p in paths:
-        if lo is not None and p.stat().st_mtime < lo - 86400:
-            continue
+    todo = [p for p in paths if lo is None or p.stat().st_mtime >= lo - 86400]
+    sizes = [p.stat().st_size for p in todo]
+    total, before = sum(sizes), 0
+    for p, size in zip(todo, sizes):
         try:
             with open_log(p) as f:
+                # A plain file's position is in the bytes counted; a gzip file's is not.
+                plain = progress is not None and not is_gzip(p)
+                n = 0
                 for rec, ts in select(f, plan, res, dedupe):
+                    n += 1
+                    if plain and progress is not None and not n % 4096:
+                        progress(before + min(f.tell(), size), total)
                     if not well_typed(rec):
                         res.bad_lines += 1  # as the scan counts it (engine.lines.accumulate)
                         continue
@@ -104,3 +144,6 @@ def iter_selected(paths: Sequence[Path], query: Query, res: ScanResult | None = 
                     yield rec
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             res.broken_files.append(f"{p}: {type(e).__name__}: {e}")
+        before += size
+        if progress is not None:
+            progress(before, total)

@@ -51,9 +51,10 @@ def load_window(path: Path, window: RollingWindow, now: float) -> int:
 
 
 def create_app(
-    config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time
+    config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time, console: bool = True
 ) -> web.Application:
-    """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries."""
+    """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries.
+    ``console``: print each call's cost line on stderr (the demo turns it off)."""
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or default_log_path())
     window = RollingWindow()
@@ -62,7 +63,7 @@ def create_app(
     writer = None
     if config.cost_tracking:
         load_window(path, window, time.time())
-        writer = JsonlWriter(path)
+        writer = JsonlWriter(path, console_fd=2 if console else None)
     state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set(), keys=keys)
     app[APP_STATE] = state
     setup_access(state, path, clock)

@@ -56,28 +56,29 @@ def money_ok(text: str, exp: Decimal) -> bool:
 
 
 def test_summary_default_window_and_at_least(data: tuple[Path, list]) -> None:
+    # The layout line by line is tests/cli/test_guide_summary.py; here, the numbers.
     d, recs = data
     p = run(cwd=d, env={"COST_TRACKING_FILE": str(d / "cost-tracking.jsonl")})
     exp = expect(recs, in_last(24))
     assert exp["requests"] > 20
     out = p.stdout
-    assert "(last 24 hours)" in out
-    assert f"Requests           {exp['requests']:,}  (" in out
-    line = next(x for x in out.splitlines() if x.startswith("Total cost"))
-    assert line.split()[-1] and money_ok(line.split()[-1], exp["cost"])
-    assert ("at least" in line) == bool(exp["unpriced"] or exp["unknown"])
-    assert "Cost by provider" in out and "Top models by cost" in out
+    assert "Window: last 24 hours, times in UTC" in out
+    assert f"\nTotal Requests: {exp['requests']}\n" in out
+    line = next(x for x in out.splitlines() if x.startswith("Total Cost: "))
+    assert money_ok(line.split()[2], exp["cost"])
+    assert ("(at least: " in line) == bool(exp["unpriced"] or exp["unknown"])
+    assert "\nCOST BY PROVIDER:\n" in out and "\nTOP MODELS BY COST:\n" in out
     for prov in {r["provider"] for r in recs if in_last(24)(r)}:
-        assert f"\n  {prov} " in out
+        assert f"\n{prov} " in out
 
 
 def test_summary_wording_without_unpriced(data: tuple[Path, list]) -> None:
     d, recs = data
     p = run("--file", str(d / "cost-tracking.jsonl"), "--since", "all", "--provider", "openai", "--status", "4xx")
     exp = expect(recs, lambda r: r["provider"] == "openai" and 400 <= r["status"] < 500)
-    assert "at least" not in p.stdout and "≥" not in p.stdout
-    line = next(x for x in p.stdout.splitlines() if x.startswith("Total cost"))
-    assert line.split()[:2] == ["Total", "cost"] and len(line.split()) == 3 and money_ok(line.split()[2], exp["cost"])
+    assert "at least" not in p.stdout and "≥" not in p.stdout and "lower bound" not in p.stdout
+    line = next(x for x in p.stdout.splitlines() if x.startswith("Total Cost: "))
+    assert len(line.split()) == 3 and money_ok(line.split()[2], exp["cost"])
 
 
 def test_json_totals_by_provider_and_model(data: tuple[Path, list]) -> None:
