@@ -23,8 +23,9 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY scripts ./scripts
 COPY docs ./docs
-# The package itself: its dependencies are all in already, from the lock.
-RUN pip install --no-deps . \
+# The package itself: its dependencies, and setuptools that builds it, are in already,
+# from the lock (no build environment fetched anew).
+RUN pip install --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --home-dir /app --no-create-home proxy \
     && mkdir -p /app/logs && chown proxy /app/logs && chmod 1777 /app/logs
 COPY config.yml ./config.yml

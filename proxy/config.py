@@ -360,7 +360,18 @@ def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsC
     if not isinstance(raw_limits, list):
         raise ConfigError(path, "budgets.limits", f"expected a list of limits, got {type(raw_limits).__name__}")
     limits = [_parse_limit(spec, path, f"budgets.limits[{i}]") for i, spec in enumerate(raw_limits)]
+    seen: dict[tuple[str, str | None, str | None, str | None], int] = {}
+    for i, lim in enumerate(limits):
+        # Two limits on the same budget would show, refuse and warn under one name.
+        first = seen.setdefault((lim.scope, lim.tag, lim.match, lim.period), i)
+        if first != i:
+            raise ConfigError(path, f"budgets.limits[{i}]", f"the same budget as budgets.limits[{first}] ({lim.label}): keep one of them")
     return BudgetsConfig(tuple(limits), tz, float(warn_at), webhook, override, cap, allow_unpriced)
+
+
+# A budget beyond this is a typo (1e308), and would overflow the money formatter.
+_MAX_LIMIT_USD = 1_000_000_000
+_MAX_LIMIT_UNITS = usd_to_units(_MAX_LIMIT_USD)
 
 
 def _parse_limit(spec: Any, path: str, key: str) -> Limit:
@@ -381,6 +392,8 @@ def _parse_limit(spec: Any, path: str, key: str) -> Limit:
         units = usd_to_units(spec["usd"])
     except ValueError as e:
         raise ConfigError(path, f"{key}.usd", str(e)) from None
+    if units > _MAX_LIMIT_UNITS:
+        raise ConfigError(path, f"{key}.usd", f"at most {_MAX_LIMIT_USD:,} US dollars, got {spec['usd']!r}")
     match = spec.get("match")
     if match is not None:
         if scope == "global":

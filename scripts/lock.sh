@@ -9,4 +9,4 @@ TOOLS="${TMPDIR:-/tmp}/llm-proxy-lock-tools"
 [ -x "$TOOLS/bin/pip-compile" ] || { python3 -m venv "$TOOLS" && "$TOOLS/bin/pip" install --quiet pip-tools; }
 cd "$ROOT"
 "$TOOLS/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
-  --extra tokenizer --extra fast --output-file scripts/requirements.lock pyproject.toml
+  --allow-unsafe --all-build-deps --extra tokenizer --extra fast --output-file scripts/requirements.lock pyproject.toml

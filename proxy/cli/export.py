@@ -17,8 +17,7 @@ from proxy.cli.options import category_option, config_option, log_file_option, l
 from proxy.cli.output import open_output
 from proxy.core.records import json_default
 from proxy.engine.cube import ScanResult
-from proxy.engine.query import Query
-from proxy.reports.build import optional_config, parse_tags, resolve_files, scan_warnings
+from proxy.reports.build import config_aliases, optional_config, request_query, resolve_files, scan_warnings
 from proxy.reports.csvfile import write_request_csv
 from proxy.reports.request import ReportRequest
 from proxy.reports.window import get_tz, resolve_window
@@ -65,12 +64,7 @@ def write_jsonl(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
 def model_aliases(config: str, models: tuple[str, ...], warnings: list[str]) -> dict[str, str]:
     """The config's aliases for a --model filter, as the report reads them (none needed
     without one; a missing or broken config is then skipped with a warning)."""
-    cfg = optional_config(config, bool(models), warnings)
-    aliases: dict[str, str] = dict(cfg.aliases) if cfg else {}
-    if cfg is not None:
-        for p in cfg.providers.values():
-            aliases.update(p.aliases)
-    return aliases
+    return config_aliases(optional_config(config, bool(models), warnings))
 
 
 WRITERS = {"csv": write_request_csv, "json": write_json_array, "jsonl": write_jsonl}
@@ -124,17 +118,7 @@ def export(
     files = resolve_files(req)
     warnings: list[str] = []
     aliases = model_aliases(config, model, warnings)
-    query = Query(
-        start=window.start.timestamp() if window.start else None,
-        end=window.end.timestamp() if window.end else None,
-        providers=provider,
-        models=model,
-        aliases=aliases,
-        users=user,
-        tags=parse_tags(req.tag),
-        dims=(),
-        tz=zone,
-    )
+    query = request_query(req, window, zone, aliases, dims=())
     out, close = open_output(output, fmt, files)
     res = ScanResult(dims=(), tz=zone)
     try:

@@ -23,9 +23,10 @@ from proxy.cli.options import config_option, json_option, log_file_option
 from proxy.config import Config, ProviderConfig, load_config, pricebook_for
 from proxy.core.attribution import MAX_TAGS, clean_tag_name, clean_value
 from proxy.core.money import format_usd
-from proxy.core.records import CallContext, build_record, cap_name, dumps_record, json_default
+from proxy.core.records import CallContext, build_record, cap_name, dumps_record, json_default, redact
 from proxy.core.text import printable
 from proxy.core.usage import CallInfo, Usage
+from proxy.engine.totals import well_typed
 from proxy.errors import UsageError
 from proxy.pricing import PriceBook, name_candidates, normalize_model, price_call
 from proxy.providers import ADAPTERS
@@ -173,6 +174,9 @@ def record_tags(category: str | None, description: str | None, metadata: dict[st
             raise UsageError(f"--{name}: empty after cleaning")
         tags[name] = cleaned
     tags.update(metadata)
+    # Never a key in the log: a key-shaped value pasted into a description or metadata
+    # is masked as provider error texts are.
+    tags = {k: redact(v) for k, v in tags.items()}
     if len(tags) > MAX_TAGS:
         raise UsageError(f"--metadata: at most {MAX_TAGS} tags a record, category and description included")
     return tags
@@ -242,13 +246,18 @@ def manual_record(
     return rec, chosen
 
 
+# A trillion tokens in one call is a typo; bigger numbers overflow the JSON writer.
+MAX_TOKENS = 10**12
+COUNT = click.IntRange(0, MAX_TOKENS)
+
+
 @click.command(cls=LogCommand, context_settings=CONTEXT)
 @click.option("--model", "-m", required=True, metavar="MODEL", help="the model called; config aliases are resolved (sonnet, gpt4o)")
-@click.option("--input-tokens", required=True, type=click.IntRange(min=0), metavar="N", help="all input tokens, cache reads included")
-@click.option("--output-tokens", required=True, type=click.IntRange(min=0), metavar="N", help="all output tokens, reasoning included")
+@click.option("--input-tokens", required=True, type=COUNT, metavar="N", help="all input tokens, cache reads included")
+@click.option("--output-tokens", required=True, type=COUNT, metavar="N", help="all output tokens, reasoning included")
 @click.option(
     "--cached-tokens",
-    type=click.IntRange(min=0),
+    type=COUNT,
     default=0,
     show_default=True,
     metavar="N",
@@ -296,6 +305,9 @@ def log(
         user=user,
     )
     line = dumps_record(rec)
+    if not well_typed(orjson.loads(line)):
+        # What every reader would skip as a corrupt line is not written at all.
+        raise UsageError(f"the cost of this call, {rec['total_cost']} USD, is beyond what a record can hold: check the token counts")
     append_line(log_file, line)
     if rec["total_cost"] is None:
         click.echo(

@@ -17,6 +17,7 @@ def open_output(path: str | None, fmt: str, inputs: Sequence[Path] = ()) -> tupl
     logs/cost-tracking.jsonl``) is refused before anything is lost."""
     if not path or path == "-":
         return sys.stdout, False
+    target = Path(path).resolve()
     for log in inputs:
         try:
             same = os.path.samefile(path, log)
@@ -24,6 +25,12 @@ def open_output(path: str | None, fmt: str, inputs: Sequence[Path] = ()) -> tupl
             same = False
         if same:
             raise UsageError(f"--output: {path} is a log this command reads; writing it would erase it (name another file)")
+        # cost-tracking.jsonl.1, -20261101.gz: readers take such a file for a rotated part
+        # of the log, and would count its records twice.
+        here = log.resolve()
+        sibling = target.name.startswith(here.name) and target.name[len(here.name) : len(here.name) + 1] in (".", "-")
+        if sibling and target.parent == here.parent:
+            raise UsageError(f"--output: {path} would be read as a rotated part of {log}, counting its calls twice (name another file)")
     try:
         # newline="" lets the csv module write its own \r\n, which spreadsheets expect.
         return open(path, "w", encoding="utf-8", newline="" if fmt == "csv" else None), True

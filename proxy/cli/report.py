@@ -167,7 +167,7 @@ def run(req: ReportRequest, now: datetime | None = None) -> int:
     if req.format == "csv" and not path and sys.stdout.isatty():
         # The guide's "--format csv creates a CSV file": on a terminal a file is what
         # people want; piped (or with --output -) the CSV goes to stdout as ever.
-        path = csv_file_name(resolve_window(req, get_tz(req.tz), at), at)
+        path = unused_name(csv_file_name(resolve_window(req, get_tz(req.tz), at), at))
     # A bar on stderr while the log is read (only on a terminal), except where the rows
     # themselves stream to that terminal as they are read.
     streams = req.format == "detailed" or (req.format == "csv" and not req.group_by)
@@ -197,6 +197,17 @@ def csv_file_name(window: Window, now: datetime) -> str:
         return f"cost-report-{a.isoformat()}-{b.isoformat()}.csv"
     a_text = start.astimezone(tz).strftime("%Y-%m-%d_%H%M") if start else "all"
     return f"cost-report-{a_text}-{end.astimezone(tz).strftime('%Y-%m-%d_%H%M')}.csv"
+
+
+def unused_name(name: str) -> str:
+    """``name``, or ``name`` with -2, -3… before its suffix when a file has it: a CSV
+    written by an earlier run (and maybe edited since) is never replaced unasked."""
+    stem, dot, ext = name.rpartition(".")
+    n, candidate = 1, name
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{stem}-{n}{dot}{ext}"
+    return candidate
 
 
 def _now() -> datetime:

@@ -18,9 +18,8 @@ from proxy.cli.options import category_option, config_option, json_option, log_f
 from proxy.core.money import format_usd
 from proxy.core.text import printable
 from proxy.engine.cube import ScanResult
-from proxy.engine.query import Query
 from proxy.engine.totals import Totals
-from proxy.reports.build import parse_tags, resolve_files, scan_warnings
+from proxy.reports.build import request_query, resolve_files, scan_warnings
 from proxy.reports.jsondoc import totals_json
 from proxy.reports.numbers import ratio
 from proxy.reports.request import ReportRequest
@@ -130,15 +129,7 @@ def stats(
     files = resolve_files(req)
     warnings: list[str] = []
     aliases = model_aliases(config, model, warnings)
-    query = Query(
-        start=window.start.timestamp() if window.start else None,
-        end=window.end.timestamp() if window.end else None,
-        models=model,
-        aliases=aliases,
-        tags=parse_tags(req.tag),
-        dims=("provider", "model"),
-        tz=zone,
-    )
+    query = request_query(req, window, zone, aliases, dims=("provider", "model"))
     res = scan(files, query)
     if as_json:
         click.echo(orjson.dumps(stats_json(window, res, top), option=orjson.OPT_INDENT_2).decode())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import orjson
 
@@ -25,7 +25,7 @@ from proxy.reports.model import Report
 from proxy.reports.request import SERIES, ReportRequest
 from proxy.reports.summary import render_summary
 from proxy.reports.text import render_series, tz_name, write_detailed
-from proxy.reports.window import get_tz, resolve_window
+from proxy.reports.window import Window, get_tz, resolve_window
 from proxy.storage.logfiles import log_files, order_files
 from proxy.storage.scan import iter_selected, scan
 
@@ -71,6 +71,36 @@ def pricebook(config: Any) -> Any:
     return pricebook_for(config)
 
 
+def config_aliases(config: Config | None) -> dict[str, str]:
+    """Every alias a config defines (top level, then each provider's), for --model."""
+    aliases: dict[str, str] = dict(config.aliases) if config else {}
+    if config is not None:
+        for p in config.providers.values():
+            aliases.update(p.aliases)
+    return aliases
+
+
+def request_query(
+    args: ReportRequest, window: Window, tz: tzinfo, aliases: Mapping[str, str], *, dims: Sequence[str], **more: Any
+) -> Query:
+    """The engine query for a request's window and filters (report, stats, export);
+    ``more`` are the query's extras (latency, top, savings…)."""
+    return Query(
+        start=window.start.timestamp() if window.start else None,
+        end=window.end.timestamp() if window.end else None,
+        providers=args.provider,
+        models=args.model,
+        aliases=aliases,
+        users=args.user,
+        statuses=args.status,
+        errors_only=args.errors_only,
+        tags=parse_tags(args.tag),
+        dims=tuple(dims),
+        tz=tz,
+        **more,
+    )
+
+
 def parse_group_by(values: Sequence[str] | None) -> list[str]:
     dims: list[str] = []
     for v in values or ():
@@ -101,9 +131,12 @@ def cost_bound(option: str, text: str | None) -> Decimal | None:
     if text is None:
         return None
     try:
-        return units_to_usd(usd_to_units(text))
+        units = usd_to_units(text)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
+    if not 0 <= units <= usd_to_units(10**12):
+        raise UsageError(f"{option}: expected an amount from 0 to 1,000,000,000,000 US dollars, got {text!r}")
+    return units_to_usd(units)
 
 
 def write_report(
@@ -127,10 +160,7 @@ def write_report(
     needs_config = bool(args.model or args.savings or args.suggest)
     config = optional_config(args.config, needs_config, warnings)
     book = pricebook(config) if (args.savings or args.suggest) else None
-    aliases: dict[str, str] = dict(config.aliases) if config else {}
-    if config is not None:
-        for p in config.providers.values():
-            aliases.update(p.aliases)
+    aliases = config_aliases(config)
 
     fmt = args.format
     # The cube always keeps provider and model (summary tables and sections need them),
@@ -140,18 +170,12 @@ def write_report(
         dims.append(SERIES[fmt])
     if args.projection and not any(d in TIME_DIMS for d in dims):
         dims.append("day")
-    query = Query(
-        start=window.start.timestamp() if window.start else None,
-        end=window.end.timestamp() if window.end else None,
-        providers=args.provider,
-        models=args.model,
-        aliases=aliases,
-        users=args.user,
-        statuses=args.status,
-        errors_only=args.errors_only,
-        tags=tags,
-        dims=tuple(dims),
-        tz=tz,
+    query = request_query(
+        args,
+        window,
+        tz,
+        aliases,
+        dims=dims,
         latency=args.latency,
         top=args.top,
         pricebook=book,
@@ -186,6 +210,8 @@ def write_report(
     )
     if args.sessions_sort not in SESSION_SORTS:
         raise UsageError(f"--sessions-sort: expected one of {', '.join(SESSION_SORTS)}")
+    if extra_ask.min_cost is not None and extra_ask.max_cost is not None and extra_ask.min_cost > extra_ask.max_cost:
+        raise UsageError(f"--min-cost {args.min_cost} is more than --max-cost {args.max_cost}: no session could match")
 
     out, close = open_output(files)
     try:

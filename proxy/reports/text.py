@@ -178,6 +178,10 @@ def sections_text(r: Report, t: Totals) -> list[str]:
         out.append("Success rate and latency (ms)")
         for by in ("provider", "model"):
             stats = sorted(r.res.latency_for(by).items(), key=lambda kv: (-kv[1][0], kv[0]))
+            limit = row_limit(r)  # --limit, as for every table of rows
+            if limit and len(stats) > limit:
+                out.append(f"  by {by}{top_of(limit, len(stats))}")
+                stats = stats[:limit]
             out.append(
                 table(
                     [by, "requests", "success", "p50", "p95"],

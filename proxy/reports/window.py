@@ -18,11 +18,15 @@ def parse_since(text: str) -> float | None:
         return None
     mult = {"m": 1 / 60, "h": 1, "d": 24, "w": 168}
     try:
-        if t and t[-1] in mult:
-            return float(t[:-1]) * mult[t[-1]]
-        return float(t)
+        hours = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
     except ValueError:
         raise UsageError(f"--since: expected hours like 24, 36h, 7d or all, got {text!r}") from None
+    if not 0 < hours <= _MAX_SINCE_HOURS:  # also NaN
+        raise UsageError(f"--since: expected a positive time up to 100 years (or all), got {text!r}")
+    return hours
+
+
+_MAX_SINCE_HOURS = 100 * 366 * 24
 
 
 def parse_when(text: str, tz: tzinfo, *, end: bool) -> datetime:

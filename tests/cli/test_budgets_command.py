@@ -46,3 +46,18 @@ def test_two_limits_on_one_user_have_two_names(tmp_path: Path) -> None:
     table = run(cli, args, catch_exceptions=False).stdout.splitlines()
     names = [line.split("  ")[0] for line in table[1:] if line.startswith(("user:", "tag:"))]
     assert sorted(names) == sorted(by_name)
+
+
+def test_a_limit_set_twice_or_absurdly_high_stops_with_its_key(tmp_path: Path) -> None:
+    base = 'providers:\n  openai: {base_url: "http://127.0.0.1:1"}\nbudgets:\n  limits:\n'
+    cases = {
+        "    - {scope: user, match: alice, period: daily, usd: 5}\n    - {scope: user, match: alice, period: daily, usd: 3}\n": (
+            "budgets.limits[1]",
+            "same budget as budgets.limits[0]",
+        ),
+        "    - {scope: global, period: monthly, usd: 1e308}\n": ("budgets.limits[0].usd", "at most"),
+    }
+    for limits, (key, reason) in cases.items():
+        (tmp_path / "config.yml").write_text(base + limits)
+        res = CliRunner().invoke(cli, ["budgets", "--config", str(tmp_path / "config.yml"), "--log-file", str(tmp_path / "none.jsonl")])
+        assert res.exit_code == 2 and key in res.stderr and reason in res.stderr and res.stderr.count("\n") == 1, res.stderr

@@ -66,6 +66,11 @@ USER_ERRORS = [
     (["budgets", "--config", "missing.yml"], ["missing.yml: file not found"]),
     (["budgets", "--config", "broken.yml"], ["broken.yml", "not valid YAML"]),
     (["report", "--log-file", "log.jsonl", "--since", "xx"], ["--since", "'xx'"]),
+    # Was an OverflowError traceback (a window start before year 1), and a silent empty report.
+    (["report", "--log-file", "log.jsonl", "--since", "99999999999999999999"], ["--since", "100 years"]),
+    (["report", "--log-file", "log.jsonl", "--since", "-5"], ["--since", "positive"]),
+    (["report", "--log-file", "log.jsonl", "--sessions", "--min-cost", "1", "--max-cost", "0.5"], ["--min-cost", "--max-cost"]),
+    (["report", "--log-file", "log.jsonl", "--sessions", "--min-cost", "1e400"], ["--min-cost"]),
     (["report", "--log-file", "log.jsonl", "--tz", "Nowhere/Zone"], ["--tz", "Nowhere/Zone"]),
     (["report", "--log-file", "log.jsonl", "--since", "24", "--period", "daily"], ["either"]),
     (["report", "--log-file", "log.jsonl", "--format", "pdf"], ["--format", "pdf"]),

@@ -164,6 +164,9 @@ def test_provider_choice_and_unpriced_model(setup: tuple[Path, Path]) -> None:
         (["--input-tokens", "10", "--output-tokens", "5", "--metadata", "{not json"], "--metadata"),
         (["--input-tokens", "10", "--output-tokens", "5", "--metadata", '{"team": "x"}'], "field of the record"),
         (["--input-tokens", "10", "--output-tokens", "5", "--category", "a", "--metadata", '{"category": "b"}'], "--category"),
+        # Counts past any real call (a cost readers would reject as corrupt, or past 64 bits).
+        (["--input-tokens", "999999999999999999", "--output-tokens", "1"], "--input-tokens"),
+        (["--input-tokens", "10", "--output-tokens", "99999999999999999999999"], "--output-tokens"),
     ],
 )
 def test_mistakes_are_one_line_and_write_nothing(setup: tuple[Path, Path], args: list[str], message: str) -> None:
@@ -236,3 +239,15 @@ def test_metadata_is_an_object_of_scalars_kept_as_clean_string_tags(value: Any) 
     for k in plain:
         if k not in ("record_id", "tags"):
             assert tagged[k] == plain[k], k
+
+
+def test_a_key_pasted_into_a_description_or_metadata_never_reaches_the_log(setup: tuple[Path, Path]) -> None:
+    cfg, log = setup
+    secret = "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWX1234"
+    res = invoke(
+        "log", "--model", "gpt-4o", "--input-tokens", "10", "--output-tokens", "5", "--description", f"rotated {secret} today",
+        "--metadata", json.dumps({"note": secret}), "--config", str(cfg), "--log-file", str(log),
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    text = log.read_text()
+    assert secret not in text and secret not in res.stdout and "[redacted]" in text

@@ -13,28 +13,14 @@ import pytest
 
 from tests.support import ROOT
 from tests.support.analyze_cli import CONFIG, NOW, SCRIPT, make_records
+from tests.support.ptys import run_on_pty
 from tests.support.synthlog import write_log
 
 
 def run_with_tty_stderr(argv: list[str], cwd: Path) -> tuple[int, str, str]:
     """``argv`` with stderr on a pty and stdout a pipe: (status, stdout, what the terminal got)."""
-    master, slave = pty.openpty()
-    env = {**os.environ, "ANALYZE_COSTS_NOW": NOW.isoformat()}
-    env.pop("COST_TRACKING_FILE", None)
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    out = p.stdout.read().decode() if p.stdout else ""
-    return p.wait(), out, b"".join(chunks).decode()
+    code, terminal, out = run_on_pty(argv, cwd, tty="stderr")
+    return code, out, terminal
 
 
 def run_piped(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

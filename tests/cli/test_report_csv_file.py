@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import pty
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.analyze_cli import NOW, SCRIPT, make_records, run
+from tests.support.analyze_cli import SCRIPT, make_records, run
+from tests.support.ptys import run_on_pty
 from tests.support.synthlog import write_log
 
 
 def run_on_a_tty(*args: str, cwd: Path) -> tuple[int, str, str]:
     """The script with stdout on a pty (stderr a pipe); returns (status, tty text, stderr)."""
-    master, slave = pty.openpty()
-    env = {**os.environ, "ANALYZE_COSTS_NOW": NOW.isoformat()}
-    env.pop("COST_TRACKING_FILE", None)
-    p = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=slave, stderr=subprocess.PIPE, cwd=cwd, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    err = p.stderr.read().decode() if p.stderr else ""
-    return p.wait(), b"".join(chunks).decode(), err
+    return run_on_pty([sys.executable, str(SCRIPT), *args], cwd, tty="stdout")
 
 
 def test_on_a_terminal_csv_goes_to_a_file_named_for_the_window(tmp_path: Path) -> None:
@@ -62,3 +44,15 @@ def test_a_relative_window_names_the_file_by_its_times_and_dash_means_stdout(tmp
     code, shown, err = run_on_a_tty("--log-file", str(log), "--format", "csv", "--since", "6h", "--output", "-", cwd=tmp_path)
     assert code == 0 and shown.startswith("time_utc,") and "CSV written" not in err
     assert sorted(p.name for p in tmp_path.glob("cost-report-*")) == ["cost-report-2026-11-23_1300-2026-11-23_1900.csv"]
+
+
+def test_a_csv_file_already_there_is_kept_and_the_new_one_takes_another_name(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "cost.jsonl", make_records(50, seed=9, days=1))
+    args = ("--log-file", str(log), "--format", "csv", "--since", "6h")
+    first = tmp_path / "cost-report-2026-11-23_1200-2026-11-23_1800.csv"
+    first.write_text("MY EDITS\n")
+    code, _, err = run_on_a_tty(*args, cwd=tmp_path)
+    assert code == 0 and err.splitlines() == ["CSV written to cost-report-2026-11-23_1200-2026-11-23_1800-2.csv"], err
+    assert first.read_text() == "MY EDITS\n"
+    code, _, err = run_on_a_tty(*args, cwd=tmp_path)
+    assert code == 0 and err.endswith("-3.csv\n"), err
