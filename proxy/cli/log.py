@@ -23,7 +23,7 @@ from proxy.cli.options import config_option, json_option, log_file_option
 from proxy.config import Config, ProviderConfig, load_config, pricebook_for
 from proxy.core.attribution import MAX_TAGS, clean_tag_name, clean_value
 from proxy.core.money import format_usd
-from proxy.core.records import CallContext, build_record, cap_name, dumps_record, json_default, redact
+from proxy.core.records import CallContext, build_record, cap_name, dumps_record, json_default
 from proxy.core.text import printable
 from proxy.core.usage import CallInfo, Usage
 from proxy.engine.totals import well_typed
@@ -174,9 +174,6 @@ def record_tags(category: str | None, description: str | None, metadata: dict[st
             raise UsageError(f"--{name}: empty after cleaning")
         tags[name] = cleaned
     tags.update(metadata)
-    # Never a key in the log: a key-shaped value pasted into a description or metadata
-    # is masked as provider error texts are.
-    tags = {k: redact(v) for k, v in tags.items()}
     if len(tags) > MAX_TAGS:
         raise UsageError(f"--metadata: at most {MAX_TAGS} tags a record, category and description included")
     return tags

@@ -24,6 +24,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from proxy.core.redaction import mask_key_like
+
 MAX_VALUE_CHARS = 128
 MAX_TAGS = 20
 TAG_NAME = re.compile(r"[a-z0-9_-]{1,40}")
@@ -67,6 +69,8 @@ def clean_value(value: object) -> str | None:
         return None
     if text.startswith(_FORMULA_START):
         text = "'" + text
+    # A key pasted as a user id or tag must not reach the log (docs/budgets.md, attribution).
+    text = mask_key_like(text)
     return text[:MAX_VALUE_CHARS].rstrip() or None
 
 

@@ -1,4 +1,5 @@
-"""Keep the configured provider key out of everything relayed to a client.
+"""Keep the configured provider key out of everything relayed to a client, and
+anything shaped like a key out of the names a client sends (``mask_key_like``).
 
 A provider may echo the key it was called with (an error message, a debug header, an
 error event inside a 200 stream). Streams arrive cut at arbitrary points, so the key
@@ -8,7 +9,23 @@ read that could begin the key, and releases them once the next read shows they d
 
 from __future__ import annotations
 
+import re
+
 REPLACEMENT = b"[redacted]"
+
+# What a provider key looks like when a client pastes one where a name goes (x-user-id,
+# a tag, a description): a whole word starting with a vendor prefix and long enough to
+# be a key, so "risk-assessment" and "task-manager" are left alone.
+_KEY_LIKE = re.compile(
+    r"\b(?:sk-ant-[A-Za-z0-9_\-]{16,}|(?:sk|rk|pk)-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}|AIza[0-9A-Za-z_\-]{30,}|ya29\.[0-9A-Za-z_\-.]{20,})"
+)
+
+
+def mask_key_like(text: str) -> str:
+    """``text`` with anything shaped like a provider key replaced by ``[redacted]``."""
+    if "sk-" not in text and "rk-" not in text and "pk-" not in text and "AIza" not in text and "ya29." not in text:
+        return text  # the common case, without a regex
+    return _KEY_LIKE.sub("[redacted]", text)
 
 
 class StreamRedactor:

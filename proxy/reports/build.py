@@ -210,6 +210,11 @@ def write_report(
     )
     if args.sessions_sort not in SESSION_SORTS:
         raise UsageError(f"--sessions-sort: expected one of {', '.join(SESSION_SORTS)}")
+    if not args.sessions:
+        given = [o for o, v in (("--min-cost", args.min_cost), ("--max-cost", args.max_cost)) if v is not None]
+        given += ["--sessions-sort"] if args.sessions_sort != "recent" else []
+        if given:  # they shape the sessions list, which only --sessions (or --all) shows
+            raise UsageError(f"{given[0]} needs --sessions")
     if extra_ask.min_cost is not None and extra_ask.max_cost is not None and extra_ask.min_cost > extra_ask.max_cost:
         raise UsageError(f"--min-cost {args.min_cost} is more than --max-cost {args.max_cost}: no session could match")
 

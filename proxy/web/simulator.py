@@ -84,6 +84,11 @@ class Simulator:
             body = None
         if not isinstance(body, dict):
             return bad_request(family, "the request body must be a JSON object")
+        for cap in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            value = body.get(cap)
+            # As the real APIs: a cap that is not a positive integer is the caller's error.
+            if value is not None and (type(value) is not int or value < 1):
+                return bad_request(family, f"{cap}: expected an integer of at least 1, got {value!r}"[:200])
         status = self.injected_error(request)
         if status is not None:
             headers = {"retry-after": "1"} if status == 429 else None

@@ -71,6 +71,8 @@ USER_ERRORS = [
     (["report", "--log-file", "log.jsonl", "--since", "-5"], ["--since", "positive"]),
     (["report", "--log-file", "log.jsonl", "--sessions", "--min-cost", "1", "--max-cost", "0.5"], ["--min-cost", "--max-cost"]),
     (["report", "--log-file", "log.jsonl", "--sessions", "--min-cost", "1e400"], ["--min-cost"]),
+    (["report", "--log-file", "log.jsonl", "--min-cost", "1"], ["--min-cost needs --sessions"]),
+    (["report", "--log-file", "log.jsonl", "--sessions-sort", "cost"], ["--sessions-sort needs --sessions"]),
     (["report", "--log-file", "log.jsonl", "--tz", "Nowhere/Zone"], ["--tz", "Nowhere/Zone"]),
     (["report", "--log-file", "log.jsonl", "--since", "24", "--period", "daily"], ["either"]),
     (["report", "--log-file", "log.jsonl", "--format", "pdf"], ["--format", "pdf"]),

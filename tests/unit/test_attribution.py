@@ -192,3 +192,40 @@ async def test_body_user_is_cleaned_too(mock, proxy):
     assert len(proxy.raw_log().splitlines()) == 1 and json.loads(proxy.raw_log())["user_id"] == rec["user_id"]
     # the body itself goes upstream untouched: it is the provider's field too
     assert mock.requests[0].json["user"].startswith("-x\n{")
+
+
+PASTED_KEYS = [
+    "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "sk-ant-api03-AbCdEfGhIjKlMnOpQrSt",
+    "AIzaSyAbCdEfGhIjKlMnOpQrStUvWxYz0123456",
+]
+# Ordinary names that share a prefix with a key and must stay as they are.
+LOOKALIKES = ["risk-assessment", "task-manager-for-the-quarter-2026", "sk-short", "desk-booking-assistant-v2-prod"]
+
+
+async def test_a_key_pasted_as_a_user_or_tag_never_reaches_the_log(mock, proxy):
+    """Before: x-user-id and x-tag-* values were written as sent, so a key pasted there
+    was in every record of that client (never a secret in a record: DEVELOPERS.md)."""
+    mock.on("/v1/chat/completions", openai_chat(mock))
+    async with aiohttp.ClientSession() as http:
+        for key in PASTED_KEYS:
+            headers = {"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "x-user-id": f"svc {key}", "x-feature": key}
+            async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers=headers) as r:
+                assert r.status == 200
+        for name in LOOKALIKES:
+            headers = {"Authorization": f"Bearer {CLIENT_OPENAI_KEY}", "x-user-id": name, "x-feature": name}
+            async with http.post(f"{proxy.url}/openai/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers=headers) as r:
+                assert r.status == 200
+    raw = proxy.raw_log()
+    assert not any(key in raw for key in PASTED_KEYS)
+    records = await proxy.records()
+    assert [r["user_id"] for r in records[:3]] == ["svc [redacted]"] * 3
+    assert [r["tags"]["feature"] for r in records[:3]] == ["[redacted]"] * 3
+    assert [(r["user_id"], r["tags"]["feature"]) for r in records[3:]] == [(n, n) for n in LOOKALIKES]
+
+
+def test_clean_value_masks_only_key_shaped_words() -> None:
+    for key in PASTED_KEYS:
+        assert clean_value(f"note {key} end") == "note [redacted] end"
+    for name in LOOKALIKES:
+        assert clean_value(name) == name

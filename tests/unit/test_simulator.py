@@ -251,3 +251,21 @@ async def test_errors_in_the_familys_own_shape_forced_and_by_rate():
             assert {200, 429, 500} <= set(statuses) and 8 < statuses.count(200) < 32
     finally:
         await runner.cleanup()
+
+
+async def test_a_cap_that_is_not_a_positive_integer_is_a_400_in_the_familys_shape():
+    runner, url = await serve(SimSettings(chunk_delay=0))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for cap in (-5, 0, 1.5, "10", True):
+                body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": cap}
+                async with http.post(f"{url}/v1/chat/completions", json=body) as r:
+                    assert r.status == 400 and "max_tokens" in (await r.json())["error"]["message"], cap
+                body = {"model": "claude-haiku-4-5", "messages": [], "max_tokens": cap}
+                async with http.post(f"{url}/v1/messages", json=body) as r:
+                    assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error", cap
+            ok = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}
+            async with http.post(f"{url}/v1/chat/completions", json=ok) as r:
+                assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] <= 7
+    finally:
+        await runner.cleanup()
