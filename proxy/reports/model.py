@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,6 +41,16 @@ class Report:
         start = self.window.start or (ts_to_datetime(self.res.first_ts) if self.res.first_ts else None)
         # A calendar period still running ends now, not at its end.
         end = min(self.window.end, self.now) if self.window.end else self.now
+        return start, end
+
+    def shown_span(self) -> tuple[datetime | None, datetime]:
+        """``span`` as the text formats print it: a window reaching far back before the
+        log (--since 100000) is shown from the first record."""
+        start, end = self.span()
+        if start is not None and self.res.first_ts:
+            first = ts_to_datetime(self.res.first_ts)
+            if first - start > timedelta(days=1):
+                start = first
         return start, end
 
 

@@ -4,17 +4,16 @@ lower bounds), then the sections asked for."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import Sequence
 
 from proxy.core.money import format_usd_places
 from proxy.core.text import printable
-from proxy.core.timestamps import ts_to_datetime
 from proxy.engine.totals import Totals
 from proxy.reports.extra import extra_text
 from proxy.reports.model import Report
-from proxy.reports.text import group_table, row_limit, sections_text, shares_text, tz_name
+from proxy.reports.text import filters_text, group_table, lower_bound_parts, row_limit, sections_text, shares_text, tz_name
 
 TITLE = "LLM PROXY COST ANALYSIS SUMMARY"
 BANNER = "=" * 60
@@ -33,12 +32,7 @@ def naive_iso(dt: datetime, tz: tzinfo) -> str:
 
 
 def period_bounds(r: Report) -> tuple[datetime, datetime]:
-    start, end = r.span()
-    if start is not None and r.res.first_ts:
-        # A window reaching far back before the log (--since 100000) is shown from the first record.
-        first = ts_to_datetime(r.res.first_ts)
-        if first - start > timedelta(days=1):
-            start = first
+    start, end = r.shown_span()
     # An open window over an empty log has no start: the period is then empty, ending now.
     return (start or end), end
 
@@ -69,12 +63,7 @@ def guide_rows(rows: Sequence[tuple[str, Totals]], name_width: int) -> list[str]
 
 
 def lower_bound_counts(t: Totals) -> str:
-    parts = []
-    if t.unpriced:
-        parts.append(f"{t.unpriced:,} request{'s' if t.unpriced != 1 else ''} unpriced")
-    if t.unknown:
-        parts.append(f"{t.unknown:,} with unknown usage")
-    return ", ".join(parts)
+    return ", ".join(lower_bound_parts(t, brief=True))
 
 
 def guide_block(r: Report) -> tuple[list[str], list[str]]:
@@ -120,20 +109,8 @@ def guide_block(r: Report) -> tuple[list[str], list[str]]:
     if missing:
         short = [f"{k[0]}/{k[1]}" for k, v in by_model if v.incomplete]
         names = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
-        why = []
-        if t.unpriced:
-            why.append(f"{t.unpriced:,} unpriced (no price for their model)")
-        if t.unknown:
-            why.append(f"{t.unknown:,} with unknown usage (stream cut before usage arrived)")
-        notes.append(f"Costs are lower bounds: {', '.join(why)}; models affected: {printable(names, 400)}.")
+        notes.append(f"Costs are lower bounds: {', '.join(lower_bound_parts(t))}; models affected: {printable(names, 400)}.")
     return out, notes
-
-
-def filters_text(r: Report) -> str:
-    return "  ".join(
-        printable(f"{k}={','.join(v) if isinstance(v, (list, tuple)) else v}", 400) if k != "errors_only" else "errors only"
-        for k, v in r.filters.items()
-    )
 
 
 def render_summary(r: Report) -> str:

@@ -46,35 +46,38 @@ def tz_name(tz: tzinfo) -> str:
 
 
 def header_lines(r: Report, title: str) -> list[str]:
-    start, end = r.span()
-    if start is not None and r.res.first_ts:
-        # A window reaching far back before the log (--since 100000) is shown from the first record.
-        first = ts_to_datetime(r.res.first_ts)
-        if first - start > timedelta(days=1):
-            start = first
+    start, end = r.shown_span()
     s = start.astimezone(r.tz).strftime("%Y-%m-%d %H:%M") if start else "the beginning"
     e = end.astimezone(r.tz).strftime("%Y-%m-%d %H:%M")
     lines = [f"{title}: {s} to {e} {tz_name(r.tz)} ({r.window.label})"]
     extra = f" (+{len(r.files) - 1} more)" if len(r.files) > 1 else ""
     lines.append(f"Log: {printable(str(r.files[0]), 400)}{extra}")
     if r.filters:
-        lines.append(
-            "Filters: "
-            + "  ".join(
-                printable(f"{k}={','.join(v) if isinstance(v, (list, tuple)) else v}", 400) if k != "errors_only" else "errors only"
-                for k, v in r.filters.items()
-            )
-        )
+        lines.append("Filters: " + filters_text(r))
     return lines
 
 
-def lower_bound_note(t: Totals) -> str:
+def lower_bound_parts(t: Totals, *, brief: bool = False) -> list[str]:
+    """Why a total is only a lower bound: the calls without a cost, each kind once."""
     parts = []
     if t.unpriced:
-        parts.append(f"{t.unpriced:,} unpriced (no price for their model)")
+        s = "s" if t.unpriced != 1 else ""
+        parts.append(f"{t.unpriced:,} request{s} unpriced" if brief else f"{t.unpriced:,} unpriced (no price for their model)")
     if t.unknown:
-        parts.append(f"{t.unknown:,} with unknown usage (stream cut before usage arrived)")
-    return "; ".join(parts)
+        parts.append(f"{t.unknown:,} with unknown usage" + ("" if brief else " (stream cut before usage arrived)"))
+    return parts
+
+
+def lower_bound_note(t: Totals) -> str:
+    return "; ".join(lower_bound_parts(t))
+
+
+def filters_text(r: Report) -> str:
+    """The report's filters as one line's worth of ``key=value`` text."""
+    return "  ".join(
+        printable(f"{k}={','.join(v) if isinstance(v, (list, tuple)) else v}", 400) if k != "errors_only" else "errors only"
+        for k, v in r.filters.items()
+    )
 
 
 DEFAULT_LIMIT = 10
