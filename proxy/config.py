@@ -56,9 +56,10 @@ class ProviderConfig:
 # The keys each level of config.yml knows. Anything else is refused (check_keys): a typo
 # would otherwise be ignored in silence, and some cost money or leak (a misspelt
 # providers.*.api_key sends the client's own key upstream instead).
-_TOP_KEYS = ("features", "catalog", "aliases", "server", "providers", "auth", "budgets")
+_TOP_KEYS = ("features", "catalog", "aliases", "server", "providers", "auth", "budgets", "dashboard")
 _FEATURES_KEYS = ("cost_tracking",)
 _ENABLED_KEYS = ("enabled",)
+_DASHBOARD_KEYS = ("enabled", "public")
 _SERVER_KEYS = ("connect_timeout", "read_timeout", "max_body_mb", "shutdown_timeout")
 _PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "aliases")
 _MODEL_KEYS = ("pricing", "max_output_tokens")
@@ -91,6 +92,9 @@ class Config:
     # Proxy keys (keys.AuthConfig) and spend limits (budgets.BudgetsConfig); None: off.
     auth: AuthConfig | None = None
     budgets: BudgetsConfig | None = None
+    # The analytics API and /dashboard; without auth: only on a loopback address unless public.
+    dashboard: bool = True
+    dashboard_public: bool = False
 
 
 def _interpolate(value: Any) -> Any:
@@ -234,6 +238,10 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
     max_body = server.get("max_body_mb", 64)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ConfigError(path, "server.max_body_mb", f"expected a whole number of megabytes, got {max_body!r}")
+    dash = _section(root.get("dashboard"), path, "dashboard", _DASHBOARD_KEYS)
+    for k in _DASHBOARD_KEYS:
+        if not isinstance(dash.get(k, False), bool):
+            raise ConfigError(path, f"dashboard.{k}", f"expected true or false, got {dash[k]!r}")
     return Config(
         path=path,
         providers=providers,
@@ -246,6 +254,8 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
         shutdown_timeout=_number(server.get("shutdown_timeout"), path, "server.shutdown_timeout", 30.0),
         auth=auth,
         budgets=budgets,
+        dashboard=dash.get("enabled", True),
+        dashboard_public=dash.get("public", False),
     )
 
 
@@ -263,6 +273,8 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
     spec = _section(spec, path, key, _PROVIDER_KEYS)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(path, key, "provider names may use only letters, digits, '.', '_' and '-' (they become URL paths)")
+    if name in ("api", "dashboard", "health"):
+        raise ConfigError(path, key, f"/{name} is the proxy's own path: give this provider another name")
     family = spec.get("type", name if name in ADAPTERS else None)
     if family is None:
         raise ConfigError(path, f"{key}.type", f"required for a provider not named after a family; one of: {', '.join(ADAPTERS)}")

@@ -14,4 +14,9 @@ class ConfigError(Exception):
 
 class UsageError(Exception):
     """A bad argument from a user: a command-line option or an API query parameter.
-    The CLI prints it on one line and exits 2; the analytics HTTP API (to come) is to answer 400."""
+    The CLI prints it on one line and exits 2; the analytics API answers 400, naming
+    ``param`` (the query parameter or JSON field) when it is known."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

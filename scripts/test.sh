@@ -3,15 +3,19 @@
 # the formatting (ruff), type-checks (mypy) and runs pytest; stops at the first that fails.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 cd "$ROOT"
-# The README's quickstart test runs its jq recipes as written: install jq where missing.
-if ! command -v jq >/dev/null 2>&1; then
-  echo "setup: installing jq (the README's recipes use it)" >&2
+# What the tests drive besides Python: jq (the README's recipes, run as written) and
+# Chromium (the dashboard's browser test, through Playwright). Installed where missing.
+need_pkg() {  # need_pkg COMMAND PACKAGE WHY
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "setup: installing $2 ($3)" >&2
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get install -y -qq jq >/dev/null 2>&1 || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq jq >/dev/null; }
+    $SUDO apt-get install -y -qq "$2" >/dev/null 2>&1 || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq "$2" >/dev/null; }
   fi
-  command -v jq >/dev/null 2>&1 || { echo "test.sh: FAILED: jq is needed (install it with your package manager)" >&2; exit 1; }
-fi
+  command -v "$1" >/dev/null 2>&1 || { echo "test.sh: FAILED: $1 is needed for $3 (install $2 with your package manager)" >&2; exit 1; }
+}
+need_pkg jq jq "the README's recipes use it"
+need_pkg chromium chromium "the dashboard's browser test"
 if ! "$VENV/bin/ruff" check --quiet .; then
   echo "test.sh: FAILED: ruff check (findings above; 'ruff check --fix' fixes the safe ones)" >&2
   exit 1

@@ -72,6 +72,7 @@ def summary(records: list[dict[str, object]], sent: int, statuses: list[int], ba
     if serving:
         lines += [
             f"  curl {base}/health",
+            f"  and in a browser: {base}/dashboard",
             "",
             f"The proxy keeps serving on {base} in front of the simulated provider, e.g.",
             f"  curl {base}/openai/v1/chat/completions -H 'Content-Type: application/json' \\",

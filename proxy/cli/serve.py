@@ -137,7 +137,7 @@ def serve(config: str, host: str, port: int, log_file: str, loop: str, verbose: 
     try:
         _setup_logging(verbose)
         try:
-            app = create_app(cfg, log_file)
+            app = create_app(cfg, log_file, host=host)
         except OSError as e:
             raise UsageError(_log_error(log_file, e)) from None
         except ConfigError as e:

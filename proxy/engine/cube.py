@@ -53,6 +53,7 @@ class ScanResult:
     tz: tzinfo = UTC
     cells: dict[CellKey, list[int]] = field(default_factory=dict)
     latency: dict[LatencyKey, dict[int, int]] = field(default_factory=dict)
+    ttft: dict[LatencyKey, dict[int, int]] = field(default_factory=dict)  # time to first byte, kept with latency
     top: list[TopEntry] = field(default_factory=list)
     top_n: int = 0
     # Cache savings: tokens read from cache, by the rate difference (USD per 1M) they saved.
@@ -70,16 +71,18 @@ class ScanResult:
     files: list[Path] = field(default_factory=list)
 
     def merge(self, o: "ScanResult") -> None:
+        # Rows are copied, never shared: ``o`` may be kept and merged again (storage/memo.py).
         for k, row in o.cells.items():
             mine = self.cells.get(k)
             if mine is None:
-                self.cells[k] = row
+                self.cells[k] = list(row)
             else:
                 add_row(mine, row)
-        for k, hist in o.latency.items():
-            mine_h = self.latency.setdefault(k, {})
-            for ms, n in hist.items():
-                mine_h[ms] = mine_h.get(ms, 0) + n
+        for mine_hists, theirs in ((self.latency, o.latency), (self.ttft, o.ttft)):
+            for k, hist in theirs.items():
+                mine_h = mine_hists.setdefault(k, {})
+                for ms, n in hist.items():
+                    mine_h[ms] = mine_h.get(ms, 0) + n
         if o.top:
             self.top = heapq.nlargest(self.top_n, self.top + o.top)
         for rate, n in o.savings_by_rate.items():
@@ -89,7 +92,7 @@ class ScanResult:
         for k, row in o.habits.items():
             mine_r = self.habits.get(k)
             if mine_r is None:
-                self.habits[k] = row
+                self.habits[k] = list(row)
             else:
                 add_row(mine_r, row)
         for k, (a, b) in o.spans.items():
@@ -155,11 +158,12 @@ class ScanResult:
                 add_row(mine, row)
         return {k: totals_from_row(r) for k, r in rows.items()}
 
-    def latency_for(self, by: str) -> dict[str, tuple[int, int, int, float | None, float | None]]:
-        """Per provider or per model: (requests, errors, latency count, p50 ms, p95 ms)."""
+    def latency_for(self, by: str, *, ttft: bool = False) -> dict[str, tuple[int, int, int, float | None, float | None]]:
+        """Per provider or per model: (requests, errors, latency count, p50 ms, p95 ms);
+        ``ttft``: of the time to the first byte instead."""
         pos = 0 if by == "provider" else 1
         hists: dict[str, dict[int, int]] = {}
-        for (provider, model), hist in self.latency.items():
+        for (provider, model), hist in (self.ttft if ttft else self.latency).items():
             h = hists.setdefault((provider, model)[pos], {})
             for ms, n in hist.items():
                 h[ms] = h.get(ms, 0) + n
@@ -171,12 +175,14 @@ class ScanResult:
             out[name] = (t.requests, t.errors, n, percentile(h, 50), percentile(h, 95))
         return out
 
-    def latency_by(self, dims: Sequence[str]) -> dict[CellKey, tuple[int, int, int, float | None, float | None]]:
-        """Per group of ``dims`` (a cube that kept them and ``LATENCY_DIM``): (requests,
-        errors, calls with a latency, p50 ms, p95 ms), as ``latency_for`` gives them per
-        provider or model."""
+    def latency_by(
+        self, dims: Sequence[str], hist_dim: str = LATENCY_DIM
+    ) -> dict[CellKey, tuple[int, int, int, float | None, float | None]]:
+        """Per group of ``dims`` (a cube that kept them and ``hist_dim``, LATENCY_DIM or
+        TTFT_DIM): (requests, errors, calls with a time, p50 ms, p95 ms), as
+        ``latency_for`` gives them per provider or model."""
         hists: dict[CellKey, dict[int, int]] = {}
-        for key, t in self.rollup([*dims, LATENCY_DIM]).items():
+        for key, t in self.rollup([*dims, hist_dim]).items():
             if key[-1] != NONE_LABEL:
                 h = hists.setdefault(key[:-1], {})
                 h[key[-1]] = h.get(key[-1], 0) + t.requests
@@ -185,6 +191,23 @@ class ScanResult:
             h = hists.get(key, {})
             out[key] = (t.requests, t.errors, sum(h.values()), percentile(h, 50), percentile(h, 95))
         return out
+
+    def holds(self, lo: float | None, hi: float | None, start: float, end: float) -> bool:
+        """Whether a scan of window [lo, hi) that kept UTC hours holds every record of
+        [start, end), whole hours: then ``totals_between`` is that period's scan."""
+        whole = start % 3600 == 0 and end % 3600 == 0
+        return self.time_width == 13 and whole and (lo is None or lo <= start) and (hi is None or end <= hi)
+
+    def totals_between(self, start: float, end: float) -> Totals:
+        """Totals of the cells whose UTC hour lies in [start, end) (``holds`` says when
+        that is exact)."""
+        lo = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H")
+        hi = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%dT%H")
+        row = [0] * ROW_LEN
+        for key, r in self.cells.items():
+            if lo <= key[-1] < hi:
+                add_row(row, r)
+        return totals_from_row(row)
 
     def time_buckets(self) -> dict[datetime, int]:
         """Cost units per kept time bucket, keyed by the bucket's (UTC) start."""

@@ -181,7 +181,7 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
     keyf = plan.key
     units = COST_UNITS_PER_USD
     want_lat, top_n, want_sav, want_habits = q.latency, q.top, q.savings, q.habits
-    lat = res.latency
+    lat, ttft = res.latency, res.ttft
     top = res.top
     seq = 0
     rates = CacheRates(q.pricebook) if want_sav else None
@@ -258,6 +258,14 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
                 h = lat.get(lk)
                 if h is None:
                     h = lat[lk] = {}
+                ms = int(ms + 0.5)
+                h[ms] = h.get(ms, 0) + 1
+            ms = rec.get("ttft_ms")
+            if type(ms) is float or type(ms) is int:
+                lk = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
+                h = ttft.get(lk)
+                if h is None:
+                    h = ttft[lk] = {}
                 ms = int(ms + 0.5)
                 h[ms] = h.get(ms, 0) + 1
         if top_n and cu:

@@ -104,11 +104,21 @@ NONE_LABEL = "(none)"
 # Internal (no --group-by takes it): a call's latency in whole milliseconds, so that a
 # cube keyed by any dimensions and this one holds latency histograms per group.
 LATENCY_DIM = "_latency_ms"
+TTFT_DIM = "_ttft_ms"  # the same for the time to the reply's first byte
 
 
-def _latency_ms(r: Mapping[str, Any]) -> Any:
-    ms = r.get("latency_ms")
-    return int(ms + 0.5) if type(ms) is float or type(ms) is int else NONE_LABEL
+def _whole_ms(field_name: str) -> Callable[[Mapping[str, Any]], Any]:
+    def get(r: Mapping[str, Any]) -> Any:
+        ms = r.get(field_name)
+        return int(ms + 0.5) if (type(ms) is float or type(ms) is int) and ms >= 0 else NONE_LABEL
+
+    return get
+
+
+def record_team(r: Mapping[str, Any]) -> Any:
+    """The record's own team, as budgets count it (a team is its proxy key's, never a
+    client's x-tag-team); only records older than the field fall back to the tag."""
+    return r.get("team") if "team" in r else tag_value(r, "team")
 
 
 def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -132,7 +142,9 @@ def _dim_getter(dim: str) -> Callable[[Mapping[str, Any]], Any]:
     if dim == "model":
         return lambda r: r.get("model") or r.get("response_model") or NONE_LABEL
     if dim == LATENCY_DIM:
-        return _latency_ms
+        return _whole_ms("latency_ms")
+    if dim == TTFT_DIM:
+        return _whole_ms("ttft_ms")
     if dim == "status":
         return lambda r: str(r.get("status"))
     if dim in ("team", "session"):
@@ -179,6 +191,7 @@ class Query:
     models: Sequence[str] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
     users: Sequence[str] = ()
+    teams: Sequence[str] = ()  # the record's own team (record_team), not a tag
     statuses: Sequence[str] = ()
     errors_only: bool = False
     tags: Sequence[tuple[str, str]] = ()
@@ -192,6 +205,33 @@ class Query:
     savings: bool = False
     habits: bool = False  # per-model reply-length and cache-use counters, for suggestions
 
+    def memo_key(self, time_width: int) -> tuple[Any, ...] | None:
+        """Every term of the query but its window, as a hashable key (storage/memo.py);
+        None when a term cannot be keyed. The price book counts by identity."""
+        try:
+            key = (
+                tuple(self.providers),
+                tuple(self.models),
+                tuple(sorted(self.aliases.items())),
+                tuple(self.users),
+                tuple(self.teams),
+                tuple(self.statuses),
+                self.errors_only,
+                tuple(self.tags),
+                tuple(self.dims),
+                self.tz,
+                self.latency,
+                self.top,
+                id(self.pricebook) if self.pricebook is not None else None,
+                self.savings,
+                self.habits,
+                time_width,
+            )
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
     def record_filter(self) -> Callable[[Mapping[str, Any]], bool] | None:
         tests: list[Callable[[Mapping[str, Any]], bool]] = []
         if self.providers:
@@ -202,6 +242,9 @@ class Query:
         if self.users:
             users = set(self.users)
             tests.append(lambda r: r.get("user_id") in users)
+        if self.teams:
+            teams = set(self.teams)
+            tests.append(lambda r: record_team(r) in teams)
         if self.statuses:
             tests.append(status_matcher(self.statuses))
         if self.errors_only:

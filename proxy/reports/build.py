@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +27,7 @@ from proxy.reports.summary import render_summary
 from proxy.reports.text import render_series, tz_name, write_detailed
 from proxy.reports.window import Window, get_tz, resolve_window
 from proxy.storage.logfiles import log_files, order_files
+from proxy.storage.memo import SegmentMemo
 from proxy.storage.scan import iter_selected, scan
 
 
@@ -92,6 +93,7 @@ def request_query(
         models=args.model,
         aliases=aliases,
         users=args.user,
+        teams=args.team,
         statuses=args.status,
         errors_only=args.errors_only,
         tags=parse_tags(args.tag),
@@ -139,27 +141,47 @@ def cost_bound(option: str, text: str | None) -> Decimal | None:
     return units_to_usd(units)
 
 
-def write_report(
+@dataclass
+class Prepared:
+    """A request checked and compiled: everything but the scan."""
+
+    args: ReportRequest
+    now: datetime
+    tz: tzinfo
+    window: Window
+    files: list[Path]
+    group_dims: list[str]
+    config: Config | None
+    book: Any
+    query: Query
+    filters: dict[str, Any]
+    extra_ask: ExtraRequest
+    warnings: list[str]
+
+
+def prepare(
     args: ReportRequest,
-    open_output: Callable[[Sequence[Path]], tuple[IO[str], bool]],
     now: datetime,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[str]:
-    """Run the report ``args`` asks for over the log and write it to the output
-    ``open_output(log files)`` gives (the stream, and whether to close it after). The
-    output is opened only once every argument has been checked, so a mistake never
-    truncates a file; it is given the logs to be read, so it can refuse to overwrite one.
-    Returns the warnings for the reader (a config ignored, corrupt or duplicate lines,
-    damaged files)."""
+    *,
+    config: Config | None = None,
+    use_config: bool = False,
+    files: list[Path] | None = None,
+    book: Any = None,
+) -> Prepared:
+    """Check every argument of ``args`` and compile its engine query (a UsageError for
+    the first mistake). ``use_config``: take ``config`` (the running proxy's) instead of
+    reading ``args.config``; ``files``: these logs instead of finding ``args.file``;
+    ``book``: the config's price book, made once by a long-lived caller."""
     warnings: list[str] = []
     tz = get_tz(args.tz)
     window = resolve_window(args, tz, now)
-    files = resolve_files(args)
+    files = resolve_files(args) if files is None else files
     group_dims = parse_group_by(args.group_by)
     tags = parse_tags(args.tag)
-    needs_config = bool(args.model or args.savings or args.suggest)
-    config = optional_config(args.config, needs_config, warnings)
-    book = pricebook(config) if (args.savings or args.suggest) else None
+    if not use_config:
+        needs_config = bool(args.model or args.savings or args.suggest)
+        config = optional_config(args.config, needs_config, warnings)
+    book = (book or pricebook(config)) if (args.savings or args.suggest) else None
     aliases = config_aliases(config)
 
     fmt = args.format
@@ -193,6 +215,7 @@ def write_report(
             ("provider", list(args.provider)),
             ("model", list(args.model)),
             ("user", list(args.user)),
+            ("team", list(args.team)),
             ("status", list(args.status)),
             ("tag", [f"{k}={v}" for k, v in tags]),
         )
@@ -217,28 +240,56 @@ def write_report(
             raise UsageError(f"{given[0]} needs --sessions")
     if extra_ask.min_cost is not None and extra_ask.max_cost is not None and extra_ask.min_cost > extra_ask.max_cost:
         raise UsageError(f"--min-cost {args.min_cost} is more than --max-cost {args.max_cost}: no session could match")
+    return Prepared(args, now, tz, window, files, group_dims, config, book, query, filters, extra_ask, warnings)
 
+
+def aggregate(
+    p: Prepared, progress: Callable[[int, int], None] | None = None, *, jobs: int | None = None, memo: SegmentMemo | None = None
+) -> Report:
+    """The scan a prepared request asks for, and its extra sections: the report every
+    aggregated format (and the analytics API) renders. ``memo``: a long-lived reader's
+    results of whole log segments (storage/memo.py)."""
+    args = p.args
+    use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
+    jobs = args.jobs if jobs is None else jobs
+    res = scan(p.files, p.query, jobs=jobs, use_index=use_index, progress=progress, memo=memo)
+    report = Report(args, p.window, p.now, p.files, res, p.group_dims, p.config, p.book, p.filters)
+    if args.format != "csv":
+        report.extras = extra_sections(p.extra_ask, p.query, p.files, p.now, p.tz, res, jobs=jobs, use_index=use_index, memo=memo)
+    if args.latency and p.group_dims and args.format != "csv":
+        # Success and latency per group: a cube of the groups by whole milliseconds.
+        lat = replace(p.query, dims=(*p.group_dims, LATENCY_DIM), latency=False, top=0, savings=False, habits=False, pricebook=None)
+        report.group_latency = scan(p.files, lat, jobs=jobs, use_index=use_index, memo=memo).latency_by(p.group_dims)
+    return report
+
+
+def write_report(
+    args: ReportRequest,
+    open_output: Callable[[Sequence[Path]], tuple[IO[str], bool]],
+    now: datetime,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Run the report ``args`` asks for over the log and write it to the output
+    ``open_output(log files)`` gives (the stream, and whether to close it after). The
+    output is opened only once every argument has been checked, so a mistake never
+    truncates a file; it is given the logs to be read, so it can refuse to overwrite one.
+    Returns the warnings for the reader (a config ignored, corrupt or duplicate lines,
+    damaged files)."""
+    p = prepare(args, now)
+    fmt, files, tz = args.format, p.files, p.tz
     out, close = open_output(files)
     try:
-        if fmt == "detailed" or (fmt == "csv" and not group_dims):
+        if fmt == "detailed" or (fmt == "csv" and not p.group_dims):
             res = ScanResult(dims=(), tz=tz)
             res.files = files
-            records = iter_selected(files, query, res, progress=progress)
-            report = Report(args, window, now, files, res, group_dims, config, book, filters)
+            records = iter_selected(files, p.query, res, progress=progress)
+            report = Report(args, p.window, now, files, res, p.group_dims, p.config, p.book, p.filters)
             if fmt == "detailed":
                 write_detailed(out, records, report)
             else:
                 write_request_csv(out, records)
         else:
-            use_index = not (args.no_index or os.environ.get("ANALYZE_COSTS_NO_INDEX"))
-            res = scan(files, query, jobs=args.jobs, use_index=use_index, progress=progress)
-            report = Report(args, window, now, files, res, group_dims, config, book, filters)
-            if fmt != "csv":
-                report.extras = extra_sections(extra_ask, query, files, now, tz, jobs=args.jobs, use_index=use_index)
-            if args.latency and group_dims and fmt != "csv":
-                # Success and latency per group: a cube of the groups by whole milliseconds.
-                lat = replace(query, dims=(*group_dims, LATENCY_DIM), latency=False, top=0, savings=False, habits=False, pricebook=None)
-                report.group_latency = scan(files, lat, jobs=args.jobs, use_index=use_index).latency_by(group_dims)
+            report = aggregate(p, progress)
             if fmt == "summary":
                 out.write(render_summary(report))
             elif fmt == "json":
@@ -253,4 +304,4 @@ def write_report(
     finally:
         if close:
             out.close()
-    return warnings + scan_warnings(report.res)
+    return p.warnings + scan_warnings(report.res)

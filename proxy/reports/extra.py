@@ -51,15 +51,21 @@ def _plain(q: Query, **changes: Any) -> Query:
 
 
 def compare_periods(
-    q: Query, files: Sequence[Path], now: datetime, tz: tzinfo, **scan_args: Any
+    q: Query, files: Sequence[Path], now: datetime, tz: tzinfo, main: ScanResult | None = None, **scan_args: Any
 ) -> list[tuple[str, datetime, datetime, Totals]]:
-    """Calendar periods around ``now`` in ``tz`` (not the report's window), with its filters."""
+    """Calendar periods around ``now`` in ``tz`` (not the report's window), with its
+    filters: from the report's own cube ``main`` where it holds the period by the hour,
+    else from a scan of the period."""
     out = []
     local_now = now.astimezone(tz)
     for label, name in COMPARED:
         start, end, _ = calendar_period(name, local_now)
-        res = scan(files, _plain(q, start=start.timestamp(), end=end.timestamp(), dims=("provider",)), **scan_args)
-        out.append((label, start, min(end, now), res.totals()))
+        held = main is not None and main.holds(q.start, q.end, start.timestamp(), end.timestamp())
+        if main is not None and held:
+            t = main.totals_between(start.timestamp(), end.timestamp())
+        else:
+            t = scan(files, _plain(q, start=start.timestamp(), end=end.timestamp(), dims=("provider",)), **scan_args).totals()
+        out.append((label, start, min(end, now), t))
     return out
 
 
@@ -85,10 +91,14 @@ def session_rows(res: ScanResult, sort: str, lo: Decimal | None, hi: Decimal | N
     return rows, missing
 
 
-def extra_sections(ask: ExtraRequest, q: Query, files: Sequence[Path], now: datetime, tz: tzinfo, **scan_args: Any) -> Extras:
+def extra_sections(
+    ask: ExtraRequest, q: Query, files: Sequence[Path], now: datetime, tz: tzinfo, main: ScanResult | None = None, **scan_args: Any
+) -> Extras:
+    """The sections ``ask`` wants; ``main``: the report's own scan, where a section can be
+    read from its cube instead of scanning again."""
     ex = Extras()
     if ask.compare:
-        ex.compare = compare_periods(q, files, now, tz, **scan_args)
+        ex.compare = compare_periods(q, files, now, tz, main, **scan_args)
     if ask.sessions:
         res = scan(files, _plain(q, dims=("session", "hour")), **scan_args)
         rows, ex.sessions_without_id = session_rows(res, ask.sessions_sort, ask.min_cost, ask.max_cost)

@@ -45,6 +45,7 @@ class ReportRequest:
     provider: tuple[str, ...] = ()
     model: tuple[str, ...] = ()
     user: tuple[str, ...] = ()
+    team: tuple[str, ...] = ()  # the record's own team (its proxy key's)
     status: tuple[str, ...] = ()
     errors_only: bool = False
     tag: tuple[str, ...] = ()  # KEY=VALUE

@@ -37,11 +37,17 @@ def parse_when(text: str, tz: tzinfo, *, end: bool) -> datetime:
         if len(t) == 10:
             d = date.fromisoformat(t)
             start = datetime(d.year, d.month, d.day, tzinfo=tz)
-            return start + timedelta(days=1) if end else start
+            day = start + timedelta(days=1) if end else start
+            day.timestamp()
+            return day
         dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        dt = dt if dt.tzinfo else dt.replace(tzinfo=tz)
+        dt.timestamp()  # a time the engine can hold (epoch seconds), in any zone
     except ValueError:
         raise UsageError(f"expected a date (2026-11-01) or ISO time (2026-11-01T09:30), got {text!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=tz)
+    except OverflowError:
+        raise UsageError(f"{text!r} is beyond the dates a report can cover") from None
+    return dt
 
 
 def get_tz(name: str | None) -> tzinfo:

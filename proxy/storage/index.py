@@ -8,6 +8,7 @@ import hashlib
 import os
 import tempfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -15,8 +16,9 @@ import orjson
 
 from proxy.engine.cube import ROW_LEN, ScanResult, add_row, new_result
 from proxy.engine.lines import Dedupe, accumulate
-from proxy.engine.query import NONE_LABEL, TIME_DIMS, Plan, Query
+from proxy.engine.query import NONE_LABEL, TIME_DIMS, Plan, Query, compile_query
 from proxy.storage.logfiles import is_gzip, open_log
+from proxy.storage.memo import SegmentKey, SegmentMemo
 from proxy.storage.tasks import primed, run_tasks, scan_task, worker_plan
 
 # --- the roll-up index beside each log ----------------------------------------------------------
@@ -35,8 +37,8 @@ from proxy.storage.tasks import primed, run_tasks, scan_task, worker_plan
 # Lines appended since the last run are read raw and indexed for the next one.
 
 INDEX_VERSION = 3  # 2: repeated lines skipped (version 1 counted them); 3: endpoints as the client called them (record schema 2)
-_SEGMENT = 16 << 20  # bytes per indexed segment
-_MIN_SEGMENT = 4 << 20  # a shorter tail is read raw each run rather than indexed
+_SEGMENT = 4 << 20  # bytes per indexed segment: what a window edge re-reads, and a memo entry (memo.py)
+_MIN_SEGMENT = 1 << 20  # a shorter tail is read raw each run rather than indexed
 INDEX_DIMS = ("provider", "provider_type", "model", "response_model", "endpoint", "status")
 _INDEX_FILTERABLE = frozenset(("provider", "model", "response_model", "provider_type", "endpoint", "status"))
 
@@ -66,7 +68,7 @@ def _index_plan() -> Plan:
 def index_answers(q: Query, plan: Plan) -> bool:
     """Whether the roll-ups hold everything this query needs."""
     dims_ok = all(d in TIME_DIMS or d in _INDEX_FILTERABLE for d in q.dims)
-    return dims_ok and plan.time_width in (0, 13) and not (q.users or q.tags or q.latency or q.top or q.savings or q.habits)
+    return dims_ok and plan.time_width in (0, 13) and not (q.users or q.teams or q.tags or q.latency or q.top or q.savings or q.habits)
 
 
 def _file_stat(st: os.stat_result) -> list[int]:
@@ -143,6 +145,8 @@ def _index_task(task: tuple) -> Any:
     if kind == "build":
         _, _, a, b, gz = task
         return ("build", path, _build_segment(path, a, b, gz))
+    if kind == "memo":  # a whole segment for the memo: which one goes back with it
+        return ("memo", path, task[2], scan_task((path, task[2], task[3])))
     return ("raw", path, scan_task((path, task[2], task[3])))
 
 
@@ -235,8 +239,34 @@ def _use_segment(seg: Mapping[str, Any], plan: Plan, res: ScanResult) -> None:
     res.duplicate_lines += seg["dup"]
 
 
-def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int) -> ScanResult:
+def _builds(info: dict[str, Any], key: str, start: int, size: int) -> list[tuple]:
+    """Tasks rolling up a plain file's bytes from ``start``. A tail too short to be kept
+    in the index is set aside in ``info["tail"]``: read for the query alone rather than
+    rolled up first and then read again."""
+    info.pop("tail", None)
+    tasks = []
+    for s in range(start, size, _SEGMENT):
+        e = min(s + _SEGMENT, size)
+        if e == size and e - s < _MIN_SEGMENT:
+            info["tail"] = (s, e)
+        else:
+            tasks.append(("build", key, s, e, False))
+    return tasks
+
+
+def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int, memo: SegmentMemo | None = None) -> ScanResult:
+    """The query from the index's roll-ups where it answers the query; otherwise (with a
+    ``memo``) from the memo's results of whole segments inside the window, reading what
+    it lacks. The segments the window cuts, and the unindexed tail, are read raw."""
     q = plan.query
+    answers = index_answers(q, plan)
+    shape: dict[SegmentKey, ScanResult] | None = None
+    free_plan = None
+    if not answers and memo is not None:
+        free_plan = compile_query(replace(q, start=None, end=None))  # window-free: shared by every window
+        mkey = q.memo_key(plan.time_width)
+        if mkey is not None and free_plan.time_width == plan.time_width:
+            shape = memo.shape(mkey, q.pricebook)
     res = new_result(plan)
     res.files = list(paths)
     lo, hi = plan.lo, plan.hi
@@ -266,32 +296,37 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int) -> ScanResult:
         }
         files[key] = info
         if segs and data and data.get("stat") != stat:  # segs come from data
-            for seg in segs:
+            check = segs
+            if memo is not None and not gz and memo.trusted(key, stat, segs):
+                check = [memo.audit(key, segs)]  # see SegmentMemo.trusted
+            for seg in check:
                 tasks.append(("verify", key, seg["a"], seg["b"], seg["sha1"], gz))
         start = segs[-1]["b"] if segs else 0
         if gz:
             if not segs:
                 tasks.append(("build", key, 0, None, True))
         else:
-            for s in range(start, st.st_size, _SEGMENT):
-                tasks.append(("build", key, s, min(s + _SEGMENT, st.st_size), False))
+            tasks += _builds(info, key, start, st.st_size)
     results = run_tasks(_index_task, tasks, jobs)
     rebuild: list[tuple] = []
     for kind, key, *rest in results:
         info = files[key]
         if kind == "verify" and not rest[1] and info["verified"]:
             info["verified"] = False  # some byte changed: distrust the whole index of this file
+            if memo is not None:
+                memo.forget(key)
             info["segs"], info["new"], info["changed"] = [], [], True
             st_size = info["stat"][2]
             if info["gz"]:
                 rebuild.append(("build", key, 0, None, True))
             else:
-                rebuild += [("build", key, s, min(s + _SEGMENT, st_size), False) for s in range(0, st_size, _SEGMENT)]
+                rebuild += _builds(info, key, 0, st_size)
         elif kind == "build" and info["verified"]:
             info["new"].append(rest[0])
     for kind, key, *rest in run_tasks(_index_task, rebuild, jobs):
         files[key]["new"].append(rest[0])
     raw: list[tuple] = []
+    todo: list[tuple[SegmentKey, tuple]] = []  # whole segments the memo lacks
     for key, info in files.items():
         segs = info["segs"] + sorted(info["new"], key=lambda s: s["a"])
         for seg in segs:
@@ -303,10 +338,22 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int) -> ScanResult:
                 res.duplicate_lines += seg["dup"]
             elif (lo is not None and last < lo) or (hi is not None and first >= hi):
                 continue
-            elif (lo is None or first >= lo) and (hi is None or last < hi):
+            elif (lo is None or first >= lo) and (hi is None or last < hi) and answers:
                 _use_segment(seg, plan, res)
+            elif (lo is None or first >= lo) and (hi is None or last < hi) and shape is not None and seg.get("complete", True):
+                st = info["stat"]
+                skey: SegmentKey = (key, st[0], st[1], seg["a"], seg["b"], seg["sha1"])
+                hit = shape.get(skey)
+                if hit is not None:
+                    res.merge(hit)
+                else:
+                    todo.append((skey, ("memo", key, seg["a"], None if info["gz"] else seg["b"])))
             else:
                 raw.append(("raw", key, seg["a"], None if info["gz"] else seg["b"]))
+        if "tail" in info:
+            raw.append(("raw", key, *info["tail"]))
+        if memo is not None and not info["gz"]:
+            memo.remember(key, info["stat"], [seg for seg in segs if seg.get("complete", True)])
         keep_segs: list[dict[str, Any]] = []
         if info["changed"] or info["new"]:
             for seg in segs:  # index only whole, complete segments, contiguous from byte 0
@@ -317,7 +364,16 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int) -> ScanResult:
                 keep_segs.append({k: v for k, v in seg.items() if k not in ("complete", "broken")})
             if info["changed"] or len(keep_segs) > len(info["segs"]):
                 _save_index(info["path"], info["stat"], keep_segs)
+    if not answers and shape is None:
+        raw += [task for _, task in todo]
     with worker_plan(plan):
         for _, _, part in run_tasks(_index_task, raw, jobs):
             res.merge(part)
+    if todo and shape is not None and free_plan is not None and memo is not None:
+        by_range = {(t[1], t[2]): skey for skey, t in todo}
+        with worker_plan(free_plan):
+            for _, path, a, part in run_tasks(_index_task, [t for _, t in todo], jobs):
+                shape[by_range[(path, a)]] = part
+                res.merge(part)
+        memo.misses += len(todo)
     return res

@@ -16,6 +16,7 @@ from proxy.engine.query import Plan, Query, compile_query
 from proxy.engine.totals import well_typed
 from proxy.storage.index import index_answers, scan_indexed
 from proxy.storage.logfiles import is_gzip, open_log
+from proxy.storage.memo import SegmentMemo
 from proxy.storage.tasks import default_jobs, mp_methods, scan_task, worker_plan
 
 # =====================================================================================
@@ -72,15 +73,21 @@ def _tasks(paths: Sequence[Path], plan: Plan, chunk: int) -> list[tuple[str, int
 
 
 def scan(
-    paths: Sequence[Path], query: Query, jobs: int | None = None, use_index: bool = True, progress: Progress | None = None
+    paths: Sequence[Path],
+    query: Query,
+    jobs: int | None = None,
+    use_index: bool = True,
+    progress: Progress | None = None,
+    memo: SegmentMemo | None = None,
 ) -> ScanResult:
     """Aggregate the records of ``paths`` that ``query`` selects (from the roll-up
-    index where it answers the query and ``use_index``; the answer is the same).
-    ``progress`` hears of each finished byte range (a chunk of a big log)."""
+    index where it answers the query and ``use_index``, or from ``memo``'s results of
+    whole segments; the answer is the same). ``progress`` hears of each finished byte
+    range (a chunk of a big log)."""
     plan = compile_query(query)
     jobs = default_jobs() if jobs is None else jobs
-    if use_index and index_answers(query, plan):
-        res = scan_indexed(paths, plan, jobs)
+    if use_index and (memo is not None or index_answers(query, plan)):
+        res = scan_indexed(paths, plan, jobs, memo)
         if progress is not None:
             size = sum(p.stat().st_size for p in paths)
             progress(size, size)

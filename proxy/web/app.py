@@ -22,7 +22,9 @@ from proxy.storage.keyfile import KeyStore
 from proxy.storage.logfiles import records_since
 from proxy.storage.logwriter import JsonlWriter
 from proxy.web.access import add_budget_headers, setup_access
+from proxy.web.api import add_api_routes
 from proxy.web.calls import UNKNOWN_PROVIDER
+from proxy.web.dashboard import add_dashboard_routes, add_off_routes, off_reason
 from proxy.web.forward import handle_proxy
 from proxy.web.health import handle_health
 from proxy.web.home import handle_home
@@ -51,10 +53,17 @@ def load_window(path: Path, window: RollingWindow, now: float) -> int:
 
 
 def create_app(
-    config: Config, log_path: str | os.PathLike[str] | None = None, *, clock: Callable[[], float] = time.time, console: bool = True
+    config: Config,
+    log_path: str | os.PathLike[str] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    console: bool = True,
+    host: str | None = None,
 ) -> web.Application:
     """``clock`` (epoch seconds) drives budget periods; tests move it across boundaries.
-    ``console``: print each call's cost line on stderr (the demo turns it off)."""
+    ``console``: print each call's cost line on stderr (the demo turns it off).
+    ``host``: the address served, which decides whether the analytics API and dashboard
+    are on without auth (loopback only, unless dashboard.public)."""
     app = web.Application(client_max_size=config.max_body_mb * 1024 * 1024)
     path = Path(log_path or default_log_path())
     window = RollingWindow()
@@ -95,6 +104,7 @@ def create_app(
     async def on_shutdown(app: web.Application) -> None:
         # aiohttp has stopped listening; next it waits up to shutdown_timeout for these.
         state.shutting_down = True
+        state.changes.close()  # open dashboards' event streams end
         log.info("%s", shutdown_message(in_flight, config.shutdown_timeout))
 
     async def on_cleanup(app: web.Application) -> None:
@@ -112,6 +122,14 @@ def create_app(
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/", handle_home)  # and HEAD
     app.router.add_get("/health", handle_health)
+    off = off_reason(config.dashboard, config.auth is not None, config.dashboard_public, host)
+    if off is None:
+        add_api_routes(app, state, path)
+        add_dashboard_routes(app)
+    else:
+        if config.dashboard:
+            log.warning("analytics API and dashboard off: %s", off)
+        add_off_routes(app, off)
     # [\s\S], not ".": a path with an encoded line break (%0A) is a call like any other.
     app.router.add_route("*", r"/{provider}/{tail:[\s\S]*}", counted)
     return app

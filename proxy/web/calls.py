@@ -148,6 +148,7 @@ class Call:
         self.pending = state.writer.write(line, console)
         window_rec = record if self.ctx.family != "unknown" else {**record, "provider": UNKNOWN_PROVIDER}
         state.window.add(window_rec, self.ctx.timestamp)
+        state.changes.notify()
         return self.pending
 
     async def written(self) -> None:

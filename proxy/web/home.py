@@ -41,7 +41,8 @@ def home_page(config: Config, origin: str, version: str) -> str:
 <h2>Links</h2>
 <ul>
 <li><a href="/health">/health</a>: the last 24 hours' totals, as JSON</li>
-<!-- the dashboard's link goes here (issue 11) -->
+<li><a href="/dashboard">/dashboard</a>: costs, usage, users and budgets in the browser</li>
+<li><a href="/api/openapi.json">/api/openapi.json</a>: the analytics API behind it (docs/api.md)</li>
 </ul>
 <h2>Providers</h2>
 <p>Give your SDK the base URL of its provider:</p>

@@ -16,6 +16,7 @@ from proxy.engine.totals import RollingWindow
 from proxy.pricing import PriceBook
 from proxy.storage.keyfile import KeyStore
 from proxy.storage.logwriter import JsonlWriter
+from proxy.web.events import Changes
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class ProxyState:
     budgets: BudgetLedger | None = None  # with budgets: or auth: configured
     tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
     shutting_down: bool = False  # set at SIGTERM: calls cut from here on were cut by us
+    changes: Changes = field(default_factory=Changes)  # records written, for /api/events
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
 
     def body_pool(self) -> ProcessPoolExecutor:

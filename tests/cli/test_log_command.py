@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.cli.app import cli
-from proxy.cli.log import manual_record, parse_metadata
 from proxy.config import Config
 from proxy.core.attribution import TAG_NAME, clean_value
 from proxy.errors import UsageError
+from proxy.manual import manual_record, parse_metadata
 from proxy.storage.append import append_line
 from proxy.storage.logwriter import JsonlWriter
 from tests.support import ROOT
