@@ -10,6 +10,7 @@ import multiprocessing
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -82,17 +83,29 @@ class Analytics:
         running = self._running.get((key, mark))
         if running is not None:
             return await asyncio.shield(running)
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool(), analytics.answer, kind, params, viewer, now, path_arg)
+        fut = asyncio.ensure_future(self._answer(kind, params, viewer, now, path_arg))
         self._running[(key, mark)] = fut
         try:
-            result = await fut
+            result = await asyncio.shield(fut)
         finally:
             self._running.pop((key, mark), None)
         self._cache[(key, mark)] = result
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return result
+
+    async def _answer(self, kind: str, params: dict[str, list[str]], viewer: Viewer, now: float, path_arg: str | None) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        for _ in (1, 2):
+            try:
+                return await loop.run_in_executor(self.pool(), analytics.answer, kind, params, viewer, now, path_arg)
+            except BrokenProcessPool:
+                # The worker died (killed, out of memory): start a new one, once.
+                log.warning("analytics worker stopped; starting a new one")
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        return 503, error_body("the analytics worker keeps stopping; see the proxy's log", "api_error", None)
 
     def close(self) -> None:
         if self._pool is not None:

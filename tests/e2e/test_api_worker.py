@@ -1,0 +1,68 @@
+"""The analytics API's engine worker: a worker that dies (killed, out of memory) is
+replaced on the next request, and proxied calls never wait for a long query."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.support import ROOT
+from tests.support.config import make_config
+from tests.support.ports import free_port
+from tests.support.proxy_process import health_url, proxy_command, wait_serving
+from tests.support.synthlog import REALISTIC, records, write_log
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        out += [int(k) for k in kids]
+    return out
+
+
+def _workers(pid: int) -> list[int]:
+    """The proxy's spawned worker processes (multiprocessing's resource tracker aside)."""
+    found = []
+    for child in _children(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            found.append(child)
+    return found
+
+
+async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "log.jsonl", records(500, mix=REALISTIC, seed=3, end=time.time() - 60, days=3))
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(make_config("http://127.0.0.1:9")))
+    port = free_port()
+    proc = subprocess.Popen(proxy_command(config, port, host="127.0.0.1", log_file=log), cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as s:
+            assert await wait_serving(s, health_url(port), exited=lambda: proc.poll() is not None)
+            url = health_url(port, "/api/analytics/usage?days=7")
+            async with s.get(url) as r:
+                assert r.status == 200
+                first = await r.json()
+            workers = _workers(proc.pid)
+            assert workers, "the worker runs in a process of its own"
+            for w in workers:
+                os.kill(w, signal.SIGKILL)
+            # A different query (no cached answer): the dead pool is replaced and it answers.
+            async with s.get(url + "&provider=openai") as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["requests"] <= first["requests"]
+            assert set(_workers(proc.pid)).isdisjoint(workers)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert b"analytics worker stopped; starting a new one" in err
