@@ -252,22 +252,14 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
         if reason:
             row[T_REASON] += reason
         if want_lat:
-            ms = rec.get("latency_ms")
-            if type(ms) is float or type(ms) is int:
-                lk = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
-                h = lat.get(lk)
-                if h is None:
-                    h = lat[lk] = {}
-                ms = int(ms + 0.5)
-                h[ms] = h.get(ms, 0) + 1
-            ms = rec.get("ttft_ms")
-            if type(ms) is float or type(ms) is int:
-                lk = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
-                h = ttft.get(lk)
-                if h is None:
-                    h = ttft[lk] = {}
-                ms = int(ms + 0.5)
-                h[ms] = h.get(ms, 0) + 1
+            lk = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
+            for hists, ms in ((lat, rec.get("latency_ms")), (ttft, rec.get("ttft_ms"))):
+                if type(ms) is float or type(ms) is int:
+                    h = hists.get(lk)
+                    if h is None:
+                        h = hists[lk] = {}
+                    ms = int(ms + 0.5)
+                    h[ms] = h.get(ms, 0) + 1
         if top_n and cu:
             seq += 1
             if len(top) < top_n:

@@ -23,6 +23,7 @@ from proxy.reports.advice import projection, savings, suggestions
 from proxy.reports.build import Prepared, aggregate, prepare
 from proxy.reports.csvfile import write_request_csv
 from proxy.reports.extra import SESSION_SORTS
+from proxy.reports.jsondoc import projection_json
 from proxy.reports.model import Report
 from proxy.reports.numbers import exact, ratio, record_decimal
 from proxy.reports.request import ReportRequest
@@ -349,20 +350,15 @@ def costs(asked: Asked, now: datetime, config: Config) -> dict[str, Any]:
     # rate for the time left (a 1-day window would otherwise project from one day alone).
     local = now.astimezone(r.tz)
     month_start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    since = min(month_start, local - timedelta(days=7))
-    month_req = replace(asked.request, since=None, start_date=since.isoformat(), end_date=None, group_by=("day",), projection=True)
-    proj = projection(_run(_prepared(month_req, now, config)))
+    week = (local - timedelta(days=7)).astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    since = min(month_start, week.astimezone(r.tz))  # from a whole hour, as project_month takes its rate
+    if r.window.start is not None and r.window.start <= since and r.window.end is None:
+        proj = projection(r)  # the window holds all that: its own cube is the same scan
+    else:
+        month_req = replace(asked.request, since=None, start_date=since.isoformat(), end_date=None, group_by=("day",), projection=True)
+        proj = projection(_run(_prepared(month_req, now, config)))
     body["projected_monthly_cost"] = exact(units_to_usd(proj.projected_units)) if proj is not None else None
-    body["projection"] = (
-        None
-        if proj is None
-        else {
-            "month": proj.month,
-            "month_to_date": exact(units_to_usd(proj.month_to_date_units)) if proj.month_to_date_units is not None else None,
-            "daily_rate": exact(units_to_usd(proj.daily_rate_units)),
-            "projected": exact(units_to_usd(proj.projected_units)),
-        }
-    )
+    body["projection"] = projection_json(proj)
     start, end = r.span()
     before: Totals | None = None
     if r.window.start is not None and start is not None and start - (end - start) >= EPOCH:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.core.money import units_to_usd
+from proxy.engine.insights import Projection
 from proxy.engine.totals import Totals
 from proxy.reports.advice import projection, savings, suggestions
 from proxy.reports.extra import extra_json
@@ -28,6 +29,18 @@ def totals_json(t: Totals) -> dict[str, Any]:
         "avg_cost_per_request": exact(ratio(t.total_cost, t.requests)),
         "avg_cost_per_1k_tokens": exact(ratio(t.total_cost, t.tokens["total_tokens"], 1000)),
         "tokens": dict(t.tokens),
+    }
+
+
+def projection_json(p: Projection | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    return {
+        "month": p.month,
+        "month_to_date": exact(units_to_usd(p.month_to_date_units)) if p.month_to_date_units is not None else None,
+        "daily_rate": exact(units_to_usd(p.daily_rate_units)),
+        "rate_from_hours": round(p.recent_seconds / 3600, 3),
+        "projected": exact(units_to_usd(p.projected_units)),
     }
 
 
@@ -98,18 +111,7 @@ def report_json(r: Report) -> dict[str, Any]:
             "unpriced_cache_read_tokens": s["unpriced_tokens"],
         }
     if a.projection:
-        p = projection(r)
-        body["projection"] = (
-            None
-            if p is None
-            else {
-                "month": p.month,
-                "month_to_date": exact(units_to_usd(p.month_to_date_units)) if p.month_to_date_units is not None else None,
-                "daily_rate": exact(units_to_usd(p.daily_rate_units)),
-                "rate_from_hours": round(p.recent_seconds / 3600, 3),
-                "projected": exact(units_to_usd(p.projected_units)),
-            }
-        )
+        body["projection"] = projection_json(projection(r))
     if a.suggest:
         body["suggestions"] = suggestions(r)
     body.update(extra_json(r.extras))

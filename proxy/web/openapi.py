@@ -101,7 +101,15 @@ SCHEMAS: dict[str, Any] = {
             "projection": {
                 "oneOf": [
                     {"type": "null"},
-                    obj({"month": {"type": "string"}, "month_to_date": MONEY_OR_NULL, "daily_rate": MONEY, "projected": MONEY}),
+                    obj(
+                        {
+                            "month": {"type": "string"},
+                            "month_to_date": MONEY_OR_NULL,
+                            "daily_rate": MONEY,
+                            "rate_from_hours": {"type": "number"},
+                            "projected": MONEY,
+                        }
+                    ),
                 ]
             },
             "previous_period": {"oneOf": [{"type": "null"}, ref("Span")]},

@@ -296,6 +296,22 @@ async def test_team_filter_agrees_with_the_reports_group_by_team(live, http):
     assert (body["requests"], body["total_cost"]) == (group["requests"], group["total_cost"])
 
 
+async def test_the_months_projection_is_the_same_for_any_window(live, http):
+    """Once it depended on the window: a 1-day one projected from that day alone, with no
+    month to date (the dashboard's card changed with the range picked)."""
+    got = []
+    for days in ("1", "7", "30", "90"):
+        body = get_ok(await api_get(http, live.url, "/api/analytics/costs", {"days": days}))
+        got.append((body["projection"], body["projected_monthly_cost"]))
+    first = got[0][0]
+    assert first is not None and first["month_to_date"] is not None
+    for proj, projected in got:
+        # The same month so far, and the same rate up to the time between the requests.
+        assert proj["month_to_date"] == first["month_to_date"] and proj["projected"] == projected, got
+        assert abs(proj["rate_from_hours"] - first["rate_from_hours"]) < Decimal("0.1"), got
+        assert abs(projected - got[0][1]) <= got[0][1] * Decimal("0.001"), got
+
+
 async def test_costs_previous_period_compare_and_savings(live, http):
     recs = live.records()
     a = await api_get(http, live.url, "/api/analytics/costs")
