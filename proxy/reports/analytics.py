@@ -572,6 +572,10 @@ def answer(kind: str, params: Mapping[str, Sequence[str]], viewer: Viewer, now: 
     try:
         asked = parse_params(kind, params, _WORKER["log"], viewer)
         when = datetime.fromtimestamp(now).astimezone(get_tz(asked.request.tz))
+        start = asked.request.start_date
+        if start is not None and parse_when(start, when.tzinfo or timezone.utc, end=False) >= when:
+            # Nothing was logged after now, and a window from the future has no "before".
+            raise UsageError("start: is after now", "start")
         fn = _ANSWERS[kind]
         body = fn(asked, when, config, path_arg) if path_arg is not None else fn(asked, when, config)
     except UsageError as e:

@@ -588,6 +588,11 @@ async def test_bad_parameters_are_400_naming_the_parameter(live, http):
         ("/api/analytics/usage", {"start": "2026-01-01", "end": "9999-12-31"}),
         ("/api/analytics/export", {"end": "9999-12-31"}),
         ("/api/analytics/costs", {"start": "0001-01-02"}),
+        # Once 500s too: a window starting after now had a previous period past year 9999.
+        ("/api/analytics/costs", {"start": "9999-12-31"}),
+        ("/api/analytics/costs", {"start": "9999-12-31", "tz": "Etc/GMT-14"}),
+        ("/api/analytics/costs", {"start": "2030-01-01"}),
+        ("/api/analytics/usage", {"start": "9999-12-31", "interval": "hour"}),
         ("/api/analytics/usage", {"start": "0001-01-01", "end": "0001-01-31"}),
         ("/api/analytics/usage", {"end": "9999-12-31T23:00"}),
     ],
