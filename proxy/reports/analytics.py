@@ -402,6 +402,8 @@ def provider(asked: Asked, now: datetime, config: Config, name: str) -> dict[str
     t = r.res.totals()
     if not t.requests and name not in config.providers:
         raise LookupError(f"no provider {name!r}: not in the config and no calls in this period")
+    # The name as the records spell it: the filter ignores case (openai = OpenAI).
+    name = next((str(k[0]) for k in r.res.rollup(["provider"])), name)
     lat = r.res.latency_for("provider")
     ttft = r.res.latency_for("provider", ttft=True)
     model_lat = r.res.latency_for("model")

@@ -299,6 +299,9 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int, memo: SegmentMemo
             check = segs
             if memo is not None and not gz and memo.trusted(key, stat, segs):
                 check = [memo.audit(key, segs)]  # see SegmentMemo.trusted
+                # Saved with the stat it was last checked at in full: a reader without a
+                # memo (the CLI) then still checks every segment.
+                info["stat_saved"] = data.get("stat")
             for seg in check:
                 tasks.append(("verify", key, seg["a"], seg["b"], seg["sha1"], gz))
         start = segs[-1]["b"] if segs else 0
@@ -363,7 +366,7 @@ def scan_indexed(paths: Sequence[Path], plan: Plan, jobs: int, memo: SegmentMemo
                     break
                 keep_segs.append({k: v for k, v in seg.items() if k not in ("complete", "broken")})
             if info["changed"] or len(keep_segs) > len(info["segs"]):
-                _save_index(info["path"], info["stat"], keep_segs)
+                _save_index(info["path"], info.get("stat_saved") or info["stat"], keep_segs)
     if not answers and shape is None:
         raw += [task for _, task in todo]
     with worker_plan(plan):

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy.budgets import Subject
 from proxy.core.money import cost_units
@@ -97,14 +98,16 @@ class Analytics:
     async def _answer(self, kind: str, params: dict[str, list[str]], viewer: Viewer, now: float, path_arg: str | None) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
         for _ in (1, 2):
+            pool = self.pool()
             try:
-                return await loop.run_in_executor(self.pool(), analytics.answer, kind, params, viewer, now, path_arg)
+                return await loop.run_in_executor(pool, analytics.answer, kind, params, viewer, now, path_arg)
             except BrokenProcessPool:
-                # The worker died (killed, out of memory): start a new one, once.
-                log.warning("analytics worker stopped; starting a new one")
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+                # The worker died (killed, out of memory): start a new one, once, however
+                # many requests were waiting on it (the first to see it replaces it).
+                if self._pool is pool:
+                    log.warning("analytics worker stopped; starting a new one")
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
         return 503, error_body("the analytics worker keeps stopping; see the proxy's log", "api_error", None)
 
     def close(self) -> None:
@@ -127,6 +130,14 @@ def viewer_for(state: ProxyState, request: web.Request) -> Viewer | web.Response
     (or a revoked or unknown one) is a 401. Without auth: the local operator."""
     keys = state.keys
     if keys is None:
+        # No keys: only this machine may ask. A page of another site that resolves its
+        # name to 127.0.0.1 (DNS rebinding) sends its own Host and Origin: refused.
+        if not _local_name(request.host) or not _local_name(request.headers.get("Origin"), origin=True):
+            return _error(
+                403,
+                "without auth: the API answers only requests addressed to this machine (127.0.0.1, [::1], localhost)",
+                "permission_error",
+            )
         return Viewer("local")
     token = _token(request)
     keys.refresh()
@@ -141,6 +152,21 @@ def viewer_for(state: ProxyState, request: web.Request) -> Viewer | web.Response
     if not entry.user:
         return _error(403, "this proxy key has no user: use an admin key, or a key created with --user", "permission_error")
     return Viewer("user", entry.user)
+
+
+def _local_name(value: str | None, origin: bool = False) -> bool:
+    """A Host (or Origin) naming a loopback address or localhost, with any port; no
+    Origin at all (curl, scripts) is fine."""
+    if value is None:
+        return origin
+    if origin:
+        host = URL(value).host or ""
+    elif value.startswith("["):
+        host = value[1 : value.find("]")] if "]" in value else ""
+    else:
+        host = value.split(":", 1)[0]
+    host = host.lower()
+    return host in ("localhost", "::1") or (host.startswith("127.") and host.replace(".", "").isdigit())
 
 
 def _params(request: web.Request) -> dict[str, list[str]]:

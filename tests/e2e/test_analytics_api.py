@@ -633,3 +633,16 @@ def test_parse_params_returns_asked_or_names_a_given_parameter(kind: str, params
         assert isinstance(asked, Asked)
         if viewer.user is not None:
             assert asked.request.user == (viewer.user,)
+
+
+async def test_a_provider_named_in_another_case_keeps_its_latency(live, http):
+    """The filter ignores case; the latency lookup once did not (p50 and p95 came back null)."""
+    low = get_ok(await api_get(http, live.url, "/api/analytics/provider/openai", {"days": "30"}))
+    up = get_ok(await api_get(http, live.url, "/api/analytics/provider/OPENAI", {"days": "30"}))
+    assert low["latency_ms"]["p50"] is not None
+    assert (up["provider"], up["requests"], up["latency_ms"], up["ttft_ms"]) == (
+        "openai",
+        low["requests"],
+        low["latency_ms"],
+        low["ttft_ms"],
+    )

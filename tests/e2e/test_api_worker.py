@@ -40,12 +40,18 @@ def _workers(pid: int) -> list[int]:
     return found
 
 
-async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
-    log = write_log(tmp_path / "log.jsonl", records(500, mix=REALISTIC, seed=3, end=time.time() - 60, days=3))
+def _start(tmp_path: Path, n: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """The proxy as its own process over a log of ``n`` generated records."""
+    log = write_log(tmp_path / "log.jsonl", records(n, mix=REALISTIC, seed=n, end=time.time() - 60, days=3))
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump(make_config("http://127.0.0.1:9")))
     port = free_port()
     proc = subprocess.Popen(proxy_command(config, port, host="127.0.0.1", log_file=log), cwd=ROOT, stderr=subprocess.PIPE)
+    return proc, port, log
+
+
+async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    proc, port, log = _start(tmp_path, 500)
     try:
         async with aiohttp.ClientSession() as s:
             assert await wait_serving(s, health_url(port), exited=lambda: proc.poll() is not None)
@@ -66,3 +72,30 @@ async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert b"analytics worker stopped; starting a new one" in err
+
+
+async def test_without_auth_only_requests_addressed_to_this_machine_are_answered(tmp_path: Path) -> None:
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its
+    own Host and Origin; it was answered with everyone's numbers, and could POST usage."""
+    proc, port, log = _start(tmp_path, 50)
+    try:
+        async with aiohttp.ClientSession() as s:
+            assert await wait_serving(s, health_url(port), exited=lambda: proc.poll() is not None)
+            url = health_url(port, "/api/analytics/usage?days=7")
+            for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
+                async with s.get(url, headers={"Host": host}) as r:
+                    assert r.status == 200, host
+            evil = {"Host": f"rebind.attacker.example:{port}", "Origin": f"http://rebind.attacker.example:{port}"}
+            async with s.get(url, headers=evil) as r:
+                assert r.status == 403 and "127.0.0.1" in (await r.json())["error"]["message"]
+            body = b'{"model": "gpt-4o", "input_tokens": 10, "output_tokens": 5}'
+            post = health_url(port, "/api/usage")
+            async with s.post(post, data=body, headers={"Content-Type": "application/json", "Origin": "http://evil.example"}) as r:
+                assert r.status == 403
+            lines = log.read_bytes().count(b"\n")
+            async with s.post(post, data=body, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 201
+            assert log.read_bytes().count(b"\n") == lines + 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

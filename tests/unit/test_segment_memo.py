@@ -123,3 +123,22 @@ def test_the_memo_keeps_only_its_newest_shapes(tmp_path: Path, small_segments: N
     assert memo.misses == misses  # the newest shape is still there
     scan([log], Query(top=3), jobs=1, memo=memo)
     assert memo.misses > misses  # the oldest was dropped
+
+
+def test_a_trusted_index_is_not_saved_as_checked(tmp_path: Path, small_segments: None) -> None:
+    """The memo trusts a grown log between audits; the index it saves must still make the
+    CLI (no memo) check every segment. Once it was saved with the new stat, so a byte
+    changed in place before the append went unseen by the CLI too."""
+    log = write_log(tmp_path / "log.jsonl", records(2000, seed=12, days=8))
+    memo = SegmentMemo()
+    q = Query(dims=("provider", "model", "status"))
+    scan([log], q, jobs=1, memo=memo)
+    data = bytearray(log.read_bytes())
+    i = data.index(b'"status":200', len(data) // 3) + len(b'"status":')
+    data[i : i + 3] = b"500"  # in place: same inode, same size
+    with open(log, "r+b") as f:
+        f.write(data)
+    with open(log, "ab") as f:
+        f.write(dumps(records(1, seed=13, days=0.01)[0]))
+    scan([log], q, jobs=1, memo=memo)  # trusted: one segment audited, maybe not this one
+    same(scan([log], q, jobs=1), scan([log], q, jobs=1, use_index=False))
