@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,8 @@ from proxy.core.money import cost_units
 from proxy.errors import UsageError
 from proxy.manual import JSON_NAMES, MAX_TOKENS, manual_record, parse_metadata, record_line, record_tags
 from proxy.reports import analytics
-from proxy.reports.analytics import Viewer, error_body
+from proxy.reports.analytics import error_body
+from proxy.reports.api_query import ENDPOINTS, Viewer, parse_params
 from proxy.reports.numbers import exact
 from proxy.web.calls import dumps_json
 from proxy.web.events import stream_events
@@ -52,6 +54,7 @@ class Analytics:
     def __init__(self, state: ProxyState, log_path: Path) -> None:
         self.state, self.log_path, self.changes = state, log_path, state.changes
         self._pool: ProcessPoolExecutor | None = None
+        self._exports: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[Any, tuple[int, bytes]] = OrderedDict()
         self._running: dict[Any, asyncio.Future[tuple[int, bytes]]] = {}
 
@@ -110,7 +113,16 @@ class Analytics:
                     self._pool = None
         return 503, error_body("the analytics worker keeps stopping; see the proxy's log", "api_error", None)
 
+    def export_pool(self) -> ThreadPoolExecutor:
+        """Threads of their own for exports (reading a whole log), so a long export never
+        holds one of the threads request bodies are read with."""
+        if self._exports is None:
+            self._exports = ThreadPoolExecutor(2, thread_name_prefix="lcp-export")
+        return self._exports
+
     def close(self) -> None:
+        if self._exports is not None:
+            self._exports.shutdown(wait=False, cancel_futures=True)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -184,7 +196,7 @@ async def handle_analytics(request: web.Request) -> web.Response:
         kind = {"provider": "provider", "users": "user"}[kind]
         if kind == "user" and viewer.user is not None and path_arg != viewer.user:
             return _error(403, "this key sees only its own user's numbers", "permission_error", "user")
-    if kind not in analytics.ENDPOINTS or kind in ("export", "provider", "user") and path_arg is None:
+    if kind not in ENDPOINTS or kind in ("export", "provider", "user") and path_arg is None:
         return _error(404, f"no analytics endpoint {kind!r}: see /api/openapi.json", "not_found_error")
     status, body = await request.app[ANALYTICS].run(kind, _params(request), viewer, path_arg)
     return web.Response(status=status, body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
@@ -198,7 +210,7 @@ async def handle_export(request: web.Request) -> web.StreamResponse:
         return viewer
     api = request.app[ANALYTICS]
     try:
-        asked = analytics.parse_params("export", _params(request), str(api.log_path), viewer)
+        asked = parse_params("export", _params(request), str(api.log_path), viewer)
         fmt = analytics.export_format(asked)
     except UsageError as e:
         return _error(400, str(e), "invalid_request_error", e.param)
@@ -213,29 +225,42 @@ async def handle_export(request: web.Request) -> web.StreamResponse:
     )
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=8)  # the reader waits for a slow client
+    chunks: asyncio.Queue[str | None] = asyncio.Queue()
+    room = threading.Semaphore(8)  # chunks in flight: the reader waits for a slow client
+    stop = threading.Event()  # the client left: the reader ends at its next chunk
 
-    def put(chunk: str | None) -> None:
-        asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+    def put(chunk: str) -> None:
+        while not room.acquire(timeout=0.5):
+            if stop.is_set():
+                raise _ExportStopped
+        if stop.is_set():
+            raise _ExportStopped
+        loop.call_soon_threadsafe(chunks.put_nowait, chunk)
 
     def produce() -> None:
         try:
             analytics.export(asked, now, state.config, put)
-        finally:
-            put(None)
+        except _ExportStopped:
+            pass
+        finally:  # the end, or a failure (raised again by ``await reader``)
+            if not stop.is_set():
+                loop.call_soon_threadsafe(chunks.put_nowait, None)
 
-    reader = loop.run_in_executor(None, produce)
+    reader = loop.run_in_executor(api.export_pool(), produce)
     try:
-        while (chunk := await queue.get()) is not None:
+        while (chunk := await chunks.get()) is not None:
+            room.release()
             await resp.write(chunk.encode())
     finally:
-        while not reader.done():  # let a reader blocked on a full queue finish
-            try:
-                queue.get_nowait()
-            except asyncio.QueueEmpty:
-                await asyncio.sleep(0.01)
+        stop.set()
+        room.release()  # a reader waiting for room sees the flag at once
+    await reader
     await resp.write_eof()
     return resp
+
+
+class _ExportStopped(Exception):
+    """The export's client left: the reader thread stops reading."""
 
 
 def _budget_row(d: dict[str, Any], fraction: float, warn_at: float) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from proxy.reports.analytics import MAX_DAYS, MAX_LIMIT
+from proxy.reports.api_query import MAX_DAYS, MAX_LIMIT
 
 INT = {"type": "integer", "minimum": 0}
 MONEY = {"type": "number", "description": "US dollars, an exact decimal"}

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import UsageError
-from proxy.reports.analytics import COMMON_PARAMS, ENDPOINTS, Asked, Viewer, parse_params
+from proxy.reports.api_query import COMMON_PARAMS, ENDPOINTS, Asked, Viewer, parse_params
 from tests.support.api import (
     TOTALS,
     Call,

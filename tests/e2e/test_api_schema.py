@@ -32,7 +32,7 @@ from schemathesis.checks import (
 from schemathesis.core.result import Ok
 
 from proxy.config import parse_config
-from proxy.reports.analytics import ENDPOINTS
+from proxy.reports.api_query import ENDPOINTS
 from proxy.web.api import handle_api_not_found
 from proxy.web.app import create_app
 from proxy.web.openapi import openapi_document

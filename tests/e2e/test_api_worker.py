@@ -99,3 +99,27 @@ async def test_without_auth_only_requests_addressed_to_this_machine_are_answered
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+async def test_clients_that_leave_an_export_leave_no_reader_behind(tmp_path: Path) -> None:
+    """An export read by a thread that waited on a full queue once stayed blocked when its
+    client left; the export threads are few, so later exports would wait for ever."""
+    proc, port, log = _start(tmp_path, 20_000)
+    try:
+        async with aiohttp.ClientSession() as s:
+            assert await wait_serving(s, health_url(port), exited=lambda: proc.poll() is not None)
+            url = health_url(port, "/api/analytics/export?format=jsonl&days=30")
+            for _ in range(4):  # more than the export threads
+                async with s.get(url) as r:
+                    assert r.status == 200
+                    await r.content.read(1000)
+                    r.close()  # leaves mid-stream
+            async with s.get(url, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                body = await r.read()
+            want = sum(1 for line in log.read_bytes().splitlines() if line.strip())
+            assert body.count(b"\n") == want  # every record of the 3 days, once
+            async with s.get(health_url(port, "/health")) as r:
+                assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
