@@ -202,6 +202,7 @@ class Decision:
     worst: int = 0
     warnings: list[BudgetState] = field(default_factory=list)  # at or over warn_at, highest first
     new_warnings: list[BudgetState] = field(default_factory=list)  # first crossing this period
+    new_limit: BudgetState | None = None  # the refusing budget, when it first refuses a call this period
     tightest: BudgetState | None = None  # least remaining of the applicable budgets
 
     @property
@@ -242,6 +243,7 @@ class BudgetLedger:
         self.counters: dict[CounterKey, Counter] = {}
         self._bounds: dict[str | None, tuple[float, float]] = {}
         self._warned: set[tuple[Limit, str | None, float]] = set()
+        self._limited: set[tuple[Limit, str | None, float]] = set()  # budgets that refused a call this period
         self._next_prune = 0.0
 
     # -- periods --
@@ -298,7 +300,11 @@ class BudgetLedger:
         # (so a call of unknown price cannot slip past an exhausted budget).
         blocking = [s for s in checks if s.used + worst > s.limit.units or s.used >= s.limit.units]
         if blocking:
-            decision.refused = min(blocking, key=lambda s: (s.limit.units - s.used, s.end))
+            decision.refused = refused = min(blocking, key=lambda s: (s.limit.units - s.used, s.end))
+            mark = (refused.limit, refused.value, refused.start)
+            if mark not in self._limited:
+                self._limited.add(mark)
+                decision.new_limit = refused
             if not override:
                 return decision
             decision.overridden = True
@@ -358,6 +364,7 @@ class BudgetLedger:
         for k in dead:
             del self.counters[k]
         self._warned = {m for m in self._warned if m[2] >= self.bounds(m[0].period, now)[0]}
+        self._limited = {m for m in self._limited if m[2] >= self.bounds(m[0].period, now)[0]}
 
     def states(self, extra_limits: Sequence[Limit] = (), now: float | None = None) -> list[BudgetState]:
         """Every budget now: a limit with ``match`` (or global) always, a limit for

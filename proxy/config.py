@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -16,11 +15,17 @@ import yaml
 
 from proxy.budgets import SCOPES, BudgetsConfig, Limit
 from proxy.catalog import Catalog, context_window
+from proxy.config_checks import check_keys, unknown_key_reason
+from proxy.config_checks import interpolate as _interpolate
+from proxy.config_checks import mapping as _mapping
+from proxy.config_checks import positive_number as _number
+from proxy.config_checks import section as _section
 from proxy.core.attribution import TAG_NAME
 from proxy.core.money import usd_to_units
 from proxy.core.periods import PERIODS
 from proxy.errors import ConfigError
 from proxy.keys import KEY_PREFIX, SHA256_HEX, AuthConfig
+from proxy.outputs import AlertsConfig, MetricsConfig, RepliesConfig, parse_alerts, parse_metrics, parse_replies
 from proxy.pricing import (
     PERIOD_KEYS,
     SERVICE_TIER_KEYS,
@@ -36,7 +41,6 @@ from proxy.pricing import (
 from proxy.providers import ADAPTERS
 
 log = logging.getLogger("proxy")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,7 @@ class ProviderConfig:
 # The keys each level of config.yml knows. Anything else is refused (check_keys): a typo
 # would otherwise be ignored in silence, and some cost money or leak (a misspelt
 # providers.*.api_key sends the client's own key upstream instead).
-_TOP_KEYS = ("features", "catalog", "aliases", "server", "providers", "auth", "budgets", "dashboard")
+_TOP_KEYS = ("features", "catalog", "aliases", "server", "providers", "auth", "budgets", "dashboard", "replies", "metrics", "alerts")
 _FEATURES_KEYS = ("cost_tracking",)
 _ENABLED_KEYS = ("enabled",)
 _DASHBOARD_KEYS = ("enabled", "public")
@@ -95,54 +99,10 @@ class Config:
     # The analytics API and /dashboard; without auth: only on a loopback address unless public.
     dashboard: bool = True
     dashboard_public: bool = False
-
-
-def _interpolate(value: Any) -> Any:
-    if isinstance(value, str):
-        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
-    if isinstance(value, list):
-        return [_interpolate(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
-    return value
-
-
-def _mapping(value: Any, path: str, key: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(path, key, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _join(key: str, name: Any) -> str:
-    return f"{key}.{name}" if key else str(name)
-
-
-def unknown_key_reason(name: str, known: Iterable[str], what: str = "key") -> str:
-    """Why ``name`` is refused: the closest known key, or all of them when none is close."""
-    names = sorted(known)
-    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
-    if close:
-        return f"unknown {what}; did you mean '{close[0]}'?"
-    return f"unknown {what}; known {what}s: {', '.join(names)}"
-
-
-def check_keys(spec: Mapping[Any, Any], known: Iterable[str], path: str, key: str) -> None:
-    """Every key of the mapping ``spec`` (found at ``key``, "" for the top level) is
-    one of ``known``; the first that is not raises ConfigError with its key path and
-    the closest known key. The one check every level of config.yml goes through."""
-    allowed = frozenset(known)
-    for name in spec:
-        if name not in allowed:
-            raise ConfigError(path, _join(key, name), unknown_key_reason(str(name), allowed))
-
-
-def _section(value: Any, path: str, key: str, known: Iterable[str]) -> Mapping[str, Any]:
-    """A mapping section (absent: empty) whose keys are all known."""
-    spec = _mapping(value, path, key)
-    check_keys(spec, known, path, key)
-    return spec
+    # Cost on replies, /metrics and email alerts (proxy.outputs, docs/outputs.md).
+    replies: RepliesConfig = field(default_factory=RepliesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 def _check_pricing_keys(spec: Any, path: str, key: str) -> None:
@@ -171,14 +131,6 @@ def _check_tier_keys(tiers: Any, path: str, key: str) -> None:
         for i, tier in enumerate(tiers):
             if isinstance(tier, Mapping):
                 check_keys(tier, TIER_KEYS, path, f"{key}[{i}]")
-
-
-def _number(value: Any, path: str, key: str, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(path, key, f"expected a positive number, got {value!r}")
-    return float(value)
 
 
 def read_yaml(path: str | os.PathLike[str], *, missing: Any = FileNotFoundError) -> Any:
@@ -256,6 +208,9 @@ def parse_config(data: Any, path: str = "config.yml") -> Config:
         budgets=budgets,
         dashboard=dash.get("enabled", True),
         dashboard_public=dash.get("public", False),
+        replies=parse_replies(root.get("replies"), path),
+        metrics=parse_metrics(root.get("metrics"), path),
+        alerts=parse_alerts(root.get("alerts"), path, budgets.timezone if budgets is not None else "UTC"),
     )
 
 

@@ -72,6 +72,9 @@ class _Target:
             raise UsageError(f"{config} has no auth: section; add `auth: {{keys_file: keys.yml}}` or pass --keys-file")
         else:
             self.path = self.auth.keys_file
+        if self.path.is_dir() or not self.path.name:
+            # "." or "dir/": there is no file to lock or write beside it.
+            raise UsageError(f"the keys file {str(self.path)!r} is a directory; name a file such as keys.yml")
 
 
 def _with_entry(entry: KeyEntry, **changes: Any) -> KeyEntry:

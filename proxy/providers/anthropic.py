@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -64,6 +65,9 @@ _MESSAGES, _BATCHES, _FREE = Endpoint("messages"), Endpoint(None, billable=True)
 class AnthropicAdapter(Adapter):
     family = "anthropic"
     key_headers = ("x-api-key", "authorization")
+    # The SDKs skip ":" lines (SSE comments); a stream ends with its message_stop event.
+    stream_comments = True
+    stream_end = re.compile(rb"\n(event: ?message_stop\r?\n)")
 
     def endpoint(self, path: str, method: str) -> Endpoint:
         if method != "POST":

@@ -77,6 +77,11 @@ class Adapter(ABC):
     family: str
     # Headers that may carry the client's credential, lower-case.
     key_headers: tuple[str, ...]
+    # Whether the family's clients skip an SSE comment line, so the proxy may end a
+    # stream with the call's cost (docs/providers.md §12), and the line a stream's end
+    # marker starts on: a line end, then the marker as group 1 (core.reply_cost).
+    stream_comments: bool = False
+    stream_end: re.Pattern[bytes] | None = None
 
     @abstractmethod
     def endpoint(self, path: str, method: str) -> Endpoint:

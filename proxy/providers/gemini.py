@@ -85,6 +85,9 @@ _FREE = Endpoint(None)
 class GeminiAdapter(Adapter):
     family = "gemini"
     key_headers = ("x-goog-api-key", "authorization")
+    # No cost comment at a stream's end: google-genai reads every SSE line that is not
+    # "data:" as JSON and fails on one (docs/providers.md §12). Its clients use /api/calls/{id}.
+    stream_comments = False
 
     def endpoint(self, path: str, method: str) -> Endpoint:
         if method != "POST":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -114,6 +115,9 @@ _BILLABLE = tuple(
 class OpenAIAdapter(Adapter):
     family = "openai"
     key_headers = ("authorization",)
+    # The SDKs skip ":" lines (SSE comments); chat and completions streams end with [DONE].
+    stream_comments = True
+    stream_end = re.compile(rb"\n(data: ?\[DONE\])")
 
     def endpoint(self, path: str, method: str) -> Endpoint:
         if method != "POST":

@@ -174,6 +174,8 @@ def reserve(
     worst = worst_case_units(state, call, body, digest) if endpoint.kind is not None else 0
     subject = Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags)
     decision = ledger.reserve(subject, worst or 0, extra, override)  # no await: check + reserve are one step
+    if decision.new_limit is not None:
+        budget_alert(state, decision.new_limit, "limit")
     if decision.hold is None:
         refused = decision.refused
         assert refused is not None
@@ -208,7 +210,7 @@ def reserve(
             "x-budget-warning": _header_text(f"{top.name} {pct}"),
         }
     for s in decision.new_warnings:
-        _budget_alert(state, s)
+        budget_alert(state, s, "warning")
     return None
 
 
@@ -216,21 +218,29 @@ def _header_text(text: str) -> str:
     return quote(text, safe=" :=*'@+-._/%,()")
 
 
-def _budget_alert(state: ProxyState, s: BudgetState) -> None:
-    """Once per budget and period: a log line, and a POST to the webhook if configured."""
+def budget_alert(state: ProxyState, s: BudgetState, event: str) -> None:
+    """Once per budget and period for each ``event`` ("warning": at warn_at; "limit": the
+    first call it refuses): a log line, a POST to the webhook if configured, and each of
+    ``state.alert_sinks`` (email). Never raises into the call."""
     pct = "over 100" if s.fraction == float("inf") else f"{int(s.fraction * 100)}"
     log.warning(
-        "budget warning: %s at %s%% (%s of %s spent or held), resets %s",
+        "budget %s: %s at %s%% (%s of %s spent or held), resets %s",
+        "warning" if event == "warning" else "limit reached",
         s.name,
         pct,
         format_usd(s.used, exact=True),
         format_usd(s.limit.units, exact=True),
         s.as_dict()["resets_at"] or "never",
     )
+    for sink in state.alert_sinks:
+        try:
+            sink(event, s)
+        except Exception as e:  # an alert channel's fault must not fail the call
+            log.error("budget alert (%s) failed: %s", event, type(e).__name__)
     url = state.config.budgets.webhook if state.config.budgets is not None else None
     if not url or state.session is None or state.tasks is None:
         return
-    payload = {**s.as_dict(), "percent": None if s.fraction == float("inf") else round(s.fraction * 100, 1)}
+    payload = {**s.as_dict(), "event": event, "percent": None if s.fraction == float("inf") else round(s.fraction * 100, 1)}
     task = asyncio.get_running_loop().create_task(_post_webhook(state.session, url, payload))
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)

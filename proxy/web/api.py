@@ -28,6 +28,7 @@ from proxy.reports import analytics
 from proxy.reports.analytics import error_body
 from proxy.reports.api_query import ENDPOINTS, Viewer, parse_params
 from proxy.reports.numbers import exact
+from proxy.storage.lookup import RECORD_ID, RecentRecords, find_record
 from proxy.web.calls import dumps_json
 from proxy.web.events import stream_events
 from proxy.web.openapi import openapi_document
@@ -396,6 +397,7 @@ async def handle_post_usage(request: web.Request) -> web.Response:
         return _error(400, str(e), "invalid_request_error", e.param)
     pending = state.writer.write(line)
     state.window.add(rec, rec_time(rec))
+    state.publish(rec, line)
     if state.budgets is not None and rec["total_cost"] is not None:
         hold = state.budgets.reserve(Subject(rec["user_id"], None, None, None, rec.get("tags") or {}), 0, (), True).hold
         state.budgets.settle(hold, cost_units(rec["total_cost"]))
@@ -408,6 +410,31 @@ async def handle_post_usage(request: web.Request) -> web.Response:
 
 def rec_time(rec: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(rec["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+RECENT = web.AppKey("lcp_recent_records", RecentRecords)
+
+
+async def handle_call(request: web.Request) -> web.Response:
+    """One call's record by the id its reply's ``x-llm-cost-record-id`` header gave: from
+    memory for recent calls, else searched in the log (off the event loop). A user's key
+    sees only its own user's calls; another's is a 404, as if it did not exist."""
+    state = request.app[APP_STATE]
+    viewer = viewer_for(state, request)
+    if isinstance(viewer, web.Response):
+        return viewer
+    record_id = request.match_info["record_id"]
+    if not RECORD_ID.fullmatch(record_id):
+        return _error(400, "a record id is 1-64 characters of A-Z a-z 0-9 _ -", "invalid_request_error", "record_id")
+    line = request.app[RECENT].get(record_id)
+    if line is not None:
+        rec = orjson.loads(line)
+    else:
+        rec = await asyncio.get_running_loop().run_in_executor(None, find_record, request.app[ANALYTICS].log_path, record_id)
+    if rec is None or (viewer.user is not None and rec.get("user_id") != viewer.user):
+        return _error(404, f"no record with id {record_id!r} (a call's record exists once its reply has ended)", "not_found_error")
+    body = orjson.Fragment(line.rstrip(b"\n")) if line is not None else rec
+    return _json({"record": body})
 
 
 async def handle_openapi(request: web.Request) -> web.Response:
@@ -438,6 +465,8 @@ async def handle_api_not_found(request: web.Request) -> web.Response:
 def add_api_routes(app: web.Application, state: ProxyState, log_path: Path) -> None:
     api = Analytics(state, log_path)
     app[ANALYTICS] = api
+    recent = app[RECENT] = RecentRecords()
+    state.record_sinks.append(recent.add)
 
     async def close(app: web.Application) -> None:
         api.close()
@@ -448,6 +477,7 @@ def add_api_routes(app: web.Application, state: ProxyState, log_path: Path) -> N
     r.add_get("/api/whoami", handle_whoami, allow_head=False)
     r.add_get("/api/events", handle_events, allow_head=False)
     r.add_get("/api/budgets", handle_budgets, allow_head=False)
+    r.add_get("/api/calls/{record_id}", handle_call, allow_head=False)
     r.add_post("/api/usage", handle_post_usage)
     r.add_get("/api/analytics/export", handle_export, allow_head=False)
     r.add_get("/api/analytics/{kind:provider|users}/{name}", handle_analytics, allow_head=False)

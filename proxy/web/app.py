@@ -28,6 +28,8 @@ from proxy.web.dashboard import add_dashboard_routes, add_off_routes, off_reason
 from proxy.web.forward import handle_proxy
 from proxy.web.health import handle_health
 from proxy.web.home import handle_home
+from proxy.web.mailer import setup_email
+from proxy.web.metrics import add_metrics_routes
 from proxy.web.state import APP_STATE, ProxyState
 
 log = logging.getLogger("proxy")
@@ -76,6 +78,7 @@ def create_app(
     state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set(), keys=keys)
     app[APP_STATE] = state
     setup_access(state, path, clock)
+    setup_email(app, state, path, clock)
     if state.budgets is not None:  # a signal per response costs; only when there are budgets
         app.on_response_prepare.append(add_budget_headers)
 
@@ -122,6 +125,7 @@ def create_app(
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/", handle_home)  # and HEAD
     app.router.add_get("/health", handle_health)
+    add_metrics_routes(app, state)
     off = off_reason(config.dashboard, config.auth is not None, config.dashboard_public, host)
     if off is None:
         add_api_routes(app, state, path)

@@ -18,7 +18,8 @@ from proxy.config import ProviderConfig
 from proxy.core.estimate import estimate_input_tokens
 from proxy.core.money import cost_units, format_usd
 from proxy.core.policy import billed_usage
-from proxy.core.records import CallContext, build_record, dumps_record, json_default, redact
+from proxy.core.records import CallContext, build_record, dumps_record, json_default, new_record_id, redact
+from proxy.core.reply_cost import cost_headers
 from proxy.core.usage import CallInfo, Usage
 from proxy.pricing import price_call
 from proxy.providers import Adapter, Endpoint
@@ -80,6 +81,8 @@ class Call:
         "info",
         "finished",
         "pending",
+        "record_id",
+        "record",
     )
 
     def __init__(
@@ -103,6 +106,9 @@ class Call:
         self.info = CallInfo()
         self.finished = False
         self.pending: asyncio.Future[bool] | None = None  # the record on its way to the kernel
+        # Known from the start: a stream's headers (sent before its record exists) name it.
+        self.record_id = new_record_id()
+        self.record: dict[str, Any] | None = None  # as built (exact Decimals), once finished
 
     def input_tokens(self, model: str | None) -> int:
         if self.input_estimate is not None:
@@ -144,10 +150,15 @@ class Call:
                 state.budgets.settle(hold, units)
         if state.writer is None:
             return None
-        line, console = _scrub(line, console, self.secrets)
-        self.pending = state.writer.write(line, console)
+        scrubbed, console = _scrub(line, console, self.secrets)
+        self.pending = state.writer.write(scrubbed, console)
+        self.record = record
+        if scrubbed is not line:
+            # A key echoed into a field: everything else sees the record as the log has it.
+            record = orjson.loads(scrubbed)
         window_rec = record if self.ctx.family != "unknown" else {**record, "provider": UNKNOWN_PROVIDER}
         state.window.add(window_rec, self.ctx.timestamp)
+        state.publish(window_rec, scrubbed)
         state.changes.notify()
         return self.pending
 
@@ -163,7 +174,11 @@ class Call:
                 pass  # the disk is stuck: the record waits in memory, the reply need not
 
     async def done(self, response: web.StreamResponse) -> web.StreamResponse:
+        """The reply, once its record is written, with the call's cost in its headers
+        (a stream's went out with its first bytes: its cost is in its last line)."""
         await self.written()
+        if self.record is not None and not response.prepared and self.state.config.replies.cost_headers:
+            response.headers.update(cost_headers(self.record))
         return response
 
     def _record(self, info: CallInfo) -> tuple[dict[str, Any], str | None, int | None]:
@@ -203,6 +218,7 @@ class Call:
             price=price,
             cost=cost,
             price_variant=variant,
+            record_id=self.record_id,
         )
         console = None
         if ctx.metered or usage is not None:
@@ -232,6 +248,7 @@ class Call:
             usage_source=None,
             price=None,
             cost=None,
+            record_id=self.record_id,
         )
 
     def _warn_unpriced(self, model: str) -> None:

@@ -253,6 +253,7 @@ SCHEMAS: dict[str, Any] = {
             ),
         }
     ),
+    "Call": obj({"record": {"type": "object", "description": "the record as the log holds it (docs/records.md)"}}),
     "WhoAmI": obj({"role": {"type": "string", "enum": ["admin", "user", "local"]}, "user": STR_OR_NULL, "auth": {"type": "boolean"}}),
     "UsageIn": {
         "type": "object",
@@ -354,6 +355,12 @@ PATHS: dict[str, Any] = {
         }
     },
     "/api/budgets": {"get": {"summary": "Each budget: limit, spent, remaining, reset", "responses": _responses("Budgets")}},
+    "/api/calls/{record_id}": _get(
+        "One call's record, by the id in its reply's x-llm-cost-record-id header (docs/replies.md)",
+        "Call",
+        [_param("record_id", {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"}, "the record's id", where="path")],
+        extra=(404,),
+    ),
     "/api/whoami": {"get": {"summary": "Who the key is: admin, a user, or the local operator", "responses": _responses("WhoAmI")}},
     "/api/usage": {
         "post": {

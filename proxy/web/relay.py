@@ -10,7 +10,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.core.records import json_default
 from proxy.core.redaction import StreamRedactor
+from proxy.core.reply_cost import RECORD_ID_HEADER, comment_line, insert_comment
 from proxy.core.sse import JSONArrayStreamParser, SSEParser
 from proxy.core.usage import CallInfo
 from proxy.providers.base import StreamTap
@@ -96,10 +98,16 @@ async def relay_stream(
     never holds a complete reply whose record could still be lost."""
     secret = call.provider.api_key
     response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, secret))
+    replies = call.state.config.replies
+    if replies.cost_headers and call.state.writer is not None:
+        response.headers[RECORD_ID_HEADER] = call.record_id
+    # The cost goes in a comment line near the end, for clients that skip comments.
+    comment = sse and replies.stream_comment and call.adapter.stream_comments and call.state.writer is not None
     relay = _Relay(tap, sse, sse and hide_usage_chunk)
     redactor = StreamRedactor(secret.encode()) if secret else None
     content = upstream.content
     held: list[bytes] | None = None
+    line_start = True  # the bytes sent so far end a line (where a comment may begin)
     try:
         while True:
             if held is None or content.is_eof():
@@ -112,7 +120,7 @@ async def relay_stream(
                 except asyncio.TimeoutError:
                     # An upstream that lingers after its final event: record, release, go on.
                     await _record_stream(call, tap, relay)
-                    await response.write(b"".join(held))
+                    await response.write(_with_cost(call, b"".join(held), comment, line_start))
                     held = None
                     continue
             if not chunk:
@@ -134,6 +142,7 @@ async def relay_stream(
                 held = [out]
             elif out:
                 await response.write(out)
+                line_start = out[-1:] in (b"\n", b"\r")
         tail = relay.flush()
         if redactor is not None:
             tail = redactor.feed(tail) + redactor.flush()
@@ -142,9 +151,10 @@ async def relay_stream(
         if not response.prepared:
             await response.prepare(request)
         await _record_stream(call, tap, relay)
-        if held:
-            await response.write(b"".join(held))
-        if tail:
+        if held is not None:
+            # The comment goes in the last bytes: before the end marker when they hold it.
+            await response.write(_with_cost(call, b"".join(held) + tail, comment, line_start))
+        elif tail:
             await response.write(tail)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -158,6 +168,14 @@ async def relay_stream(
         if request.transport is not None:
             request.transport.abort()
     return response
+
+
+def _with_cost(call: Call, last: bytes, comment: bool, line_start: bool) -> bytes:
+    """The stream's last bytes, with the call's cost line when the stream is whole."""
+    if not comment or call.record is None:
+        return last
+    line = comment_line(call.record, json_default)
+    return insert_comment(last, line, call.adapter.stream_end, line_start)
 
 
 async def _record_stream(call: Call, tap: StreamTap, relay: _Relay) -> None:

@@ -229,3 +229,13 @@ def test_any_argv_exits_0_1_or_2_without_a_traceback(files: Path, monkeypatch: p
     assert "Traceback" not in err
     if code == 2:
         assert_one_error_line(code, err)
+
+
+@pytest.mark.parametrize("keys_file", [".", "sub/"])
+@pytest.mark.parametrize("command", [["revoke", "000000000000"], ["create", "--user", "alice"], ["list"]])
+def test_a_keys_file_that_is_a_directory_is_one_error_line(files: Path, keys_file: str, command: list[str]) -> None:
+    """`keys --keys-file .` once ended in a traceback (locking "..lock" beside no file)."""
+    (files / "sub").mkdir()
+    code, _, err = run_main(["keys", "--keys-file", keys_file, *command])
+    assert_one_error_line(code, err, "is a directory")
+    assert not list(files.glob("*.lock")) and not list((files / "sub").iterdir())

@@ -384,3 +384,21 @@ def test_a_provider_may_not_take_the_apis_path(tmp_path):
     )
     assert p.returncode == 2 and f"providers.{name}" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "cost.jsonl").exists()
+
+
+async def test_a_call_record_is_shown_to_an_admin_and_its_own_user_only(authed, http):
+    """GET /api/calls/{id}: an admin reads anyone's record, a user's key only its own
+    user's (another user's is a 404, as if it did not exist), no key a 401."""
+    url, recs = authed["url"], records(authed["log"])
+    alice_rec = next(r for r in recs if r["user_id"] == "alice")
+    bob_rec = next(r for r in recs if r["user_id"] == "bob")
+    for rec in (alice_rec, bob_rec):
+        a = await api_get(http, url, f"/api/calls/{rec['record_id']}", key=authed["admin"])
+        assert json.loads(a.text, parse_float=Decimal)["record"] == rec
+    mine = await api_get(http, url, f"/api/calls/{alice_rec['record_id']}", key=authed["alice"])
+    assert json.loads(mine.text, parse_float=Decimal)["record"] == alice_rec
+    theirs = await api_get(http, url, f"/api/calls/{bob_rec['record_id']}", key=authed["alice"])
+    assert theirs.status == 404 and bob_rec["record_id"] in theirs.json["error"]["message"]
+    assert "bob" not in theirs.text
+    anonymous = await api_get(http, url, f"/api/calls/{alice_rec['record_id']}")
+    assert anonymous.status == 401

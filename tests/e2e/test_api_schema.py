@@ -213,7 +213,7 @@ async def test_document_lists_every_api_route(tmp_path: Path) -> None:
     kinds: set[str] = set()
     for path, item in doc["paths"].items():
         for method in item:
-            concrete = path.replace("{provider}", "openai").replace("{user}", "alice")
+            concrete = path.replace("{provider}", "openai").replace("{user}", "alice").replace("{record_id}", "0a1b2c")
             match = await app.router.resolve(make_mocked_request(method.upper(), concrete, app=app))
             route = match.route
             assert route.handler is not handle_api_not_found, f"{method.upper()} {path}: no handler"
@@ -242,7 +242,7 @@ async def test_undeclared_method_is_405(served: Served) -> None:
     wrong = []
     async with aiohttp.ClientSession() as s:
         for path, item in doc["paths"].items():
-            concrete = path.replace("{provider}", KNOWN["provider"][0]).replace("{user}", KNOWN["user"][0])
+            concrete = path.replace("{provider}", KNOWN["provider"][0]).replace("{user}", KNOWN["user"][0]).replace("{record_id}", "0a1b2c")
             allowed = {m.upper() for m in item}
             for method in sorted(set(UNDECLARED) - allowed):
                 async with s.request(method, f"{served.url}{concrete}") as r:

@@ -442,12 +442,19 @@ async def test_warning_headers_log_line_and_webhook(mock, launch, caplog):
         assert seen[3] == ("user:alice daily at 80%", "0.01")  # 3 spent + 1 held of 5 cents
         assert seen[4] == ("user:alice daily at 100%", "0")
         await asyncio.wait_for(got.wait(), 5)
+        for _ in range(50):  # the limit's post follows the warning's
+            if len(hooks) >= 2:
+                break
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)
-        assert len(hooks) == 1  # once per budget and period
+        # Once per budget and period each: the warning at 80%, the limit at the first refusal.
+        assert [h["event"] for h in hooks] == ["warning", "limit"]
         assert hooks[0]["budget"] == "user:alice daily" and hooks[0]["limit_usd"] == 0.05
         assert hooks[0]["spent_usd"] == 0.03 and hooks[0]["reserved_usd"] == 0.01 and hooks[0]["percent"] == 80.0
         assert hooks[0]["period_start"].endswith("T00:00:00Z") and hooks[0]["resets_at"].endswith("T00:00:00Z")
+        assert hooks[1]["budget"] == "user:alice daily" and hooks[1]["spent_usd"] == 0.05 and hooks[1]["percent"] == 100.0
         assert sum("budget warning: user:alice daily at 80%" in r.getMessage() for r in caplog.records) == 1
+        assert sum("budget limit reached: user:alice daily at 100%" in r.getMessage() for r in caplog.records) == 1
         assert len(mock.requests) == 5
         assert all("x-user-id" not in req.headers for req in mock.requests)
     finally:

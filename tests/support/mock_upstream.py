@@ -174,6 +174,18 @@ def sse(events: Iterable[tuple[str | None, Any]], sep: str = "\n\n") -> list[byt
     return out
 
 
+def without_cost_comment(raw: bytes, expected: int | None = 1) -> bytes:
+    """A stream as the proxy relayed it, without the cost comment line it adds to
+    OpenAI-family and Anthropic streams (docs/replies.md): the upstream's own bytes.
+    Checks there were ``expected`` such lines (0 for Gemini, cut or switched-off
+    streams; None: at most one)."""
+    lines = raw.splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith(b": llm-cost {")]
+    removed = len(lines) - len(kept)
+    assert removed == expected if expected is not None else removed <= 1, (removed, raw[-400:])
+    return b"".join(kept)
+
+
 def split_bytes(data: bytes, sizes: Iterable[int], pause: float = 0.002) -> list[Piece]:
     """Cut ``data`` into pieces of the given sizes (cycled), with a pause after each."""
     out: list[Piece] = []

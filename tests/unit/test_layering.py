@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.errors", "proxy.defaults", "proxy.bootstrap"),
     ("proxy.core",),
     ("proxy.providers", "proxy.pricing", "proxy.catalog", "proxy.budgets", "proxy.keys"),
-    ("proxy.config", "proxy.engine", "proxy.manual"),
+    ("proxy.config", "proxy.config_checks", "proxy.outputs", "proxy.engine", "proxy.manual"),
     ("proxy.storage",),
     ("proxy.reports",),
     ("proxy.web", "proxy.cli"),

@@ -1,0 +1,97 @@
+"""A call's cost as its reply carries it (docs/replies.md): the ``x-llm-cost-*`` headers
+of a whole reply, and the SSE comment line placed near the end of an OpenAI-family or
+Anthropic stream (where each family's stream takes it: docs/providers.md §12). Both are
+read from the call's record, so their figures are the record's, digit for digit. Pure."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any, Mapping
+
+import orjson
+
+HEADER_PREFIX = "x-llm-cost-"
+RECORD_ID_HEADER = HEADER_PREFIX + "record-id"
+# The record's fields a reply carries (the comment's JSON keys are these names); the cost
+# first, for a reader that only wants that.
+FACTS = (
+    "total_cost",
+    "input_cost",
+    "output_cost",
+    "currency",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "pricing_source",
+    "usage_source",
+    "record_id",
+)
+# Header name for each fact after the record id; the name is the prefix plus this.
+_HEADERS = (
+    ("total_cost", "usd"),
+    ("input_cost", "input-usd"),
+    ("output_cost", "output-usd"),
+    ("input_tokens", "input-tokens"),
+    ("output_tokens", "output-tokens"),
+    ("cache_read_tokens", "cache-read-tokens"),
+    ("cache_write_tokens", "cache-write-tokens"),
+    ("reasoning_tokens", "reasoning-tokens"),
+)
+COMMENT_PREFIX = b": llm-cost "
+
+
+def _exact(value: Any) -> str:
+    # The record writes a Decimal as its exact digits (records.json_default): so do we.
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    return str(value)
+
+
+def cost_headers(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The headers of a whole reply. A cost the proxy does not know is never sent as 0:
+    ``unpriced`` when the tokens are known but the model has no price, ``unknown`` when
+    the usage itself is unknown (so are the token headers then)."""
+    usage_known = record.get("total_tokens") is not None
+    priced = record.get("total_cost") is not None
+    missing = "unpriced" if usage_known else "unknown"
+    out = [(RECORD_ID_HEADER, str(record.get("record_id")))]
+    for field, suffix in _HEADERS:
+        value = record.get(field)
+        if value is None:
+            text = missing if field.endswith("_cost") else "unknown"
+        else:
+            text = _exact(value)
+        out.append((HEADER_PREFIX + suffix, text))
+    out.append((HEADER_PREFIX + "pricing", str(record.get("pricing_source")) if priced else missing))
+    out.append((HEADER_PREFIX + "usage", str(record.get("usage_source") or "unknown")))
+    return out
+
+
+def comment_line(record: Mapping[str, Any], default: Any = None) -> bytes:
+    """``: llm-cost {...}`` and its line end: the record's facts as JSON, numbers written
+    as the record writes them (``default`` is the record's JSON default)."""
+    facts = {k: record.get(k) for k in FACTS}
+    return COMMENT_PREFIX + orjson.dumps(facts, default=default) + b"\n"
+
+
+def insert_comment(held: bytes, comment: bytes, end: re.Pattern[bytes] | None, line_start: bool) -> bytes:
+    """The stream's last bytes with ``comment`` (one whole line) placed at the start of the
+    line where the stream's end marker begins (``end`` matches a line end and then the
+    marker as group 1: ``data: [DONE]``, ``event: message_stop``), so a client reads it
+    before the stream ends; with no end marker in ``held`` it goes after them. A comment
+    line is ignored by SSE parsers wherever it stands, so it never changes or splits an
+    event. ``line_start``: the bytes sent before ``held`` ended a line."""
+    if end is not None:
+        lead = b"\n" if line_start else b""
+        found = None
+        for found in end.finditer(lead + held):
+            pass
+        if found is not None:
+            at = found.start(1) - len(lead)
+            return held[:at] + comment + held[at:]
+    if held and not held.endswith((b"\n", b"\r")):
+        return held + b"\n" + comment  # an unterminated last line: the comment must not join it
+    return held + comment
