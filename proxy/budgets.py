@@ -301,11 +301,13 @@ class BudgetLedger:
         blocking = [s for s in checks if s.used + worst > s.limit.units or s.used >= s.limit.units]
         if blocking:
             decision.refused = refused = min(blocking, key=lambda s: (s.limit.units - s.used, s.end))
-            mark = (refused.limit, refused.value, refused.start)
-            if mark not in self._limited:
-                self._limited.add(mark)
-                decision.new_limit = refused
             if not override:
+                # Announced once per period, and only for a call really refused (an
+                # override lets it through: nothing was refused).
+                mark = (refused.limit, refused.value, refused.start)
+                if mark not in self._limited:
+                    self._limited.add(mark)
+                    decision.new_limit = refused
                 return decision
             decision.overridden = True
         # Reserve on every tracked dimension (so a limit added later starts from the

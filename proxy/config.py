@@ -99,7 +99,7 @@ class Config:
     # The analytics API and /dashboard; without auth: only on a loopback address unless public.
     dashboard: bool = True
     dashboard_public: bool = False
-    # Cost on replies, /metrics and email alerts (proxy.outputs, docs/outputs.md).
+    # Cost on replies, /metrics and email alerts (proxy.outputs; docs/replies.md, metrics.md, alerts.md).
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)

@@ -17,7 +17,7 @@ from proxy.core.attribution import TAG_NAME
 from proxy.errors import ConfigError
 
 REPLIES_KEYS = ("cost_headers", "stream_comment")
-METRICS_KEYS = ("enabled", "labels", "max_label_values", "scrape_token_env")
+METRICS_KEYS = ("enabled", "labels", "max_label_values", "max_series", "scrape_token_env")
 ALERTS_KEYS = ("email",)
 EMAIL_KEYS = ("host", "port", "tls", "user", "password_env", "from", "to", "budget_alerts", "daily_summary", "timezone", "timeout")
 TLS_MODES = ("starttls", "ssl", "none")
@@ -40,11 +40,13 @@ class RepliesConfig:
 class MetricsConfig:
     """``labels``: opt-in labels beyond provider and model ("user", "team", "tag:NAME");
     ``max_label_values``: distinct values kept per label, later ones counted as "other";
+    ``max_series``: label combinations kept in all, later ones counted as "other";
     ``scrape_token``: a bearer token that may read /metrics (read from the environment)."""
 
     enabled: bool = True
     labels: tuple[str, ...] = ()
     max_label_values: int = 100
+    max_series: int = 1000
     scrape_token: str | None = field(default=None, repr=False)
 
 
@@ -113,10 +115,14 @@ def parse_metrics(value: Any, path: str) -> MetricsConfig:
     cap = spec.get("max_label_values", 100)
     if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 100_000:
         raise ConfigError(path, "metrics.max_label_values", f"expected a whole number from 1 to 100000, got {cap!r}")
+    series = spec.get("max_series", 1000)
+    if isinstance(series, bool) or not isinstance(series, int) or not 1 <= series <= 1_000_000:
+        raise ConfigError(path, "metrics.max_series", f"expected a whole number from 1 to 1000000, got {series!r}")
     return MetricsConfig(
         enabled=_flag(spec, path, "metrics.enabled", True),
         labels=tuple(seen),
         max_label_values=cap,
+        max_series=series,
         scrape_token=_from_env(spec, path, "metrics.scrape_token_env"),
     )
 
@@ -170,6 +176,9 @@ def _parse_email(value: Any, path: str, default_tz: str) -> EmailConfig:
     if password is not None and user is None:
         raise ConfigError(path, f"{k}.user", "required with password_env: the login the password belongs to")
     summary = spec.get("daily_summary")
+    if isinstance(summary, int) and not isinstance(summary, bool) and 0 <= summary < 24 * 60:
+        # YAML 1.1 reads an unquoted 18:30 as the sexagesimal number 1110 (minutes).
+        summary = f"{summary // 60:02d}:{summary % 60:02d}"
     if summary is not None and (not isinstance(summary, str) or not _HHMM.fullmatch(summary)):
         raise ConfigError(path, f"{k}.daily_summary", f'expected a local time "HH:MM" (24-hour), got {summary!r}')
     tz = spec.get("timezone", default_tz)

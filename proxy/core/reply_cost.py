@@ -81,9 +81,10 @@ def insert_comment(held: bytes, comment: bytes, end: re.Pattern[bytes] | None, l
     """The stream's last bytes with ``comment`` (one whole line) placed at the start of the
     line where the stream's end marker begins (``end`` matches a line end and then the
     marker as group 1: ``data: [DONE]``, ``event: message_stop``), so a client reads it
-    before the stream ends; with no end marker in ``held`` it goes after them. A comment
-    line is ignored by SSE parsers wherever it stands, so it never changes or splits an
-    event. ``line_start``: the bytes sent before ``held`` ended a line."""
+    before the stream ends; with no end marker in ``held`` it goes after them, if they end
+    a line (else nowhere: ``held`` comes back as it was). A comment line is ignored by SSE
+    parsers wherever it stands, so it never changes or splits an event. ``line_start``:
+    the bytes sent before ``held`` ended a line."""
     if end is not None:
         lead = b"\n" if line_start else b""
         found = None
@@ -93,5 +94,7 @@ def insert_comment(held: bytes, comment: bytes, end: re.Pattern[bytes] | None, l
             at = found.start(1) - len(lead)
             return held[:at] + comment + held[at:]
     if held and not held.endswith((b"\n", b"\r")):
-        return held + b"\n" + comment  # an unterminated last line: the comment must not join it
+        return held  # they end inside a line: no place for a line of our own
+    if not held and not line_start:
+        return held
     return held + comment

@@ -123,11 +123,12 @@ class LabelCap:
         self.seen: set[str] = set()
         self.overflow = 0  # records counted under OTHER
 
-    def admit(self, value: str) -> bool:
-        """Whether ``value`` has (or now gets) a series of its own."""
+    def admit(self, value: str, may_add: bool = True) -> bool:
+        """Whether ``value`` has (or now gets) a series of its own; ``may_add`` False: only
+        if it has one already (a failed call's model name must not take a slot)."""
         if value in self.seen or value == NONE_LABEL:
             return True
-        if len(self.seen) >= self.limit:
+        if not may_add or len(self.seen) >= self.limit:
             self.overflow += 1
             return False
         self.seen.add(value)
@@ -167,7 +168,7 @@ def _text(value: Any) -> str:
 class MetricsTally:
     """Fed every record the proxy writes (``add(record, line)``, a record sink)."""
 
-    def __init__(self, labels: Sequence[str] = (), max_label_values: int = 100) -> None:
+    def __init__(self, labels: Sequence[str] = (), max_label_values: int = 100, max_series: int = 1000) -> None:
         names = ["provider", "model"]
         for option in labels:
             name = label_name(option)
@@ -180,6 +181,11 @@ class MetricsTally:
         self.caps: dict[str, LabelCap] = {name: LabelCap(max_label_values) for name in self.label_names[1:]}
         self._cap_list = tuple(self.caps[name] for name in self.label_names[1:])
         self.series: dict[tuple[str, ...], Series] = {}
+        # Each label's cap bounds its values, not their combinations (100 models x 100
+        # users): past ``max_series`` a new combination is counted under its provider
+        # with every other label OTHER.
+        self.max_series = max_series
+        self.series_overflow = 0
         # Raw label values -> their series: one lookup per record once a combination
         # has been seen. Only combinations without an OTHER are kept here, so its size
         # is bounded by the caps like the series themselves.
@@ -193,23 +199,36 @@ class MetricsTally:
             raw = (rec.get("provider"), model)
         series = self._by_raw.get(raw)
         if series is None:
-            series = self._place(raw)
+            status = rec.get("status")
+            # Refused as the client's fault (no such model, bad key): not a rate limit,
+            # nor a client that left (499).
+            refused = isinstance(status, int) and 400 <= status < 499 and status != 429
+            series = self._place(raw, refused)
         series.add(rec)
 
     def snapshot(self) -> tuple[list[Series], dict[str, int]]:
         """A copy of every series and of each capped label's overflow count, to render
         elsewhere (another thread) while records keep arriving here."""
-        return [s.copy() for s in self.series.values()], {name: cap.overflow for name, cap in self.caps.items()}
+        overflow = {name: cap.overflow for name, cap in self.caps.items()}
+        overflow["series"] = self.series_overflow
+        return [s.copy() for s in self.series.values()], overflow
 
-    def _place(self, raw: tuple[Any, ...]) -> Series:
+    def _place(self, raw: tuple[Any, ...], refused: bool) -> Series:
         values = [_text(v) for v in raw]
         capped = False
         for i, cap in enumerate(self._cap_list, 1):
-            if not cap.admit(values[i]):
+            # A model name from a call refused as the client's fault (404: no such model)
+            # is whatever the client typed: it gets no slot of its own.
+            if not cap.admit(values[i], may_add=not (refused and i == 1)):
                 values[i] = OTHER
                 capped = True
         key = tuple(values)
         series = self.series.get(key)
+        if series is None and len(self.series) >= self.max_series:
+            self.series_overflow += 1
+            key = (values[0], *([OTHER] * (len(values) - 1)))
+            capped = True
+            series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series(key)
         if not capped:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import mmap
 import re
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -37,44 +37,56 @@ class RecentRecords:
         return self._lines.get(record_id)
 
 
-def _line_around(data: bytes | mmap.mmap, at: int) -> bytes:
-    start = data.rfind(b"\n", 0, at) + 1
-    end = data.find(b"\n", at)
-    return bytes(data[start : end if end >= 0 else len(data)])
-
-
 def find_record(log_path: Path, record_id: str) -> dict[str, Any] | None:
     """The record with this id in the log and its rotated files, newest first; None if
-    no file holds it. A plain file is searched through a memory map, not parsed."""
-    needle = b'"record_id":' + orjson.dumps(record_id)
+    no file holds it. A plain file is searched through a memory map, not parsed; any line
+    holding the id as a JSON string is a candidate (writers differ in spacing), and the
+    first whose ``record_id`` it is wins."""
+    needle = orjson.dumps(record_id)
     try:
         files = order_files(log_files([str(log_path)]))
     except FileNotFoundError:
         return None
     for path in reversed(files):
         try:
-            line = _search(path, needle)
+            for line in _candidates(path, needle):
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get("record_id") == record_id:
+                    return upgrade_record(rec)
         except (OSError, ValueError, EOFError, zlib.error):
             continue  # unreadable or torn (a gzip cut short): the other files still count
-        if line is not None:
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("record_id") == record_id:
-                return upgrade_record(rec)
     return None
 
 
-def _search(path: Path, needle: bytes) -> bytes | None:
+# Lines holding the id but not as their record_id (a request id that happens to equal
+# it) looked at per file before giving up on that file.
+_MAX_CANDIDATES = 100
+
+
+def _candidates(path: Path, needle: bytes) -> Iterator[bytes]:
+    """The lines of one file holding ``needle``, last first."""
     if is_gzip(path):
+        # Line by line: a rotated file can be 100 times its size once decompressed.
+        found: deque[bytes] = deque(maxlen=_MAX_CANDIDATES)
         with open_log(path) as f:
-            data = f.read()
-        at = data.rfind(needle)
-        return _line_around(data, at) if at >= 0 else None
+            for line in f:
+                if needle in line:
+                    found.append(line)
+        yield from reversed(found)
+        return
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
-            return None
+            return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            at = m.rfind(needle)
-            return _line_around(m, at) if at >= 0 else None
+            end = len(m)
+            for _ in range(_MAX_CANDIDATES):
+                at = m.rfind(needle, 0, end)
+                if at < 0:
+                    return
+                start = m.rfind(b"\n", 0, at) + 1
+                stop = m.find(b"\n", at)
+                yield bytes(m[start : stop if stop >= 0 else len(m)])
+                end = start

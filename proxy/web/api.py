@@ -145,7 +145,7 @@ def viewer_for(state: ProxyState, request: web.Request) -> Viewer | web.Response
     if keys is None:
         # No keys: only this machine may ask. A page of another site that resolves its
         # name to 127.0.0.1 (DNS rebinding) sends its own Host and Origin: refused.
-        if not _local_name(request.host) or not _local_name(request.headers.get("Origin"), origin=True):
+        if not addressed_to_this_machine(request):
             return _error(
                 403,
                 "without auth: the API answers only requests addressed to this machine (127.0.0.1, [::1], localhost)",
@@ -165,6 +165,13 @@ def viewer_for(state: ProxyState, request: web.Request) -> Viewer | web.Response
     if not entry.user:
         return _error(403, "this proxy key has no user: use an admin key, or a key created with --user", "permission_error")
     return Viewer("user", entry.user)
+
+
+def addressed_to_this_machine(request: web.Request) -> bool:
+    """Host and Origin (if any) name this machine: what an unauthenticated reader of
+    call data must send (a page of another site resolving its name to 127.0.0.1, DNS
+    rebinding, sends its own). The API and /metrics ask it without auth."""
+    return _local_name(request.host) and _local_name(request.headers.get("Origin"), origin=True)
 
 
 def _local_name(value: str | None, origin: bool = False) -> bool:
@@ -413,6 +420,7 @@ def rec_time(rec: dict[str, Any]) -> float:
 
 
 RECENT = web.AppKey("lcp_recent_records", RecentRecords)
+SEARCHES = web.AppKey("lcp_record_searches", asyncio.Semaphore)
 
 
 async def handle_call(request: web.Request) -> web.Response:
@@ -430,7 +438,8 @@ async def handle_call(request: web.Request) -> web.Response:
     if line is not None:
         rec = orjson.loads(line)
     else:
-        rec = await asyncio.get_running_loop().run_in_executor(None, find_record, request.app[ANALYTICS].log_path, record_id)
+        async with request.app[SEARCHES]:  # one search of the log at a time, however many ask
+            rec = await asyncio.get_running_loop().run_in_executor(None, find_record, request.app[ANALYTICS].log_path, record_id)
     if rec is None or (viewer.user is not None and rec.get("user_id") != viewer.user):
         return _error(404, f"no record with id {record_id!r} (a call's record exists once its reply has ended)", "not_found_error")
     body = orjson.Fragment(line.rstrip(b"\n")) if line is not None else rec
@@ -466,6 +475,7 @@ def add_api_routes(app: web.Application, state: ProxyState, log_path: Path) -> N
     api = Analytics(state, log_path)
     app[ANALYTICS] = api
     recent = app[RECENT] = RecentRecords()
+    app[SEARCHES] = asyncio.Semaphore(1)
     state.record_sinks.append(recent.add)
 
     async def close(app: web.Application) -> None:

@@ -315,7 +315,9 @@ class Mailer:
             if wait > 0:
                 await asyncio.sleep(min(wait, RECHECK_SECONDS))
                 continue
-            await self._send_summary(target)
+            # Woken long after the time (a suspended machine): the last 24 hours up to now.
+            now = self.clock()
+            await self._send_summary(target if now - target < RECHECK_SECONDS * 2 else now)
             # A clock far past the target (a machine woken after days) gets one summary, not many.
             target = next_summary_time(max(self.clock(), target), self.cfg.daily_summary, self.tz)
 

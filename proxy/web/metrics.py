@@ -21,6 +21,7 @@ from proxy.core.money import COST_UNITS_PER_USD
 from proxy.engine.metrics_tally import HISTOGRAM_TOKEN_TYPES, Histogram, MetricsTally, Series
 from proxy.engine.totals import TOKEN_FIELDS
 from proxy.reports.analytics import error_body
+from proxy.web.api import addressed_to_this_machine
 from proxy.web.state import APP_STATE, ProxyState
 
 # llm_proxy_tokens_total's "type" label: every count Totals sums but the total itself.
@@ -95,7 +96,7 @@ class Snapshot:
                     usage.add_metric([*labels, kind], _buckets(h), h.sum)
         overflow = CounterMetricFamily(
             "llm_proxy_label_overflow",
-            "Calls counted under the label value 'other': the label's max_label_values was reached.",
+            "Calls counted under the label value 'other': the label's max_label_values (label=series: metrics.max_series) was reached.",
             labels=["label"],
         )
         for name, n in self.overflow.items():
@@ -160,8 +161,9 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def allowed(state: ProxyState, request: web.Request) -> bool:
-    """With auth: an admin key or the scrape token. Without: open, like /health, unless
-    a scrape token is configured."""
+    """With auth: an admin key or the scrape token. Without auth: the scrape token if one
+    is configured, else requests addressed to this machine (or anyone, with
+    dashboard.public)."""
     token = _bearer(request)
     scrape = state.config.metrics.scrape_token
     # Constant time: a wrong guess learns nothing from how fast it was refused.
@@ -171,7 +173,11 @@ def allowed(state: ProxyState, request: web.Request) -> bool:
     if keys is not None:
         keys.refresh()
         return token is not None and keys.is_admin(token)
-    return scrape is None
+    if scrape is not None:
+        return False
+    # No auth, no token: the budgets name users, so the API's rule applies (this machine
+    # only, unless dashboard.public); a Prometheus elsewhere sends a scrape token.
+    return state.config.dashboard_public or addressed_to_this_machine(request)
 
 
 def add_metrics_routes(app: web.Application, state: ProxyState) -> None:
@@ -180,13 +186,24 @@ def add_metrics_routes(app: web.Application, state: ProxyState) -> None:
     config = state.config.metrics
     if not config.enabled:
         return
-    tally = MetricsTally(config.labels, config.max_label_values)
+    tally = MetricsTally(config.labels, config.max_label_values, config.max_series)
     state.record_sinks.append(tally.add)
     who = "an admin key or the scrape token" if state.keys is not None else "the scrape token"
 
     async def handle_metrics(request: web.Request) -> web.Response:
         state = request.app[APP_STATE]
         if not allowed(state, request):
+            if state.keys is None and config.scrape_token is None:
+                return web.Response(
+                    status=403,
+                    body=error_body(
+                        "without auth: /metrics answers only requests addressed to this machine (127.0.0.1, [::1], localhost); "
+                        "to scrape it from elsewhere, set metrics.scrape_token_env",
+                        "permission_error",
+                        None,
+                    ),
+                    content_type="application/json",
+                )
             return web.Response(
                 status=401,
                 body=error_body(f"/metrics needs {who}: send Authorization: Bearer <token>", "authentication_error", None),

@@ -616,3 +616,19 @@ async def test_anthropic_sdk_raises_rate_limit_error_and_does_not_retry(mock, la
 
 async def _anthropic_reply() -> web.Response:
     return web.json_response(anthropic_message("claude-haiku-4-5-20251001", {"input_tokens": 10, "output_tokens": 20}))
+
+
+def test_the_limit_is_announced_once_and_only_for_a_call_really_refused():
+    """An override (budgets.override, an admin's x-budget-override) lets the call through:
+    no "limit reached" alert for it, and the first real refusal still gets one."""
+    clock = Clock(ts(2026, 5, 5, 12))
+    ledger = BudgetLedger([Limit("global", "daily", 10)], clock=clock)
+    ledger.settle(ledger.reserve(Subject(), 10).hold, 10)
+    overridden = ledger.reserve(Subject(), 5, override=True)
+    assert overridden.allowed and overridden.overridden and overridden.new_limit is None
+    first = ledger.reserve(Subject(), 5)
+    assert not first.allowed and first.new_limit is not None and first.new_limit.name == "global daily"
+    assert ledger.reserve(Subject(), 5).new_limit is None  # once per period
+    clock.t += 86400
+    ledger.settle(ledger.reserve(Subject(), 10).hold, 10)
+    assert ledger.reserve(Subject(), 1).new_limit is not None  # the next period announces again

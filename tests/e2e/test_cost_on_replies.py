@@ -20,7 +20,7 @@ from openai._streaming import SSEDecoder
 from proxy.core.reply_cost import COMMENT_PREFIX, FACTS, insert_comment
 from proxy.providers import ADAPTERS
 from tests.support.config import CLIENT_ANTHROPIC_KEY, CLIENT_OPENAI_KEY, make_config
-from tests.support.mock_upstream import json_reply, sse, stream_reply
+from tests.support.mock_upstream import json_reply, sse, stream_reply, without_cost_comment
 from tests.support.provider_replies import (
     FLASH_USAGE,
     anthropic_message,
@@ -304,3 +304,19 @@ async def test_a_call_recorded_by_post_api_usage_is_found_and_counted(proxy, htt
         metrics = await r.text()
     [line] = [m for m in metrics.splitlines() if m.startswith("llm_proxy_cost_usd_total{") and 'model="gpt-4o"' in m]
     assert Decimal(line.rsplit(" ", 1)[1]) == posted["total_cost"]
+
+
+async def test_a_stream_paused_mid_line_after_its_final_event_is_not_cut_by_the_comment(mock, proxy, http):
+    """An error chunk ends an OpenAI stream; the upstream then sends half a line and
+    pauses past the relay's wait: the held bytes go out with the record written, and the
+    cost line once went in after them, inside the half line (``data: [DO`` + comment +
+    ``NE]``)."""
+    head = b"".join(sse([(None, {"error": {"message": "overloaded", "type": "server_error"}})]))
+    pieces = [head + b"data: [DO", 1.3, b"NE]\n\n"]
+    mock.on("/v1/chat/completions", stream_reply(mock, pieces))
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}  # not re-framed
+    async with http.post(f"{proxy.url}/openai/v1/chat/completions", json=body, headers=OPENAI_AUTH) as r:
+        raw = await r.read()
+    upstream = head + b"data: [DONE]\n\n"
+    assert without_cost_comment(raw, None) == upstream
+    assert _decoded(raw) == _decoded(upstream)

@@ -288,6 +288,15 @@ async def test_access_with_auth_needs_an_admin_key_or_the_scrape_token(mock, sta
 async def test_access_without_auth_is_open_unless_a_scrape_token_is_set(mock, start_proxy, monkeypatch):
     open_proxy = await start_proxy(make_config(mock.url))
     assert "llm_proxy_cost_usd" in (await scrape(open_proxy.url)).families
+    # Budgets name users: without auth, a request addressed to another name (a page
+    # rebinding its own name to 127.0.0.1) is refused, as the analytics API refuses it.
+    for headers in ({"Host": "attacker.example"}, {"Origin": "http://attacker.example"}):
+        status, body = await get_status(open_proxy.url, headers)
+        assert status == 403 and "scrape_token_env" in body["error"]["message"], headers
+    public_cfg = make_config(mock.url)
+    public_cfg["dashboard"] = {"public": True}
+    public = await start_proxy(public_cfg)
+    assert (await get_status(public.url, {"Host": "proxy.internal:9002"}))[0] == 200
 
     monkeypatch.setenv("LCP_TEST_SCRAPE_TOKEN", "another-scrape-token-0123")
     cfg = make_config(mock.url)

@@ -24,7 +24,7 @@ FLAGS = st.integers(0, 5 * 3 * 2 - 1)
 TOKENS = st.one_of(st.none(), st.tuples(st.integers(0, 10**7), st.integers(0, 10**6), st.one_of(st.none(), st.integers(0, 10**12))))
 MS = st.one_of(st.none(), st.floats(0, 200_000, allow_nan=False))
 PROVIDERS = ["openai", "anthropic", "(unknown)"]
-STATUSES = [200, 200, 429, 499, 500]
+STATUSES = [200, 404, 429, 499, 500]
 ERRORS = [None, None, "upstream 500"]
 
 
@@ -77,13 +77,22 @@ def test_label_cap_bounds_the_series_and_loses_nothing(recs, cap):
     assert tally.label_names == ("provider", "model", "user", "team", "tag_project")
 
     for i, label in enumerate(tally.label_names[1:], 1):
-        # Admitted: the first `cap` distinct values, in order of arrival ("(none)" is no value).
-        arrived = [raw_value(r, label) for r in recs]
-        admitted = [v for v in dict.fromkeys(arrived) if v != NONE_LABEL][:cap]
+        # Admitted: the first `cap` distinct values, in order of arrival ("(none)" is no
+        # value); a model only from a call not refused as the client's fault (4xx but 429).
+        admitted: list[str] = []
+        overflow = 0
+        for r in recs:
+            v = raw_value(r, label)
+            if v == NONE_LABEL or v in admitted:
+                continue
+            if len(admitted) < cap and not (label == "model" and 400 <= r["status"] < 499 and r["status"] != 429):
+                admitted.append(v)
+            else:
+                overflow += 1
         seen = {key[i] for key in tally.series}
         assert seen <= {*admitted, OTHER, NONE_LABEL}
         assert seen >= set(admitted)
-        assert tally.caps[label].overflow == sum(1 for v in arrived if v != NONE_LABEL and v not in admitted)
+        assert tally.caps[label].overflow == overflow
     assert len(tally.series) <= 3 * (cap + 2) ** 4
 
     # Every record counted once, in one series: together they are the Totals of all.
@@ -130,3 +139,26 @@ def test_one_lookup_per_record_once_a_combination_is_known():
         tally.add({"provider": "openai", "model": model, "user_id": user, "status": 200}, b"")
     assert len(tally.series) <= 3 * 3
     assert len(tally._by_raw) == 4  # (m1|m2) x (u0|u1)
+
+
+def test_combinations_are_bounded_by_max_series_not_only_each_label():
+    """Each label's cap bounds its values, not their product: 30 models x 30 users at a
+    cap of 30 would be 900 series. Past max_series the rest go to (provider, other, …)."""
+    tally = MetricsTally(("user",), max_label_values=30, max_series=50)
+    for m in range(30):
+        for u in range(30):
+            tally.add({"provider": "openai", "model": f"m{m}", "user_id": f"u{u}", "status": 200, "total_tokens": 1}, b"")
+    assert len(tally.series) == 51  # 50, and the one they overflow into
+    assert ("openai", OTHER, OTHER) in tally.series
+    series, overflow = tally.snapshot()
+    assert overflow["series"] == 900 - 50 and sum(s.totals.requests for s in series) == 900
+
+
+def test_a_model_name_the_upstream_refused_takes_no_slot():
+    tally = MetricsTally((), max_label_values=2)
+    for i in range(5):
+        tally.add({"provider": "openai", "model": f"junk-{i}", "status": 404}, b"")
+    tally.add({"provider": "openai", "model": "gpt-4o", "status": 200}, b"")
+    tally.add({"provider": "openai", "model": "gpt-4o", "status": 404}, b"")  # admitted already: its own series
+    assert set(tally.series) == {("openai", OTHER), ("openai", "gpt-4o")}
+    assert tally.series[("openai", "gpt-4o")].totals.requests == 2

@@ -78,3 +78,13 @@ def test_a_password_without_a_login_is_refused(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError) as e:
         parse_config(cfg(alerts={"email": {**EMAIL, "password_env": "SMTP_PW"}}))
     assert e.value.key == "alerts.email.user"
+
+
+def test_an_unquoted_summary_time_reads_as_written() -> None:
+    """YAML 1.1 makes `daily_summary: 18:30` the number 1110 (sexagesimal minutes)."""
+    import yaml
+
+    spec = yaml.safe_load("host: 127.0.0.1\nfrom: a@b.c\nto: d@e.f\ndaily_summary: 18:30\n")
+    assert spec["daily_summary"] == 1110
+    email = parse_config(cfg(alerts={"email": spec})).alerts.email
+    assert email is not None and email.daily_summary == "18:30"
