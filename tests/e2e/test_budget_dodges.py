@@ -9,6 +9,7 @@ calls race. Expected costs are computed here from the configured rates."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import statistics
@@ -677,8 +678,15 @@ async def test_settlement_adds_the_real_cost_whatever_it_differs_by(mock, start_
 
 # --- 7. a huge body must not stall other calls ---------------------------------------------------
 
+# The issue's 28 MB, in 70,000 messages of ~400 bytes: digesting it (parse and input
+# estimate) takes ~2.5 s of CPU here, all of it a stall of every call were it done on the
+# event loop. (700,000 short messages cost the worker ~15 s of CPU and the test 25-40 s.)
+HUGE_MESSAGES = 70_000
+HUGE_TEXT = "q%06d " + "lorem ipsum dolor sit amet, " * 13
+STEADY_EVERY = 0.020  # s between the small calls that time the loop
 
-def _huge_body(messages: int, content: str = "q%06d abcd") -> bytes:
+
+def _huge_body(messages: int, content: str = HUGE_TEXT) -> bytes:
     parts = [b'{"model":"gpt-4o-mini","max_tokens":50,"messages":[']
     msgs = ",".join('{"role":"user","content":"%s"}' % (content % i) for i in range(messages))
     parts.append(msgs.encode())
@@ -722,12 +730,14 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
         proxy = await start_proxy(config(upstream.url, [{"scope": "user", "period": "daily", "usd": 1000}], server={"max_body_mb": 64}))
         port = int(proxy.url.rsplit(":", 1)[1])
         path = "/compat/v1/chat/completions"
-        big = _huge_body(700_000)
+        big = _huge_body(HUGE_MESSAGES)
         assert 27_000_000 < len(big) < 30_000_000
         # Warm-up, not measured: the first body over the offload size starts the worker
         # process (a spawned interpreter that imports the proxy and loads the tokenizer);
         # on a 2-core machine that start-up competes with the event loop, once per proxy.
-        assert await asyncio.to_thread(_send_from_a_thread, port, path, user_h("compat", "warm"), _huge_body(40_000)) == 200
+        warm = _huge_body(3000)
+        assert len(warm) > OFFLOAD_BYTES
+        assert await asyncio.to_thread(_send_from_a_thread, port, path, user_h("compat", "warm"), warm) == 200
 
         small = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "ping"}]}
         timings: list[tuple[float, float]] = []  # (when the call was due, when it ended)
@@ -739,7 +749,7 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
             timings.append((due, time.perf_counter()))
 
         async def steady() -> None:
-            # A call every 10 ms on a fixed schedule, each timed from when it was due: a
+            # A call every 20 ms on a fixed schedule, each timed from when it was due: a
             # stalled loop delays the sending too, and that delay must count (timing from
             # the actual send would miss a stall that hits between two calls).
             calls = []
@@ -747,12 +757,18 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
             for k in itertools.count():
                 if stop.is_set():
                     break
-                due = start + k * 0.010
+                due = start + k * STEADY_EVERY
                 if due > time.perf_counter():
                     await asyncio.sleep(due - time.perf_counter())
                 calls.append(asyncio.create_task(one(due)))
             await asyncio.gather(*calls)
 
+        # The test process's own heap (pytest, three SDKs, hypothesis...) is many times the
+        # proxy's: a full collection of it paused the loop for 0.25 s on a loaded machine, the
+        # harness's stall, not the proxy's. Frozen, a collection walks only what is made from
+        # here on (and the proxy's garbage is still collected).
+        gc.collect()
+        gc.freeze()
         loops = [asyncio.create_task(steady())]
         await asyncio.sleep(0.6)
         baseline = statistics.median(b - a for a, b in timings)
@@ -761,6 +777,7 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
         while not any(n == len(big) for _, n in upstream.received):
             assert not big_call.done(), big_call.result()
             await asyncio.sleep(0.01)  # forwarded: its input has been estimated and reserved
+        forwarded = time.perf_counter() - big_t0
         held = sum(c.reserved for k, c in ledger(proxy).counters.items() if k[3] == "huge")
         await asyncio.sleep(0.2)
         release.set()
@@ -771,22 +788,27 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
         await asyncio.gather(*loops)
         records = await proxy.records()
     finally:
+        gc.unfreeze()
         release.set()
         upstream.close()
     assert status == 200
     during = [b - a for a, b in timings if b >= big_t0 and a <= big_t1]
     assert len(during) > 10, len(during)
     worst = max(during)
-    # The goal is 50 ms (seen here: 9-26 ms on a quiet machine). A timed test on a
-    # shared 2-core CI machine can't hold that line without flaking (a fresh clone once
-    # saw 263 ms while its worker process was still cold), so the suite checks the
-    # class of fault: the old code stalled every call for 2-4.7 s.
-    assert worst - baseline <= 0.500, f"a small call took {worst * 1000:.0f} ms during the huge one (baseline {baseline * 1000:.1f} ms)"
+    # The goal is 50 ms (seen here: 9-26 ms on a quiet machine). Done on the loop, the
+    # digest stalls every call for nearly all the time the body takes to be read, digested
+    # and forwarded (the old code: 2-4.7 s). On a loaded machine all of it runs slower,
+    # so the stall is held against that time, measured in this run, not a fixed one.
+    assert worst - baseline <= max(0.5, forwarded / 4), (
+        f"a small call took {worst * 1000:.0f} ms during the huge one (baseline {baseline * 1000:.1f} ms; "
+        f"the huge body took {forwarded * 1000:.0f} ms to reach the upstream)"
+    )
     [huge] = [r for r in records if r["user_id"] == "huge"]
     assert huge["status"] == 200 and huge["usage_source"] == "estimated"
-    # Plausible: each message is its framing plus a few tokens of text, as in a sample.
+    # Plausible: each message is its framing plus its text's tokens, as in a sample.
     per_1000 = estimate_input_tokens(json.loads(_huge_body(1000)), "gpt-4o-mini") - 3
-    assert abs(huge["input_tokens"] - 700 * per_1000) <= 0.02 * 700 * per_1000, (huge["input_tokens"], per_1000)
-    assert huge["input_tokens"] > 700_000 * 4
+    scale = HUGE_MESSAGES / 1000
+    assert abs(huge["input_tokens"] - scale * per_1000) <= 0.02 * scale * per_1000, (huge["input_tokens"], per_1000)
+    assert huge["input_tokens"] > HUGE_MESSAGES * 50
     # Its reservation was that input and its whole output cap, at the configured rates.
     assert Decimal(held) / UNITS == cost("compat", "gpt-4o-mini", huge["input_tokens"], 50)

@@ -62,6 +62,13 @@ def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index_module, "_MIN_SEGMENT", 8_000)
 
 
+@pytest.fixture()
+def smaller_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the small segments, for a log of half the records: as many segments to cut."""
+    monkeypatch.setattr(index_module, "_SEGMENT", 25_000)
+    monkeypatch.setattr(index_module, "_MIN_SEGMENT", 4_000)
+
+
 def _window(q: Query, start_h: float | None, span_h: float | None) -> Query:
     start = (NOW - timedelta(hours=start_h)).timestamp() if start_h is not None else None
     end = start + span_h * 3600 if (start is not None and span_h is not None) else None
@@ -77,8 +84,9 @@ def _window(q: Query, start_h: float | None, span_h: float | None) -> Query:
         max_size=4,
     ),
 )
-def test_memo_scans_equal_full_reads(tmp_path_factory: pytest.TempPathFactory, small_segments: None, shape: int, windows: list) -> None:
-    log = write_log(tmp_path_factory.mktemp("memo") / "log.jsonl", records(1200, seed=shape + 5, days=8))
+def test_memo_scans_equal_full_reads(tmp_path_factory: pytest.TempPathFactory, smaller_segments: None, shape: int, windows: list) -> None:
+    # ~20 segments of ~30 records over the 8 days (each example indexes a log of its own).
+    log = write_log(tmp_path_factory.mktemp("memo") / "log.jsonl", records(600, seed=shape + 5, days=8))
     memo = SegmentMemo()
     for start_h, span_h in windows:
         q = _window(SHAPES[shape], start_h, span_h)
