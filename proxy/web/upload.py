@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.providers import Endpoint
-from proxy.web.bodies import OFFLOAD_BYTES, BodyDigest, digest_offloaded
+from proxy.web.bodies import OFFLOAD_BYTES, BodyDigest, digest_here, digest_offloaded
 from proxy.web.bodies import digest as digest_body
 from proxy.web.state import ProxyState
 
@@ -41,7 +41,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def digest_request(state: ProxyState, family: str, endpoint: Endpoint, raw: bytes) -> BodyDigest:
-    if len(raw) <= OFFLOAD_BYTES:
+    if digest_here(raw):
         return digest_body(family, endpoint, raw)
     spilled = None
     try:

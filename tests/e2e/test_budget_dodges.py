@@ -12,6 +12,7 @@ import asyncio
 import gc
 import itertools
 import json
+import multiprocessing
 import statistics
 import threading
 import time
@@ -812,3 +813,22 @@ async def test_a_huge_body_does_not_stall_other_calls(start_proxy, http):
     assert huge["input_tokens"] > HUGE_MESSAGES * 50
     # Its reservation was that input and its whole output cap, at the configured rates.
     assert Decimal(held) / UNITS == cost("compat", "gpt-4o-mini", huge["input_tokens"], 50)
+
+
+async def test_a_body_of_many_tiny_messages_under_a_megabyte_is_digested_off_the_loop(mock, start_proxy, http):
+    """The input estimate costs per string, not per byte: 25,000 tiny messages in under
+    1 MB (below the size that sends a body to the worker) once took 0.4-0.56 s of the
+    event loop, every other call stalled meanwhile. Such a body now goes to the digest
+    worker (a child process appears) and its record holds the same estimate."""
+    mock.on("/compat/v1/chat/completions", json_reply({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini", "choices": []}))
+    proxy = await start_proxy(config(mock.url, [{"scope": "user", "period": "daily", "usd": 1000}]))
+    body = _huge_body(25_000, "q%06d abcd")
+    assert len(body) < OFFLOAD_BYTES
+    before = {p.pid for p in multiprocessing.active_children()}
+    status, _ = await post(http, proxy.url + "/compat/v1/chat/completions", user_h("compat", "tiny"), data=body)
+    assert status == 200
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    assert workers, "the body was digested on the event loop"
+    [rec] = await proxy.records()
+    assert rec["usage_source"] == "estimated"
+    assert rec["input_tokens"] == estimate_input_tokens(json.loads(body), "gpt-4o-mini")
