@@ -20,6 +20,12 @@ def cost_units(value: Decimal | float | None) -> int | None:
     return round(value * COST_UNITS_PER_USD)
 
 
+def decimal_text(value: Decimal) -> str:
+    """A Decimal as its exact digits, no exponent, no trailing zeros (0.0000426, not
+    4.26E-5): how records, reply headers and the stream comment write money."""
+    return format(value.normalize(), "f")
+
+
 def units_to_usd(units: int) -> Decimal:
     """Exact USD for integer units (trailing zeros dropped: 0.02, not 0.0200000000)."""
     return (Decimal(units) * _UNIT).normalize() if units else Decimal(0)

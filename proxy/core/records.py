@@ -20,7 +20,7 @@ from typing import Any, Iterable, Protocol, overload
 
 import orjson
 
-from proxy.core.money import Cost
+from proxy.core.money import Cost, decimal_text
 from proxy.core.usage import CallInfo, Usage
 
 SCHEMA_VERSION = 2
@@ -225,7 +225,7 @@ def build_record(
 def json_default(obj: object) -> orjson.Fragment:
     if isinstance(obj, Decimal):
         # Written as the exact decimal, not via float: 0.0056408 stays 0.0056408.
-        return orjson.Fragment(format(obj.normalize(), "f"))
+        return orjson.Fragment(decimal_text(obj))
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import orjson
 
+from proxy.core.money import decimal_text
+
 HEADER_PREFIX = "x-llm-cost-"
 RECORD_ID_HEADER = HEADER_PREFIX + "record-id"
 # The record's fields a reply carries (the comment's JSON keys are these names); the cost
@@ -44,10 +46,8 @@ COMMENT_PREFIX = b": llm-cost "
 
 
 def _exact(value: Any) -> str:
-    # The record writes a Decimal as its exact digits (records.json_default): so do we.
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f")
-    return str(value)
+    # Money as the record writes it (records.json_default), counts as they are.
+    return decimal_text(value) if isinstance(value, Decimal) else str(value)
 
 
 def cost_headers(record: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -8,13 +8,14 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from proxy.core.money import decimal_text
 from proxy.pricing import ModelPrice, RateCard, Rates
 
 _RATE_COLUMNS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "web_search")
 
 
 def _fmt(d: Decimal | None) -> str:
-    return "-" if d is None else format(d.normalize(), "f")
+    return "-" if d is None else decimal_text(d)
 
 
 def _card_lines(label: str, card: RateCard) -> list[str]:
@@ -44,7 +45,7 @@ def describe(price: ModelPrice, asked: str, provider: str) -> str:
 
 
 def _yaml_number(d: Decimal) -> str:
-    return format(d.normalize(), "f")
+    return decimal_text(d)
 
 
 def _rates_yaml(r: Rates) -> str:
