@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from proxy.core.money import format_usd, units_to_usd
@@ -96,6 +97,13 @@ class BudgetsConfig:
     # A model without a price reserves and adds $0, so it could spend past every
     # limit unseen: such calls are refused under a budget unless this is set.
     allow_unpriced: bool = False
+    # Where the ledger lives: "memory" (this process) or a redis://, rediss:// or unix://
+    # URL (storage/redis_ledger.py: shared by workers and replicas). Never shown: the
+    # URL may hold a password.
+    backend: str = field(default="memory", repr=False)
+    on_backend_error: str = "refuse"  # or "allow": budgeted calls pass unchecked while Redis is down
+    backend_timeout: float = 0.5  # seconds, to connect to Redis and for each answer
+    redis_prefix: str = "llm-cost-proxy"  # every key the ledger keeps in Redis starts with it
 
 
 # --- the ledger ---------------------------------------------------------------------
@@ -210,6 +218,26 @@ class Decision:
         return self.hold is not None
 
 
+def least_headroom(states: Iterable[BudgetState]) -> BudgetState | None:
+    """The budget with the least headroom; of equals, the one that resets first (then
+    the first given)."""
+    return min(states, key=lambda s: (s.limit.units - s.used, s.end), default=None)
+
+
+def backend_address(url: str) -> str:
+    """Where a ``budgets.backend`` URL points, fit for a log line or an error: host and
+    port, or the socket's path; never the user name or password it may carry."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path or "?"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    return f"[{host}]:{port or 6379}" if ":" in host else f"{host}:{port or 6379}"
+
+
 def refusal_message(state: BudgetState, worst: int) -> str:
     limit = state.limit
     resets = f"resets at {iso(state.end)}" if state.end != _INF else "does not reset (session budget)"
@@ -261,6 +289,11 @@ class BudgetLedger:
         starts = [now - SESSION_WINDOW if d[2] is None else self.bounds(d[2], now)[0] for d in self.dims]
         return min(starts, default=now)
 
+    def empty_copy(self) -> BudgetLedger:
+        """A ledger with the same limits, dimensions, zone and clock, and no spend (to
+        rebuild a ledger kept elsewhere from the log)."""
+        return BudgetLedger(self.limits, timezone=self.tz.key, warn_at=self.warn_at, clock=self.clock, extra_dims=self.dims)
+
     # -- counters --
 
     def _counter(self, dim: tuple[str, str | None, str | None], value: str, now: float, at: float | None = None) -> Counter:
@@ -278,11 +311,27 @@ class BudgetLedger:
             return BudgetState(limit, value, 0, 0, start, end)
         return BudgetState(limit, value, c.spent, c.reserved, start, end)
 
-    def _applicable(self, subject: Subject, limits: Sequence[Limit]) -> Iterator[tuple[Limit, str]]:
+    def applicable(self, subject: Subject, limits: Sequence[Limit]) -> Iterator[tuple[Limit, str]]:
+        """The limits that apply to ``subject``, each with the value it is counted under."""
         for limit in limits:
             value = subject.value(limit.scope, limit.tag)
             if value is not None and (limit.match is None or limit.match == value):
                 yield limit, value
+
+    def reserved_on(self, subject: Subject, extra_limits: Sequence[Limit] = ()) -> list[tuple[tuple[str, str | None, str | None], str]]:
+        """The counters a call reserves on, (dimension, value): every tracked dimension
+        the subject has a value for (so a limit added later starts from the true spend)
+        and the dimensions of any extra (per-key) limits."""
+        out: list[tuple[tuple[str, str | None, str | None], str]] = []
+        seen: set[tuple[str, str | None, str | None]] = set()
+        for dim in (*self.dims, *(lim.dim for lim in extra_limits)):
+            if dim in seen:
+                continue
+            seen.add(dim)
+            value = subject.value(dim[0], dim[1])
+            if value is not None:
+                out.append((dim, value))
+        return out
 
     # -- the hot path: synchronous, so check + reserve is atomic under asyncio --
 
@@ -293,14 +342,15 @@ class BudgetLedger:
         if now >= self._next_prune:
             self.prune(now)
         limits = self.limits + tuple(extra_limits) if extra_limits else self.limits
-        checks = [self._state(limit, value, now) for limit, value in self._applicable(subject, limits)]
+        checks = [self._state(limit, value, now) for limit, value in self.applicable(subject, limits)]
         decision = Decision(worst=max(0, worst))
         worst = decision.worst
         # Refused if this call could cross the limit, or the limit is already reached
         # (so a call of unknown price cannot slip past an exhausted budget).
         blocking = [s for s in checks if s.used + worst > s.limit.units or s.used >= s.limit.units]
         if blocking:
-            decision.refused = refused = min(blocking, key=lambda s: (s.limit.units - s.used, s.end))
+            decision.refused = refused = least_headroom(blocking)
+            assert refused is not None
             if not override:
                 # Announced once per period, and only for a call really refused (an
                 # override lets it through: nothing was refused).
@@ -310,25 +360,15 @@ class BudgetLedger:
                     decision.new_limit = refused
                 return decision
             decision.overridden = True
-        # Reserve on every tracked dimension (so a limit added later starts from the
-        # true spend) and on the dimensions of any extra (per-key) limits.
         counters: list[Counter] = []
-        seen: set[tuple[str, str | None, str | None]] = set()
-        for dim in (*self.dims, *(lim.dim for lim in extra_limits)):
-            if dim in seen:
-                continue
-            seen.add(dim)
-            value = subject.value(dim[0], dim[1])
-            if value is None:
-                continue
+        for dim, value in self.reserved_on(subject, extra_limits):
             c = self._counter(dim, value, now)
             c.reserved += worst
             c.last = now
             counters.append(c)
         decision.hold = Hold(counters, worst)
         after = [self._state(s.limit, s.value, now) for s in checks]  # type: ignore[arg-type]
-        if after:
-            decision.tightest = min(after, key=lambda s: (s.limit.units - s.used, s.end))
+        decision.tightest = least_headroom(after)
         warn = [s for s in after if s.fraction >= self.warn_at]
         warn.sort(key=lambda s: -s.fraction)
         decision.warnings = warn
@@ -348,6 +388,10 @@ class BudgetLedger:
         for c in hold.counters:
             c.reserved -= hold.units
             c.spent += real
+
+    def count(self, subject: Subject, units: int | None) -> None:
+        """Add the cost of a call made elsewhere (``POST /api/usage``) to its counters."""
+        self.settle(self.reserve(subject, 0, (), True).hold, units)
 
     # -- start-up and reports --
 

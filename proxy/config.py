@@ -287,7 +287,23 @@ def _provider(name: str, spec: Any, path: str) -> ProviderConfig:
 _LIMIT_KEYS = {"scope", "period", "usd", "match", "tag"}
 
 
-_BUDGET_KEYS = {"timezone", "warn_at", "webhook", "override", "default_max_output_tokens", "allow_unpriced", "limits"}
+_BUDGET_KEYS = {
+    "timezone",
+    "warn_at",
+    "webhook",
+    "override",
+    "default_max_output_tokens",
+    "allow_unpriced",
+    "limits",
+    "backend",
+    "on_backend_error",
+    "backend_timeout",
+    "redis_prefix",
+}
+_BACKEND_SCHEMES = ("redis", "rediss", "unix")
+# A Redis that answers slower than this is treated as down: calls must not wait on it.
+_MAX_BACKEND_TIMEOUT = 30.0
+_REDIS_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 
 
 def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsConfig | None:
@@ -333,7 +349,44 @@ def parse_budgets(value: Any, path: str, cost_tracking: bool = True) -> BudgetsC
         first = seen.setdefault((lim.scope, lim.tag, lim.match, lim.period), i)
         if first != i:
             raise ConfigError(path, f"budgets.limits[{i}]", f"the same budget as budgets.limits[{first}] ({lim.label}): keep one of them")
-    return BudgetsConfig(tuple(limits), tz, float(warn_at), webhook, override, cap, allow_unpriced)
+    return BudgetsConfig(tuple(limits), tz, float(warn_at), webhook, override, cap, allow_unpriced, *_parse_backend(value, path))
+
+
+def _parse_backend(value: Mapping[str, Any], path: str) -> tuple[str, str, float, str]:
+    """budgets.backend, on_backend_error, backend_timeout, redis_prefix. The URL may hold
+    a password: an error shows its host and port, never the URL."""
+    backend = _interpolate(value.get("backend", "memory"))
+    if not isinstance(backend, str):
+        raise ConfigError(path, "budgets.backend", f"expected memory or a redis:// URL, got {type(backend).__name__}")
+    if not backend.strip():
+        raise ConfigError(path, "budgets.backend", "empty: expected memory or a redis:// URL (is the ${VARIABLE} it names set?)")
+    backend = backend.strip()
+    if backend != "memory":
+        parts = urlsplit(backend)
+        if parts.scheme not in _BACKEND_SCHEMES:
+            what = f"a {parts.scheme}:// URL" if parts.scheme and "://" in backend else "neither memory nor a URL"
+            raise ConfigError(
+                path, "budgets.backend", f"expected memory or a redis://, rediss:// or unix:// URL (redis://127.0.0.1:6379), got {what}"
+            )
+        try:
+            parts.port
+        except ValueError:
+            host = urlsplit(backend).hostname or "?"
+            raise ConfigError(path, "budgets.backend", f"the port after host {host} is not a number") from None
+        if parts.scheme == "unix" and not parts.path:
+            raise ConfigError(path, "budgets.backend", "a unix:// URL needs the socket's path, e.g. unix:///run/redis/redis.sock")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ConfigError(path, "budgets.backend", f"a {parts.scheme}:// URL needs a host, e.g. {parts.scheme}://127.0.0.1:6379")
+    on_error = value.get("on_backend_error", "refuse")
+    if on_error not in ("refuse", "allow"):
+        raise ConfigError(path, "budgets.on_backend_error", f"expected refuse or allow, got {on_error!r}")
+    timeout = _number(value.get("backend_timeout"), path, "budgets.backend_timeout", 0.5)
+    if timeout > _MAX_BACKEND_TIMEOUT:
+        raise ConfigError(path, "budgets.backend_timeout", f"at most {_MAX_BACKEND_TIMEOUT:g} s (calls wait this long), got {timeout:g}")
+    prefix = value.get("redis_prefix", "llm-cost-proxy")
+    if not isinstance(prefix, str) or not _REDIS_PREFIX.fullmatch(prefix):
+        raise ConfigError(path, "budgets.redis_prefix", f"expected 1-64 letters, digits or _ . : - {{ }}, got {prefix!r}")
+    return backend, on_error, timeout, prefix
 
 
 # A budget beyond this is a typo (1e308), and would overflow the money formatter.

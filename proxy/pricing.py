@@ -416,4 +416,5 @@ def price_call(
     if price is None:
         return Priced(None, None)
     rates, variant = select_rates(price, usage, when, price_variants(service_tier, speed))
-    return Priced(price, compute_cost(usage, rates, FAMILY_RULES.get(family, FamilyRules())), variant)
+    # _NO_RULES: get()'s fallback is evaluated on every call, used or not.
+    return Priced(price, compute_cost(usage, rates, FAMILY_RULES.get(family, _NO_RULES)), variant)

@@ -17,6 +17,7 @@ need_pkg() {  # need_pkg COMMAND PACKAGE WHY
 need_pkg jq jq "the README's recipes use it"
 need_pkg chromium chromium "the dashboard's browser test"
 need_pkg prometheus prometheus "the Grafana dashboard's queries, run by a real Prometheus (promtool lints /metrics)"
+need_pkg redis-server redis-server "the Redis budget backend tests"
 if ! "$VENV/bin/ruff" check --quiet .; then
   echo "test.sh: FAILED: ruff check (findings above; 'ruff check --fix' fixes the safe ones)" >&2
   exit 1

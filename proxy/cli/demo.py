@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from proxy.cli.base import CONTEXT, Command
+from proxy.cli.listening import listen
 from proxy.cli.options import config_option
-from proxy.cli.serve import listen
 from proxy.config import Config, ProviderConfig, load_config
 from proxy.core.money import format_usd
 from proxy.engine.totals import Totals

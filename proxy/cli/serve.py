@@ -2,85 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import importlib
+import functools
 import logging
-import socket
-import sys
 from pathlib import Path
 
 import click
 
 from proxy.cli.base import CONTEXT, Command
+from proxy.cli.listening import event_loop, listen, setup_logging
 from proxy.cli.options import config_option, log_file_option
+from proxy.cli.workers import Supervisor, WorkerSpec, hold_port, log_position, worker_count
 from proxy.config import Config, client_base_path, load_config
 from proxy.errors import ConfigError, UsageError
+from proxy.storage.keyfile import KeyStore
 from proxy.web.app import create_app, run_app
+from proxy.web.cluster import WorkerRole
 
 log = logging.getLogger("proxy")
-BACKLOG = 128  # aiohttp's own default
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _event_loop(choice: str) -> asyncio.AbstractEventLoop | None:
-    """uvloop when asked for or (auto) when installed; None: asyncio's own loop."""
-    if choice == "asyncio":
-        return None
-    try:
-        uvloop = importlib.import_module("uvloop")  # optional: the `fast` extra
-    except ImportError:
-        if choice == "uvloop":
-            raise UsageError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
-        return None
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-def _bind_error(host: str, port: int, e: OSError) -> str:
-    if e.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is in use (another proxy running?): stop it or pass --port N"
-    where = f"cannot listen on {host}:{port}: {e.strerror or e}"
-    if e.errno == errno.EACCES and 0 < port < 1024:
-        return f"{where} (ports below 1024 need privileges): pass --port N"
-    if e.errno == errno.EADDRNOTAVAIL:
-        return f"{where} (not an address of this machine): pass --host ADDRESS"
-    return where
-
-
-def listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for ``host:port``, made before anything else starts: a port in
-    use is one clear line, not a failure after the banner, and ``--port 0`` gets the
-    port the banner then names. Connections made during start-up wait in the backlog."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UsageError(f"cannot listen on {host}: {e.strerror}") from None
-    addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
-    if port == 0:
-        addresses = addresses[:1]  # one random port, not a different one per address
-    socks: list[socket.socket] = []
-    try:
-        for family, addr in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does on POSIX
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(BACKLOG)
-    except OSError as e:
-        for sock in socks:
-            sock.close()
-        raise UsageError(_bind_error(host, port, e)) from None
-    return socks
 
 
 def _log_error(log_file: str, e: OSError) -> str:
@@ -102,11 +40,12 @@ def _keys_error(config: Config, e: ConfigError) -> ConfigError | UsageError:
     return UsageError(f"keys file {e.path} (auth.keys_file in {config.path}): {inner}")
 
 
-def banner(config: Config, base: str, log_file: str) -> list[str]:
+def banner(config: Config, base: str, log_file: str, workers: int = 1) -> list[str]:
     """The lines serve prints at start-up: where it listens, where calls are logged,
     and per provider the base URL a client's SDK takes."""
     where = f"logging to {log_file}" if config.cost_tracking else None
-    lines = [f"llm-cost-proxy on {base}, {where}" if where else f"llm-cost-proxy on {base} (cost tracking off: no log is written)"]
+    on = f"llm-cost-proxy on {base}" + (f" ({workers} workers)" if workers > 1 else "")
+    lines = [f"{on}, {where}" if where else f"{on} (cost tracking off: no log is written)"]
     for name, p in config.providers.items():
         lines.append(f"  {name:<12} {base}{client_base_path(p)} -> {p.base_url} ({p.type}, {len(p.models)} priced models)")
     return lines
@@ -114,6 +53,31 @@ def banner(config: Config, base: str, log_file: str) -> list[str]:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def startup_error(config: Config, log_file: str, e: Exception) -> str:
+    """What stops a start-up, in one line: the log that cannot be opened, the keys file."""
+    if isinstance(e, OSError):
+        return _log_error(log_file, e)
+    if isinstance(e, ConfigError):
+        return str(_keys_error(config, e))
+    return str(e)
+
+
+def _check_workers(config: Config, workers: int) -> None:
+    """Budgets kept in each worker's memory would each allow the whole budget."""
+    if workers == 1 or (config.budgets is not None and config.budgets.backend != "memory"):
+        return
+    where = None
+    if config.budgets is not None and config.budgets.limits:
+        where = f"budgets in {config.path}"
+    elif config.auth is not None and KeyStore(config.auth.keys_file, config.auth.admin_hashes).budget_limits():
+        where = f"key budgets in {config.auth.keys_file}"
+    if where is not None:
+        raise UsageError(
+            f"--workers {workers}: {where} need a ledger the workers share; "
+            "set budgets.backend: redis://HOST:6379 (docs/budgets.md), or run one worker"
+        )
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
@@ -128,20 +92,28 @@ def _url_host(host: str) -> str:
     show_default=True,
     help="event loop: uvloop when installed (auto), or the standard one",
 )
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="processes serving the port (auto: one per CPU); all log to one file and report all workers' totals",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def serve(config: str, host: str, port: int, log_file: str, loop: str, verbose: bool) -> int:
+def serve(config: str, host: str, port: int, log_file: str, loop: str, workers: str, verbose: bool) -> int:
     """Run the cost-tracking proxy."""
     cfg = load_config(config)
-    event_loop = _event_loop(loop)
+    count = worker_count(workers)
+    if count > 1:
+        return _serve_workers(cfg, host, port, log_file, loop, verbose, count)
+    chosen_loop = event_loop(loop)
     socks = listen(host, port)
     try:
-        _setup_logging(verbose)
+        setup_logging(verbose)
         try:
             app = create_app(cfg, log_file, host=host)
-        except OSError as e:
-            raise UsageError(_log_error(log_file, e)) from None
-        except ConfigError as e:
-            raise _keys_error(cfg, e) from None
+        except (OSError, ConfigError) as e:
+            raise UsageError(startup_error(cfg, log_file, e)) from None
     except BaseException:
         for sock in socks:
             sock.close()
@@ -149,5 +121,27 @@ def serve(config: str, host: str, port: int, log_file: str, loop: str, verbose: 
     base = f"http://{_url_host(host)}:{socks[0].getsockname()[1]}"
     for line in banner(cfg, base, log_file):
         log.info("%s", line)
-    run_app(app, loop=event_loop, sockets=socks, shutdown_timeout=cfg.shutdown_timeout)
+    run_app(app, loop=chosen_loop, sockets=socks, shutdown_timeout=cfg.shutdown_timeout)
     return 0
+
+
+def _serve_workers(cfg: Config, host: str, port: int, log_file: str, loop: str, verbose: bool, count: int) -> int:
+    try:
+        _check_workers(cfg, count)
+    except ConfigError as e:
+        raise UsageError(startup_error(cfg, log_file, e)) from None
+    event_loop(loop)  # uvloop asked for and missing: said now, not by each worker
+    chosen, held = hold_port(host, port)
+    try:
+        setup_logging(verbose)
+        role = WorkerRole(0, count, log_position(log_file) if cfg.cost_tracking else None)
+        spec = WorkerSpec(cfg, host, chosen, log_file, loop, verbose, role)
+        supervisor = Supervisor(spec, count, functools.partial(startup_error, cfg, log_file))
+        supervisor.start_all()
+        base = f"http://{_url_host(host)}:{chosen}"
+        for line in banner(cfg, base, log_file, count):
+            log.info("%s", line)
+        return supervisor.supervise()
+    finally:
+        for sock in held:
+            sock.close()

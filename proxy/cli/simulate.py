@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from proxy.cli.base import CONTEXT, Command
-from proxy.cli.serve import listen
+from proxy.cli.listening import listen
 from proxy.web.simulator import SimSettings, run_simulator
 
 

@@ -52,6 +52,11 @@ def new_record_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
+def record_id_prefix() -> str:
+    """What every record id this process makes starts with (unique to the process)."""
+    return _ID_PREFIX
+
+
 @overload
 def cap_name(text: str) -> str: ...
 @overload

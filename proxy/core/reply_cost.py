@@ -42,6 +42,10 @@ _HEADERS = (
     ("cache_write_tokens", "cache-write-tokens"),
     ("reasoning_tokens", "reasoning-tokens"),
 )
+# (record field, header name, is money) for each of _HEADERS.
+_NAMED = tuple((field, HEADER_PREFIX + suffix, field.endswith("_cost")) for field, suffix in _HEADERS)
+_PRICING_HEADER = HEADER_PREFIX + "pricing"
+_USAGE_HEADER = HEADER_PREFIX + "usage"
 COMMENT_PREFIX = b": llm-cost "
 
 
@@ -54,19 +58,21 @@ def cost_headers(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The headers of a whole reply. A cost the proxy does not know is never sent as 0:
     ``unpriced`` when the tokens are known but the model has no price, ``unknown`` when
     the usage itself is unknown (so are the token headers then)."""
-    usage_known = record.get("total_tokens") is not None
-    priced = record.get("total_cost") is not None
+    get = record.get  # on every whole reply: header names made once, a count written without _exact
+    usage_known = get("total_tokens") is not None
+    priced = get("total_cost") is not None
     missing = "unpriced" if usage_known else "unknown"
-    out = [(RECORD_ID_HEADER, str(record.get("record_id")))]
-    for field, suffix in _HEADERS:
-        value = record.get(field)
+    out = [(RECORD_ID_HEADER, str(get("record_id")))]
+    for field, name, money in _NAMED:
+        value = get(field)
         if value is None:
-            text = missing if field.endswith("_cost") else "unknown"
+            out.append((name, missing if money else "unknown"))
+        elif type(value) is int:
+            out.append((name, str(value)))
         else:
-            text = _exact(value)
-        out.append((HEADER_PREFIX + suffix, text))
-    out.append((HEADER_PREFIX + "pricing", str(record.get("pricing_source")) if priced else missing))
-    out.append((HEADER_PREFIX + "usage", str(record.get("usage_source") or "unknown")))
+            out.append((name, _exact(value)))
+    out.append((_PRICING_HEADER, str(get("pricing_source")) if priced else missing))
+    out.append((_USAGE_HEADER, str(get("usage_source") or "unknown")))
     return out
 
 

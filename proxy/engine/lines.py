@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import heapq
 import operator
+import re
 from collections import deque
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import orjson
 
@@ -81,6 +82,43 @@ class Dedupe:
             return False
         return self._repeat(hash(rid), self._ids, self._id_order)
 
+    def room(self) -> int:
+        """How many more lines (or ids) it can remember before it forgets its oldest."""
+        return self.window - max(len(self._line_order), len(self._id_order))
+
+    def knows_any(self, line_hashes: set[int], id_hashes: set[int]) -> bool:
+        """Whether any of these line or id hashes was already seen."""
+        return not (self._lines.isdisjoint(line_hashes) and self._ids.isdisjoint(id_hashes))
+
+    def remember_new(self, line_hashes: Sequence[int], id_hashes: Sequence[int]) -> None:
+        """Remember hashes, in order, known to be new (``knows_any`` false, no repeat among
+        them) and fewer than ``room``: what ``select`` would do line by line, in bulk."""
+        self._lines.update(line_hashes)
+        self._line_order.extend(line_hashes)
+        self._ids.update(id_hashes)
+        self._id_order.extend(id_hashes)
+
+    def copy(self) -> Dedupe:
+        other = Dedupe(self.window)
+        other.duplicates = self.duplicates
+        other._lines, other._line_order = set(self._lines), deque(self._line_order)
+        other._ids, other._id_order = set(self._ids), deque(self._id_order)
+        return other
+
+    def take(self, other: Dedupe) -> None:
+        """Become ``other`` (a ``copy`` of this one, fed since)."""
+        self.duplicates = other.duplicates
+        self._lines, self._line_order, self._ids, self._id_order = other._lines, other._line_order, other._ids, other._id_order
+
+    def feed(self, line_hash: int, rid: object) -> bool:
+        """What ``select`` does for a line that parsed as an object, given the hash of its
+        bytes and its ``record_id``: True for a repeat (counted in ``duplicates``)."""
+        if self._repeat(line_hash, self._lines, self._line_order):
+            return True
+        if type(rid) is not str or not rid:
+            return False
+        return self._repeat(hash(rid), self._ids, self._id_order)
+
     def _repeat(self, h: int, seen: set[int], order: deque[int]) -> bool:
         if h in seen:
             self.duplicates += 1
@@ -90,6 +128,40 @@ class Dedupe:
         if len(order) > self.window:
             seen.discard(order.popleft())  # entries are unique: a repeat is never added
         return False
+
+
+# --- numbers too large for a double ----------------------------------------------------
+#
+# orjson refuses a whole line for one number too large for a double (1e400, or 400
+# digits), where JSON itself sets no limit. Such a number is read as its text instead
+# (a string), so a line is lost only if the number is in a field we add up or key on
+# (a string there is corrupt, as before). It is also what lets the roll-up's fast path
+# (engine/rollup_msgspec.py) skip the fields it does not read without checking every
+# number in them: either way the line counts the same.
+
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def lenient_loads(line: bytes, err: orjson.JSONDecodeError) -> Any:
+    """The line ``orjson.loads`` refused with ``err``, with its too-large numbers as
+    strings; None when it is not JSON for another reason."""
+    if not err.msg.startswith("number is infinity"):
+        return None
+    try:
+        text = line.decode()  # (orjson checks the UTF-8 before any number)
+    except UnicodeDecodeError:
+        return None
+    while True:
+        m = _NUMBER.match(text, err.pos)  # pos: the number's first character
+        if m is None:
+            return None
+        text = f'{text[: m.start()]}"{m.group()}"{text[m.end() :]}'
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            if not e.msg.startswith("number is infinity"):
+                return None
+            err = e
 
 
 # --- the scan ------------------------------------------------------------------------------
@@ -124,10 +196,12 @@ def select(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedupe |
                     continue
             try:
                 rec = loads(line)
-            except DecodeError:
-                if line.strip():
-                    bad += 1
-                continue
+            except DecodeError as e:
+                rec = lenient_loads(line, e)
+                if rec is None:
+                    if line.strip():
+                        bad += 1
+                    continue
             if type(rec) is not dict:
                 bad += 1
                 continue
@@ -211,17 +285,21 @@ def accumulate(lines: Iterable[bytes], plan: Plan, res: ScanResult, dedupe: Dedu
         ):
             res.bad_lines += 1
             continue
-        if first is None or ts < first:
-            first = ts
-        if last is None or ts > last:
-            last = ts
         if keyf is None:
             key = (rec.get("provider") or NONE_LABEL, rec.get("model") or rec.get("response_model") or NONE_LABEL)
         else:
             key = keyf(rec, ts)
-        row = cells.get(key)
+        try:
+            row = cells.get(key)
+        except TypeError:  # an object or a list where a report groups by a name: corrupt
+            res.bad_lines += 1
+            continue
         if row is None:
             row = cells[key] = [0] * ROW_LEN
+        if first is None or ts < first:
+            first = ts
+        if last is None or ts > last:
+            last = ts
         row[REQ] += 1
         if error or (type(status) is int and status >= 400):
             row[ERR] += 1

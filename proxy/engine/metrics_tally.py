@@ -79,23 +79,28 @@ class Series:
     tokens: dict[str, Histogram] = field(default_factory=lambda: {t: Histogram(TOKEN_BUCKETS) for t, _ in HISTOGRAM_TOKEN_TYPES})
 
     def add(self, rec: Mapping[str, Any]) -> None:
+        # Run for every call the proxy makes: type() tests where _number would be a call
+        # (bool is not a number here: type(True) is bool).
+        get = rec.get
         self.totals.add(rec)
-        status = str(rec.get("status"))
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        latency = rec.get("latency_ms")
-        if _number(latency):  # null for a call recorded by `proxy log`: nothing was timed
+        status = str(get("status"))
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        latency = get("latency_ms")
+        if type(latency) is float or type(latency) is int:  # null for a call recorded by `proxy log`: nothing was timed
             self.duration.observe(latency / 1000)
-        ttft = rec.get("ttft_ms")
-        # The semconv's time to first chunk is for streams only; a buffered reply's
-        # first byte comes with its last.
-        if rec.get("is_streaming") and _number(ttft):
-            self.ttft.observe(ttft / 1000)
+        if get("is_streaming"):
+            # The semconv's time to first chunk is for streams only; a buffered reply's
+            # first byte comes with its last.
+            ttft = get("ttft_ms")
+            if _number(ttft):
+                self.ttft.observe(ttft / 1000)
         # Token usage only for calls that used tokens: not for unknown usage (a cut
         # stream), nor for calls nobody bills (upstream errors, model lists: 0 tokens).
-        if rec.get("total_tokens"):
+        if get("total_tokens"):
             for kind, name in HISTOGRAM_TOKEN_TYPES:
-                n = rec.get(name)
-                if _number(n):
+                n = get(name)
+                if type(n) is int or type(n) is float:
                     self.tokens[kind].observe(n)
 
     def copy(self) -> Series:

@@ -42,6 +42,7 @@ from proxy.reports.text import tz_name
 from proxy.reports.window import get_tz, parse_when
 from proxy.storage.logfiles import log_files, order_files
 from proxy.storage.memo import SegmentMemo
+from proxy.storage.orphan import exit_with_parent
 from proxy.storage.scan import iter_selected
 
 # --- shaping --------------------------------------------------------------------------------
@@ -429,9 +430,10 @@ _ANSWERS: dict[str, Callable[..., dict[str, Any]]] = {
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(config: Config, log_path: str) -> None:
+def init_worker(config: Config, log_path: str, parent: int) -> None:
     """A worker process's start: the proxy's config and log, its price book and the
     memo of segment results, once."""
+    exit_with_parent(parent)
     _WORKER["config"], _WORKER["log"] = config, log_path
     _WORKER["book"] = pricebook_for(config)
     _WORKER["memo"] = SegmentMemo()

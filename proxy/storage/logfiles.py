@@ -25,6 +25,13 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Ded
     """Records from raw lines; a torn or corrupt line is counted in ``bad``, never raised.
     A repeated line or record id is skipped (see ``Dedupe``); pass one ``dedupe`` to
     carry what was seen from one file into the next."""
+    return (rec for rec, _ in iter_jsonl_lines(lines, bad, dedupe))
+
+
+def iter_jsonl_lines(
+    lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Dedupe | None = None
+) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """``iter_jsonl``, each record with the line it was read from."""
     dd = Dedupe() if dedupe is None else dedupe
     for line in lines:
         if not line.strip():
@@ -41,7 +48,7 @@ def iter_jsonl(lines: Iterable[bytes], bad: list[int] | None = None, dedupe: Ded
         elif not dd.seen_line(line) and not dd.seen_record(rec):
             # Judged after the repeat check, as the scan judges it (engine.lines).
             if well_typed(rec):
-                yield upgrade_record(rec)
+                yield upgrade_record(rec), line
             elif bad is not None:
                 bad[0] += 1
 
@@ -163,10 +170,24 @@ def _seek_since(f: IO[bytes], size: int, since: bytes) -> None:
 LATE_SLACK = 3600.0
 
 
-def records_since(path: str | os.PathLike[str], since: float, slack: float = LATE_SLACK) -> Iterator[dict[str, Any]]:
+def _lines_upto(f: IO[bytes], end: int) -> Iterator[bytes]:
+    """The whole lines of ``f`` from where it stands that end at or before byte ``end``."""
+    at = f.tell()
+    for line in f:
+        at += len(line)
+        if at > end:
+            return
+        yield line
+
+
+def records_since(
+    path: str | os.PathLike[str], since: float, slack: float = LATE_SLACK, until: tuple[int, int, int] | None = None
+) -> Iterator[dict[str, Any]]:
     """Records of a log and its rotated siblings stamped at or after ``since``, oldest
     file first. Used at start-up (/health window, budgets): bisects to the window and
-    skips older lines on their raw bytes, so a month-long log costs only its tail."""
+    skips older lines on their raw bytes, so a month-long log costs only its tail.
+    ``until`` (device, inode, size): that file is read only up to that size, the point
+    from which a ``storage.follow.LogFollower`` takes over (serve --workers)."""
     since_text = iso_ms(max(0.0, since)).encode()
     seek_to = iso_ms(max(0.0, since - slack)).encode()
     try:
@@ -181,9 +202,13 @@ def records_since(path: str | os.PathLike[str], since: float, slack: float = LAT
             if p.stat().st_mtime < since:
                 continue  # last written before the window opened
             with open_log(p) as f:
+                lines: Iterable[bytes] = f
                 if not is_gzip(p):
-                    _seek_since(f, os.fstat(f.fileno()).st_size, seek_to)
-                fresh = (line for line in f if (ts := _line_ts(line)) is None or ts >= since_text)
+                    st = os.fstat(f.fileno())
+                    _seek_since(f, st.st_size, seek_to)
+                    if until is not None and (st.st_dev, st.st_ino) == until[:2]:
+                        lines = _lines_upto(f, until[2])
+                fresh = (line for line in lines if (ts := _line_ts(line)) is None or ts >= since_text)
                 for rec in iter_jsonl(fresh, dedupe=dedupe):
                     canon = canonical_ts(rec.get("timestamp"))
                     if canon is not None and canon >= since_text.decode():

@@ -43,12 +43,17 @@ _MAX_BACKLOG = 256 * 1024 * 1024
 SLOW_WRITE = 0.020
 # While records are held, how often the thread retries without new traffic; also bounds
 # how long a wake-up lost to a loop that closed can delay the thread.
-_RETRY = 0.5
+RETRY = 0.5
 # One write per this many bytes of whole lines: a huge backlog is retried in pieces, so a
 # failing attempt costs one small syscall, not a copy of the whole backlog.
 _CHUNK = 1 << 20
 # Enough lines for any burst; a stalled terminal must not grow memory without end.
 _MAX_CONSOLE = 65536
+# Console lines go out at most this long after their call: the writer thread is woken for
+# them by one timer per interval, not once per event-loop pass. Waking a thread costs a
+# futex call and a hand-over of the interpreter lock each time; at a few thousand calls a
+# second that was several percent of the proxy's CPU time.
+CONSOLE_EVERY = 0.05
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
@@ -106,7 +111,8 @@ class JsonlWriter:
         self._direct = True
         self._failing = False
         self._error: OSError | None = None
-        self._console: collections.deque[bytes] = collections.deque(maxlen=_MAX_CONSOLE)
+        self._console: collections.deque[str] = collections.deque(maxlen=_MAX_CONSOLE)
+        self._console_due = 0.0  # while a timer is to wake the thread for console lines: by when (monotonic)
         self._kicked: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._stop = False
@@ -122,14 +128,19 @@ class JsonlWriter:
     def held_records(self) -> int:
         return len(self._held)
 
+    @property
+    def console(self) -> bool:
+        """Whether a call's console line goes anywhere (else it need not be made)."""
+        return self._console_fd is not None
+
     def write(self, line: bytes, console: str | None = None) -> asyncio.Future[bool] | None:
         """Append one complete line (ending in a newline). None: the line is in the
         kernel already (or, outside a loop, queued). A Future: it resolves to True once
         the writer thread handed the line to the kernel, False if the disk refused it and
         it waits in memory. Call from one thread at a time (the event loop)."""
         if console is not None and self._console_fd is not None:
-            self._console.append(console.encode("utf-8", "replace") + b"\n")
-            self._kick()
+            self._console.append(console)
+            self._kick_console()
         if self._closed:
             self._enqueue(line, None)
             self._finish()  # a call that outlived shutdown: written synchronously
@@ -208,9 +219,26 @@ class JsonlWriter:
         self._kicked = None
         self._wake.set()
 
+    def _kick_console(self) -> None:
+        if self._console_due and time.monotonic() < self._console_due:
+            # The line goes with those already waiting for the timer. (Not even the
+            # running loop is asked for: that is a getpid() system call every time.)
+            return
+        loop = self._loop()
+        if loop is None:
+            self._wake.set()
+            return
+        # Twice the interval: a timer lost with a loop that closed is replaced after that.
+        self._console_due = time.monotonic() + 2 * CONSOLE_EVERY
+        loop.call_later(CONSOLE_EVERY, self._console_now)
+
+    def _console_now(self) -> None:
+        self._console_due = 0.0
+        self._wake.set()
+
     def _run(self) -> None:
         while True:
-            self._wake.wait(_RETRY)
+            self._wake.wait(RETRY)
             self._wake.clear()
             stop = self._stop
             try:
@@ -392,8 +420,9 @@ class JsonlWriter:
     def _write_console(self) -> None:
         parts = [self._console.popleft() for _ in range(len(self._console))]
         if parts and self._console_fd is not None:
+            parts.append("")  # each line ends in a newline
             with suppress(OSError):  # a closed terminal must not stop the log
-                _write_all(self._console_fd, b"".join(parts))
+                _write_all(self._console_fd, "\n".join(parts).encode("utf-8", "replace"))
 
     def close(self) -> None:
         """Write everything held; what the log still refuses goes to the fallback, with

@@ -2,7 +2,7 @@
 reader (the analytics API's worker), for queries the roll-up index cannot answer (by
 user, session or tag; latency; the most expensive requests; savings).
 
-An indexed segment (storage/index.py) is a byte range of whole lines whose SHA-1 the
+An indexed segment (storage/index.py) is a byte range of whole lines whose CRC-32 the
 index has checked. The engine's result for a segment that lies wholly inside a report's
 window does not depend on the window, only on the segment's bytes and on the query's
 other terms (``Query.memo_key``). So the first run of a query shape reads every segment,
@@ -16,7 +16,7 @@ from typing import Any, Hashable
 
 from proxy.engine.cube import ScanResult
 
-SegmentKey = tuple[str, int, int, int, int, str]  # path, device, inode, a, b, sha1
+SegmentKey = tuple[str, int, int, int, int, str]  # path, device, inode, a, b, CRC-32
 
 
 class SegmentMemo:
@@ -58,11 +58,19 @@ class SegmentMemo:
     # change made in place by something else is found within as many queries as the log
     # has segments, and then the whole index is checked as before.
 
-    def trusted(self, path: str, stat: list[int], segments: list[dict[str, Any]]) -> bool:
+    # Segments another process added to the index since (the proxy's upkeep, with several
+    # workers sharing a log, or a report) are not trusted: they are checked, once.
+
+    def unchecked(self, path: str, stat: list[int], segments: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Of ``segments``, those this reader has not verified itself; None when it
+        trusts none of them (another file, or one that shrank, or never seen)."""
         seen = self._verified.get(path)
         if seen is None or seen[:2] != (stat[0], stat[1]) or stat[2] < seen[2]:
-            return False
-        return all((s["a"], s["b"], s["sha1"]) in seen[3] for s in segments)
+            return None
+        return [s for s in segments if (s["a"], s["b"], s["crc32"]) not in seen[3]]
+
+    def trusted(self, path: str, stat: list[int], segments: list[dict[str, Any]]) -> bool:
+        return self.unchecked(path, stat, segments) == []
 
     def audit(self, path: str, segments: list[dict[str, Any]]) -> dict[str, Any]:
         """The segment to re-hash this time, each in turn."""
@@ -72,7 +80,7 @@ class SegmentMemo:
 
     def remember(self, path: str, stat: list[int], segments: list[dict[str, Any]]) -> None:
         """``segments`` of ``path`` were just hashed (or built) by this reader."""
-        self._verified[path] = (stat[0], stat[1], stat[2], frozenset((s["a"], s["b"], s["sha1"]) for s in segments))
+        self._verified[path] = (stat[0], stat[1], stat[2], frozenset((s["a"], s["b"], s["crc32"]) for s in segments))
 
     def forget(self, path: str) -> None:
         self._verified.pop(path, None)

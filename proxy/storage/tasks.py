@@ -52,15 +52,15 @@ def lines_in_range(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
 # farther apart than this that fall in different ranges are both counted, and so are
 # copies in two files (a cut batch retried after a rotation); the streaming readers
 # (records_since, iter_selected) read files in one pass and catch those too.
-_DEDUPE_OVERLAP = 1 << 20
+DEDUPE_OVERLAP = 1 << 20
 
 
 def primed(f: IO[bytes], plan: Plan, start: int) -> Dedupe:
-    """A Dedupe that has seen the lines up to ``_DEDUPE_OVERLAP`` bytes before ``start``,
+    """A Dedupe that has seen the lines up to ``DEDUPE_OVERLAP`` bytes before ``start``,
     judged as the range's own lines are, so any split gives the same answer."""
     dd = Dedupe()
     if start > 0:
-        begin = max(0, start - _DEDUPE_OVERLAP)
+        begin = max(0, start - DEDUPE_OVERLAP)
         f.seek(begin)  # (lines_in_range seeks itself only past byte 0)
         scratch = new_result(plan)
         for _ in select(lines_in_range(f, begin, start), plan, scratch, dd):

@@ -1,12 +1,13 @@
 """Who may call and how much: proxy keys (``auth:``), attribution, budgets
-(``budgets:``): check and reserve before forwarding, budget headers, webhook alerts,
-the budgets part of ``/health``."""
+(``budgets:``): check and reserve before forwarding (in process, or in Redis with
+``budgets.backend``), budget headers, webhook alerts, the budgets part of ``/health``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
@@ -15,13 +16,15 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from proxy.budgets import BudgetState, Subject, ledger_for, refusal_message
+from proxy.budgets import BudgetState, Decision, Limit, Subject, ledger_for, refusal_message
 from proxy.config import model_output_limit
 from proxy.core.attribution import attribute
 from proxy.core.money import cost_units, format_usd, units_to_usd
+from proxy.core.periods import iso
 from proxy.core.policy import unpriced_refusal_message, worst_case_usage
 from proxy.pricing import price_call
 from proxy.providers import Adapter, Endpoint
+from proxy.storage.redis_ledger import LedgerUnreachable, RedisLedger
 from proxy.storage.replay import replay_log
 from proxy.web.bodies import BodyDigest
 from proxy.web.calls import Call, console_safe, dumps_json, refuse
@@ -40,8 +43,8 @@ _BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys 
 
 
 def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) -> None:
-    """Budget ledger, rebuilt from the log's current periods (``state.keys``, with
-    auth:, is made first, by ``create_app``)."""
+    """Budget ledger, rebuilt from the log's current periods (in Redis: when Redis
+    lacks them). ``state.keys``, with auth:, is made first, by ``create_app``."""
     config = state.config
     if config.auth is not None and state.keys is not None:
         if not state.keys.entries:
@@ -50,12 +53,32 @@ def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) 
         if config.auth is not None and state.keys is not None and state.keys.budget_limits():
             log.warning("budgets: per-key budgets are not enforced with cost tracking off")
         return
-    state.budgets = ledger_for(config.budgets, per_key=config.auth is not None, clock=clock)
+    ledger = ledger_for(config.budgets, per_key=config.auth is not None, clock=clock)
     state.tasks = set()
     t0 = time.perf_counter()
-    read, counted = replay_log(state.budgets, log_path)
+    if config.budgets is not None and config.budgets.backend != "memory":
+        shared = state.budgets = RedisLedger(ledger, config.budgets, log_path)
+        counted = shared.start_sync()
+        if counted is not None:
+            log.info(
+                "budgets: ledger at %s rebuilt from %d records of the current periods in %.2fs",
+                shared.address,
+                counted,
+                time.perf_counter() - t0,
+            )
+        else:
+            log.info("budgets: ledger at %s", shared.address)
+        return
+    state.budgets = ledger
+    read, counted = replay_log(ledger, log_path)
     if config.budgets is not None or read:
         log.info("budgets: rebuilt from %d records of the current periods in %.2fs", counted, time.perf_counter() - t0)
+
+
+async def close_access(state: ProxyState) -> None:
+    """At clean-up, after the last call: a shared ledger sends what it has queued."""
+    if isinstance(state.budgets, RedisLedger):
+        await state.budgets.close()
 
 
 async def add_budget_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -149,6 +172,36 @@ def worst_case_units(state: ProxyState, call: Call, body: Any, digest: BodyDiges
     return cost_units(priced.cost.total_cost) or 0
 
 
+@dataclass(slots=True)
+class _Ask:
+    """What a call asks of the budgets: who, its worst case (None: no price), the key's
+    own limit, and whether an override lets it past a spent budget."""
+
+    subject: Subject
+    worst: int | None
+    extra: tuple[Limit, ...]
+    override: bool
+    admin_key: str | None
+
+
+def _ask(state: ProxyState, request: web.Request, call: Call, body: Any, digest: BodyDigest | None) -> _Ask:
+    ctx = call.ctx
+    cfg = state.config.budgets
+    override = bool(cfg is not None and cfg.override)
+    admin_key = request.headers.get("x-budget-override")
+    if admin_key:
+        call.secrets = (*call.secrets, admin_key)
+        if state.keys is not None and state.keys.is_admin(admin_key):
+            override = True
+    entry = request.get(_KEY_ENTRY)
+    extra = (entry.limit,) if entry is not None and entry.limit is not None else ()
+    # No limit can apply (auth: tracks each key's spend, but none has a budget): no worst
+    # case to hold, and no input estimate to make for it.
+    limited = bool(extra) or bool(state.budgets is not None and state.budgets.limits)
+    worst = worst_case_units(state, call, body, digest) if call.endpoint.kind is not None and limited else 0
+    return _Ask(Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags), worst, extra, override, admin_key)
+
+
 def reserve(
     state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call, body: Any, digest: BodyDigest | None
 ) -> web.Response | None:
@@ -161,19 +214,65 @@ def reserve(
     ledger = state.budgets
     if ledger is None or not (endpoint.kind is not None or endpoint.billable):
         return None
-    ctx = call.ctx
+    ask = _ask(state, request, call, body, digest)
+    decision = ledger.reserve(ask.subject, ask.worst or 0, ask.extra, ask.override)  # no await: check + reserve are one step
+    return _decided(state, request, call, ask, decision)
+
+
+async def reserve_shared(
+    state: ProxyState, request: web.Request, adapter: Adapter, endpoint: Endpoint, call: Call, body: Any, digest: BodyDigest | None
+) -> web.Response | None:
+    """``reserve`` with the ledger in Redis (budgets.backend): the check and the
+    reservation are one script there, awaited. Redis unreachable: 503 for a budgeted
+    call, or (budgets.on_backend_error: allow) the call goes ahead unchecked, its cost
+    counted once Redis answers again."""
+    ledger = state.budgets
+    if not isinstance(ledger, RedisLedger) or not (endpoint.kind is not None or endpoint.billable):
+        return None
+    ask = _ask(state, request, call, body, digest)
+    try:
+        decision = await ledger.reserve_shared(ask.subject, ask.worst or 0, ask.extra, ask.override)
+    except LedgerUnreachable as e:
+        return _unreachable(state, ledger, call, e)
+    except asyncio.CancelledError:
+        # The client left (or shutdown ran out of time) during the check; the
+        # reservation, if made, is released when the script answers.
+        call.status, call.error = 499, "call cancelled while its budget was checked"
+        call.finish()
+        raise
+    return _decided(state, request, call, ask, decision)
+
+
+def _unreachable(state: ProxyState, ledger: RedisLedger, call: Call, e: LedgerUnreachable) -> web.Response | None:
     cfg = state.config.budgets
-    override = bool(cfg is not None and cfg.override)
-    admin_key = request.headers.get("x-budget-override")
-    if admin_key:
-        call.secrets = (*call.secrets, admin_key)
-        if state.keys is not None and state.keys.is_admin(admin_key):
-            override = True
-    entry = request.get(_KEY_ENTRY)
-    extra = (entry.limit,) if entry is not None and entry.limit is not None else ()
-    worst = worst_case_units(state, call, body, digest) if endpoint.kind is not None else 0
-    subject = Subject(ctx.user_id, ctx.team, ctx.key_id, ctx.session_id, ctx.tags)
-    decision = ledger.reserve(subject, worst or 0, extra, override)  # no await: check + reserve are one step
+    allow = cfg is not None and cfg.on_backend_error == "allow"
+    if not e.budgeted or allow:
+        call.hold = e.hold  # its cost is added once Redis answers
+        held = ledger.unreachable_log.due() if e.budgeted else None
+        if held is not None:
+            more = f" ({held} more since the last line)" if held else ""
+            log.warning("budgets: ledger at %s unreachable (%s): budgeted calls go ahead unchecked%s", e.address, e.cause, more)
+        return None
+    held = ledger.unreachable_log.due()
+    if held is not None:
+        more = f" ({held} more since the last line)" if held else ""
+        log.warning("budgets: ledger at %s unreachable (%s): budgeted calls refused with 503%s", e.address, e.cause, more)
+    return refuse(
+        call,
+        503,
+        f"budget ledger unreachable: {e.address} ({e.cause})",
+        "The budget ledger is unreachable, so this call was not sent; try again shortly.",
+        {"retry-after": "1"},
+    )
+
+
+def _decided(state: ProxyState, request: web.Request, call: Call, ask: _Ask, decision: Decision) -> web.Response | None:
+    """What the ledger's decision means for the call: refused (429, 403), or on its way
+    with its hold, headers and alerts."""
+    ledger = state.budgets
+    assert ledger is not None
+    ctx, worst, override = call.ctx, ask.worst, ask.override
+    cfg = state.config.budgets
     if decision.new_limit is not None:
         budget_alert(state, decision.new_limit, "limit")
     if decision.hold is None:
@@ -196,7 +295,7 @@ def reserve(
     call.hold = decision.hold
     if decision.overridden:
         ctx.budget_override = True
-        if admin_key and not (cfg is not None and cfg.override):
+        if ask.admin_key and not (cfg is not None and cfg.override):
             assert decision.refused is not None
             log.warning(
                 "budget override (admin header): %s let through past %s", ctx.user_id or ctx.key_id or "a call", decision.refused.name
@@ -258,16 +357,34 @@ async def _post_webhook(session: aiohttp.ClientSession, url: str, payload: dict[
         log.warning("budget webhook at %s failed: %s", _host(url), type(e).__name__)
 
 
-def budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:
-    """Counts for everyone; each budget's detail only for an admin key (Authorization: Bearer)."""
+async def read_budgets(state: ProxyState) -> str | None:
+    """Bring a shared ledger's counters up to date before they are shown: "redis", or
+    "unreachable" (the last copy is shown); None for the in-process ledger."""
+    if not isinstance(state.budgets, RedisLedger):
+        return None
+    try:
+        await state.budgets.refresh()
+    except LedgerUnreachable:
+        return "unreachable"
+    return "redis"
+
+
+async def budget_health(state: ProxyState, request: web.Request) -> dict[str, Any]:
+    """Counts for everyone; each budget's detail only for an admin key (Authorization: Bearer).
+    A shared ledger adds "backend": "redis", or "unreachable" with the counts as last read."""
     keys, ledger = state.keys, state.budgets
     if ledger is None:
         return {}
+    backend = await read_budgets(state)
     extra = []
     if keys is not None:
         keys.refresh()
         extra = keys.budget_limits()
     out: dict[str, Any] = ledger.summary(extra)
+    if backend is not None:
+        out["backend"] = backend
+        if backend == "unreachable" and isinstance(ledger, RedisLedger):
+            out["as_of"] = iso(ledger.refreshed_at) if ledger.refreshed_at is not None else None
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
     if keys is not None and token and keys.is_admin(token):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from proxy.reports.analytics import error_body
 from proxy.reports.api_query import ENDPOINTS, Viewer, parse_params
 from proxy.reports.numbers import exact
 from proxy.storage.lookup import RECORD_ID, RecentRecords, find_record
+from proxy.web.access import read_budgets
 from proxy.web.calls import dumps_json
 from proxy.web.events import stream_events
 from proxy.web.openapi import openapi_document
@@ -66,7 +68,7 @@ class Analytics:
                 1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=analytics.init_worker,
-                initargs=(self.state.config, str(self.log_path)),
+                initargs=(self.state.config, str(self.log_path), os.getpid()),
             )
         return self._pool
 
@@ -297,6 +299,7 @@ async def handle_budgets(request: web.Request) -> web.Response:
     ledger = state.budgets
     warn_at = ledger.warn_at if ledger is not None else 0.8
     rows = []
+    backend = await read_budgets(state)  # a shared ledger: "redis", or "unreachable" (last read)
     if ledger is not None:
         extra = state.keys.budget_limits() if state.keys is not None else []
         own_keys = {e.key_id for e in state.keys.entries if e.user == viewer.user} if state.keys is not None and viewer.user else set()
@@ -307,7 +310,7 @@ async def handle_budgets(request: web.Request) -> web.Response:
             ):
                 continue  # a user sees the budgets that are theirs, not the team's or everyone's
             rows.append(_budget_row(d, s.fraction, warn_at))
-    return _json({"warn_at": warn_at, "budgets": rows})
+    return _json({"warn_at": warn_at, "budgets": rows, **({"backend": backend} if backend else {})})
 
 
 async def handle_whoami(request: web.Request) -> web.Response:
@@ -406,8 +409,7 @@ async def handle_post_usage(request: web.Request) -> web.Response:
     state.window.add(rec, rec_time(rec))
     state.publish(rec, line)
     if state.budgets is not None and rec["total_cost"] is not None:
-        hold = state.budgets.reserve(Subject(rec["user_id"], None, None, None, rec.get("tags") or {}), 0, (), True).hold
-        state.budgets.settle(hold, cost_units(rec["total_cost"]))
+        state.budgets.count(Subject(rec["user_id"], None, None, None, rec.get("tags") or {}), cost_units(rec["total_cost"]))
     state.changes.notify()
     if pending is not None:
         await asyncio.shield(pending)
@@ -434,6 +436,8 @@ async def handle_call(request: web.Request) -> web.Response:
     record_id = request.match_info["record_id"]
     if not RECORD_ID.fullmatch(record_id):
         return _error(400, "a record id is 1-64 characters of A-Z a-z 0-9 _ -", "invalid_request_error", "record_id")
+    if state.follow is not None:
+        state.follow()  # a call another worker answered is in the recent records too
     line = request.app[RECENT].get(record_id)
     if line is not None:
         rec = orjson.loads(line)

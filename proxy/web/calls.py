@@ -8,7 +8,7 @@ import functools
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -83,6 +83,7 @@ class Call:
         "pending",
         "record_id",
         "record",
+        "attribute",
     )
 
     def __init__(
@@ -109,6 +110,9 @@ class Call:
         # Known from the start: a stream's headers (sent before its record exists) name it.
         self.record_id = new_record_id()
         self.record: dict[str, Any] | None = None  # as built (exact Decimals), once finished
+        # Who made the call, when nothing needed to know before forwarding: worked out
+        # as the call is recorded (web/forward.py _check_body).
+        self.attribute: Callable[[], object] | None = None
 
     def input_tokens(self, model: str | None) -> int:
         if self.input_estimate is not None:
@@ -138,6 +142,9 @@ class Call:
         line = console = None
         try:
             try:
+                if self.attribute is not None:
+                    attribute, self.attribute = self.attribute, None
+                    attribute()
                 record, console, units = self._record(info)
                 line = dumps_record(record)
             except Exception as e:
@@ -221,7 +228,8 @@ class Call:
             record_id=self.record_id,
         )
         console = None
-        if ctx.metered or usage is not None:
+        writer = state.writer
+        if (ctx.metered or usage is not None) and writer is not None and writer.console:
             # Unpriced: the once-per-model warning carries the full explanation.
             total = record["total_cost"]  # 0 for calls nobody bills, None when unpriced
             cost_text = format_usd(total, exact=True) if total is not None else "unpriced"

@@ -5,6 +5,7 @@ back, through the checks before forwarding; the path and query sent upstream; a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from typing import Any
@@ -20,7 +21,8 @@ from proxy.core.records import CallContext, cap_name, fingerprint
 from proxy.core.redaction import redact_bytes
 from proxy.core.usage import CallInfo
 from proxy.providers import ADAPTERS, Endpoint
-from proxy.web.access import admit, authenticate, identify, reserve
+from proxy.storage.redis_ledger import RedisLedger
+from proxy.web.access import admit, authenticate, identify, reserve, reserve_shared
 from proxy.web.bodies import BodyDigest, UnreadableBody, parse_json
 from proxy.web.calls import Call, console_safe, error_response, refuse
 from proxy.web.headers import forward_headers, response_headers
@@ -56,6 +58,8 @@ def has_dot_segment(raw_path: str) -> bool:
     """True if any decoding of the path (upstreams differ in how often they decode)
     has a ``.`` or ``..`` segment, with ``/`` or ``\\`` as separator: such a path can
     climb out of the provider's base path, and metering could not classify it."""
+    if "." not in raw_path and "%" not in raw_path:
+        return False  # no dot, and none encoded: every call's path but a few
     path = raw_path
     for _ in range(4):
         if any(seg in (".", "..") for seg in _SEGMENT_SPLIT.split(path)):
@@ -110,8 +114,14 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     url, body_bytes, hide_usage_chunk = _upstream_request(state, request, call, digest, body, body_bytes, raw_tail, client_key)
 
     # Check-and-reserve against the budgets, then straight into the try that settles
-    # it: nothing in between can fail or yield to another call.
-    denied = reserve(state, request, call.adapter, call.endpoint, call, body, digest)
+    # it: nothing in between can fail. In process, check and reserve are one synchronous
+    # step (no other call runs between them); with the ledger in Redis (budgets.backend)
+    # they are one script there, awaited: a client that leaves meanwhile has its hold
+    # released when the script answers; a worker that dies leaves one that expires.
+    if isinstance(state.budgets, RedisLedger):
+        denied = await reserve_shared(state, request, call.adapter, call.endpoint, call, body, digest)
+    else:
+        denied = reserve(state, request, call.adapter, call.endpoint, call, body, digest)
     if denied is not None:
         return await call.done(denied)
     try:
@@ -213,6 +223,13 @@ def _check_body(
 ) -> web.Response | None:
     """The checks that need the body (the key's model allowlist, a body that cannot
     be priced under budgets): a response when the call stops here (400/401/403)."""
+    if state.keys is None and state.budgets is None:
+        # No key to check, no budget to hold: nothing before forwarding needs to know
+        # who is calling. The call is attributed as it is recorded (Call.finish), not on
+        # the way upstream: code and objects cold at the start of every call, ~40 us
+        # between a call's arrival and its request upstream (sequential streams, bench/).
+        call.attribute = functools.partial(identify, state, request, call, client_key, body)
+        return None
     denied = admit(state, request, call.adapter, call.endpoint, call, body, client_key)
     if denied is not None:
         return denied

@@ -11,6 +11,8 @@ from proxy.web.state import APP_STATE
 
 async def handle_health(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
+    if state.follow is not None:
+        state.follow()  # every worker's calls, not this one's share
     overall, by_provider = state.window.totals()
     body = {
         "status": "healthy",
@@ -27,5 +29,5 @@ async def handle_health(request: web.Request) -> web.Response:
         },
     }
     if state.budgets is not None:
-        body["budgets"] = budget_health(state, request)
+        body["budgets"] = await budget_health(state, request)
     return web.Response(body=dumps_json(body), content_type="application/json")

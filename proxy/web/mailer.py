@@ -336,15 +336,18 @@ class Mailer:
 MAILER = web.AppKey("mailer", Mailer)
 
 
-def setup_email(app: web.Application, state: ProxyState, log_path: Path, clock: Callable[[], float]) -> Mailer | None:
+def setup_email(app: web.Application, state: ProxyState, log_path: Path, clock: Callable[[], float], summary: bool = True) -> Mailer | None:
     """With ``alerts.email``: the budget-alert sink, the sender and (with
     daily_summary) the scheduler, started and stopped with the app. ``clock`` is the
-    app's (create_app's), so tests can place the summary time a second away."""
+    app's (create_app's), so tests can place the summary time a second away.
+    ``summary``: False in all workers of ``serve --workers N`` but the first, so the
+    summary is sent once."""
     config = state.config
     cfg = config.alerts.email
     if cfg is None:
         return None
-    summary = cfg.daily_summary is not None and config.cost_tracking
+    here = summary
+    summary = cfg.daily_summary is not None and config.cost_tracking and here
     if cfg.daily_summary is not None and not config.cost_tracking:
         log.warning("email: no daily summary with cost tracking off (it is read from the log)")
     warn_at = config.budgets.warn_at if config.budgets is not None else 0.8

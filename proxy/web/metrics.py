@@ -210,6 +210,8 @@ def add_metrics_routes(app: web.Application, state: ProxyState) -> None:
                 content_type="application/json",
                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
             )
+        if state.follow is not None:
+            state.follow()  # every worker's calls, not this one's share
         # The copy is taken here, on the loop, in one step: every figure of the answer is
         # of the same instant. Rendering it (the slow part) is not.
         series, overflow = tally.snapshot()

@@ -296,6 +296,9 @@ COMMON = [
 LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "rows at most")
 INTERVAL = _param("interval", {"type": "string", "enum": ["day", "hour"]}, "hour adds an hourly series (windows up to 31 days)")
 
+# Only with budgets.backend (a shared ledger): "redis", or "unreachable" (the counts as last read).
+SCHEMAS["Budgets"]["properties"]["backend"] = {"type": "string", "enum": ["redis", "unreachable"]}
+
 
 def _responses(schema: str, *, extra: tuple[int, ...] = ()) -> dict[str, Any]:
     err = {"content": {"application/json": {"schema": ref("Error")}}}

@@ -125,17 +125,20 @@ async def relay_stream(
                     continue
             if not chunk:
                 break
-            if call.ttft is None:
+            first = call.ttft is None
+            if first:
                 call.ttft = time.perf_counter()
-                # Headers go out with the first bytes: an upstream that stalls or breaks
-                # before sending any still gets the client a clean 504/502, not a 200
-                # followed by a second status line inside the body.
-                await response.prepare(request)
             # Read the chunk before relaying it: if the client leaves on exactly the
             # chunk that carries the usage, the usage is still ours.
             out = relay.feed(chunk)
             if redactor is not None:
                 out = redactor.feed(out)
+            if first:
+                # Headers go out with the first bytes: an upstream that stalls or breaks
+                # before sending any still gets the client a clean 504/502, not a 200
+                # followed by a second status line inside the body. Sent once the first
+                # chunk is read (prepare sends them at once): the bytes follow at once.
+                await response.prepare(request)
             if held is not None:
                 held.append(out)
             elif tap.complete and not call.finished:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from proxy.engine.totals import RollingWindow
 from proxy.pricing import PriceBook
 from proxy.storage.keyfile import KeyStore
 from proxy.storage.logwriter import JsonlWriter
+from proxy.storage.orphan import exit_with_parent
 from proxy.web.events import Changes
 
 log = logging.getLogger("proxy")
@@ -35,6 +37,10 @@ class ProxyState:
     budgets: BudgetLedger | None = None  # with budgets: or auth: configured
     tasks: set[asyncio.Task[None]] | None = None  # webhook posts in flight
     shutting_down: bool = False  # set at SIGTERM: calls cut from here on were cut by us
+    # With serve --workers N: take in the records the other workers appended to the log
+    # since the last look (web/cluster.py). Called by whatever answers from the counts
+    # (/health, /metrics, /api/calls), so the answer is all workers'.
+    follow: Callable[[], None] | None = None
     changes: Changes = field(default_factory=Changes)  # records written, for /api/events
     # Each record and its line as handed to the writer (metrics, /api/calls/{id}); each must be
     # cheap and must not raise: it runs on the call's own path.
@@ -56,7 +62,9 @@ class ProxyState:
         """One worker process for digesting huge request bodies, started on first need."""
         if self._pool is None:
             # spawn: a fork of a process with threads (the log writer) is not safe.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def shutdown_pool(self) -> None:

@@ -30,7 +30,12 @@ def locked() -> dict[str, tuple[str, list[str]]]:
 
 def test_every_run_time_dependency_is_locked_within_its_range() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["tokenizer"], *project["optional-dependencies"]["fast"]]
+    wanted = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["tokenizer"],
+        *project["optional-dependencies"]["fast"],
+        *project["optional-dependencies"]["reports"],
+    ]
     pins = locked()
     for spec in wanted:
         req = Requirement(spec)

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.storage import logwriter
 from proxy.storage.logwriter import JsonlWriter
 from tests.support import ROOT
 from tests.support.fs_faults import fill, remount, tmpfs_fixture, umount  # noqa: F401  (tmpfs_fixture provides the `tmpfs` fixture)
@@ -220,6 +221,7 @@ async def test_failed_reopen_never_touches_a_descriptor_it_no_longer_owns(tmp_pa
 
 _SHUTDOWN = """
 import asyncio, json, sys
+from proxy.storage import logwriter
 from proxy.storage.logwriter import JsonlWriter
 log, n, fallback = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 async def main():
@@ -283,6 +285,7 @@ def test_shutdown_when_the_fallback_fails_too_says_how_many_were_lost(tmp_path, 
 
 _APPENDER = """
 import asyncio, json, sys
+from proxy.storage import logwriter
 from proxy.storage.logwriter import JsonlWriter
 log, who = sys.argv[1], sys.argv[2]
 async def main():
@@ -310,6 +313,7 @@ def test_two_processes_appending_never_tear_or_merge_a_line(tmp_path):
 
 _REPLIER = """
 import asyncio, json, os, sys
+from proxy.storage import logwriter
 from proxy.storage.logwriter import JsonlWriter
 async def main():
     w = JsonlWriter(sys.argv[1], console_fd=None)
@@ -451,3 +455,70 @@ def test_a_log_that_cannot_be_opened_refuses_construction(tmp_path, tmpfs):
     fs = tmpfs(ro=True)
     with pytest.raises(OSError):
         JsonlWriter(fs / "cost.jsonl", console_fd=None)
+
+
+# -- console lines ----------------------------------------------------------------------
+
+
+def read_console(fd: int, want: int, timeout: float = 5.0) -> list[str]:
+    """Lines from the read end of a console pipe until ``want`` of them arrived."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(fd, False)
+    while len(got.splitlines()) < want:
+        assert time.monotonic() < deadline, f"timed out with {len(got.splitlines())} of {want} lines"
+        try:
+            got += os.read(fd, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
+    return got.decode().splitlines()
+
+
+async def test_console_lines_are_written_in_batches_and_in_order(tmp_path):
+    # One console write per timer (CONSOLE_EVERY), not one per call: waking the writer
+    # thread per call cost the proxy a futex call and a hand-over of the interpreter lock
+    # each time. A message socket keeps each write apart, so the writes can be counted.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    writer = JsonlWriter(tmp_path / "cost.jsonl", console_fd=theirs.fileno())
+    t0 = time.monotonic()
+    for i in range(60):  # calls spread over many loop passes
+        assert writer.write(rec(i), f"call {i} \u00e9") is None
+        await asyncio.sleep(0.002)
+    lines: list[str] = []
+    writes = 0
+    ours.settimeout(5)
+    while len(lines) < 60:
+        lines += (await asyncio.get_running_loop().run_in_executor(None, ours.recv, 1 << 20)).decode().splitlines()
+        writes += 1
+    elapsed = time.monotonic() - t0
+    writer.close()
+    ours.close()
+    theirs.close()
+    assert lines == [f"call {i} \u00e9" for i in range(60)]
+    # At most one write per timer, plus one per periodic wake of the thread (RETRY).
+    assert writes <= 2 + elapsed / logwriter.CONSOLE_EVERY + elapsed / logwriter.RETRY
+    assert parse(tmp_path / "cost.jsonl") == (Counter(range(60)), [])
+
+
+def test_console_lines_of_a_loop_that_closed_before_its_timer_still_go_out(tmp_path):
+    # The timer that was to wake the thread dies with its loop: the thread's own periodic
+    # wake-up writes the lines, and a later loop schedules a timer of its own again.
+    r, w = os.pipe()
+    writer = JsonlWriter(tmp_path / "cost.jsonl", console_fd=w)
+
+    async def calls(first: int) -> None:
+        for i in range(first, first + 3):
+            writer.write(rec(i), f"call {i}")
+
+    asyncio.run(calls(0))  # the loop closes at once, its timer never fires
+    assert read_console(r, 3) == ["call 0", "call 1", "call 2"]
+
+    async def later() -> list[str]:
+        await asyncio.sleep(0.2)  # past the lost timer's time
+        await calls(3)
+        return await asyncio.get_running_loop().run_in_executor(None, read_console, r, 3)
+
+    assert asyncio.run(later()) == ["call 3", "call 4", "call 5"]
+    writer.close()
+    os.close(r)
+    os.close(w)

@@ -112,7 +112,7 @@ def test_a_repeated_shape_reads_only_what_the_window_cuts(tmp_path: Path, small_
     same(scan([log], q, jobs=1, memo=memo), scan([log], q, jobs=1, use_index=False))
 
     # A byte changed in an indexed segment: the index is rebuilt, the memo's old results
-    # (keyed by the segment's SHA-1) are not used.
+    # (keyed by the segment's CRC-32) are not used.
     data = bytearray(log.read_bytes())
     i = data.index(b'"user_id":"alice"', 1000) + len(b'"user_id":"')
     data[i : i + 5] = b"carol"  # the same length: only the hash can tell
