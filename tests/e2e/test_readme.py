@@ -88,7 +88,7 @@ def bare_venv_over(real_prefix: Path, where: Path) -> Path:
     site = next((where / "lib").glob("python3.*/site-packages"))
     real_site = next((real_prefix / "lib").glob("python3.*/site-packages"))
     (site / "_project.pth").write_text(f"import site; site.addsitedir({str(real_site)!r})\n")
-    for extras in ("", "-tokenizer,fast", "-test"):
+    for extras in ("", "-tokenizer,fast,reports", "-test"):
         (where / f".installed{extras}").touch()
     return where
 
