@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import redis.connection as redis_connection
 import yaml
 
 from proxy.budgets import SCOPES, BudgetsConfig, Limit
@@ -377,6 +378,13 @@ def _parse_backend(value: Mapping[str, Any], path: str) -> tuple[str, str, float
             raise ConfigError(path, "budgets.backend", "a unix:// URL needs the socket's path, e.g. unix:///run/redis/redis.sock")
         if parts.scheme != "unix" and not parts.hostname:
             raise ConfigError(path, "budgets.backend", f"a {parts.scheme}:// URL needs a host, e.g. {parts.scheme}://127.0.0.1:6379")
+        try:  # the options after ? (socket_timeout=...) as the client will read them
+            redis_connection.parse_url(backend)
+        except ValueError as e:
+            why = str(e)
+            if parts.password and parts.password in why:
+                why = "its options are not understood"
+            raise ConfigError(path, "budgets.backend", f"the URL to {parts.hostname or parts.path}: {why}") from None
     on_error = value.get("on_backend_error", "refuse")
     if on_error not in ("refuse", "allow"):
         raise ConfigError(path, "budgets.on_backend_error", f"expected refuse or allow, got {on_error!r}")

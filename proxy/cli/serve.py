@@ -131,6 +131,15 @@ def _serve_workers(cfg: Config, host: str, port: int, log_file: str, loop: str, 
     except ConfigError as e:
         raise UsageError(startup_error(cfg, log_file, e)) from None
     event_loop(loop)  # uvloop asked for and missing: said now, not by each worker
+    if cfg.cost_tracking:
+        # The log exists before the workers start, so its position is the point every
+        # worker's /metrics counts from, a worker restarted later included.
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "ab"):
+                pass
+        except OSError as e:
+            raise UsageError(_log_error(log_file, e)) from None
     chosen, held = hold_port(host, port)
     try:
         setup_logging(verbose)

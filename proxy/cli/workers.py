@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -108,6 +109,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, tuple[BaseProcess, Connection]] = {}
         self.stopping = False
+        self.stop_by = math.inf
         self.quick_deaths = 0
 
     def _start(self, index: int) -> tuple[BaseProcess, Connection]:
@@ -140,17 +142,35 @@ class Supervisor:
             raise
 
     def _signal(self, signum: int, frame: Any) -> None:
-        if not self.stopping:
-            self.stopping = True
-            for proc, _ in self.procs.values():
-                if proc.pid is not None and proc.exitcode is None:
-                    os.kill(proc.pid, signal.SIGTERM)
+        """The first signal: each worker finishes its calls in flight. A second one, or
+        workers still running ``shutdown_timeout`` + 10 s later: they are killed."""
+        if self.stopping:
+            if frame is not None:
+                log.warning("a second signal: stopping the workers now")
+                self._kill_all()
+            return
+        self.stopping = True
+        self.stop_by = time.monotonic() + self.spec.config.shutdown_timeout + 10
+        for proc, _ in self.procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def _kill_all(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGKILL)
 
     def supervise(self) -> int:
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
         started = {i: time.monotonic() for i in self.procs}
         while self.procs:
+            if self.stopping and time.monotonic() > self.stop_by:
+                log.error(
+                    "%d worker(s) still running %g s after SIGTERM: killing them", len(self.procs), self.spec.config.shutdown_timeout + 10
+                )
+                self._kill_all()
+                self.stop_by = math.inf
             by_sentinel = {proc.sentinel: i for i, (proc, _) in self.procs.items()}
             for sentinel in wait(list(by_sentinel), timeout=1.0):
                 i = by_sentinel[sentinel]  # type: ignore[index]

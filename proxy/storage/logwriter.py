@@ -25,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import tempfile
 import threading
 import time
@@ -54,6 +55,7 @@ _MAX_CONSOLE = 65536
 # futex call and a hand-over of the interpreter lock each time; at a few thousand calls a
 # second that was several percent of the proxy's CPU time.
 CONSOLE_EVERY = 0.05
+_PIPE_BUF = getattr(select, "PIPE_BUF", 4096)  # writes up to this size to a pipe are atomic (POSIX)
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
@@ -84,6 +86,23 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def console_chunks(lines: list[str]) -> list[bytes]:
+    """Console lines as writes of whole lines, each at most ``PIPE_BUF`` bytes where a
+    line allows: a write that size to a pipe (journald, docker) is never split, so lines
+    from several workers sharing one stderr never interleave mid-line."""
+    out: list[bytes] = []
+    chunk = bytearray()
+    for text in lines:
+        line = text.encode("utf-8", "replace") + b"\n"
+        if chunk and len(chunk) + len(line) > _PIPE_BUF:
+            out.append(bytes(chunk))
+            chunk.clear()
+        chunk += line
+    if chunk:
+        out.append(bytes(chunk))
+    return out
 
 
 class JsonlWriter:
@@ -420,9 +439,9 @@ class JsonlWriter:
     def _write_console(self) -> None:
         parts = [self._console.popleft() for _ in range(len(self._console))]
         if parts and self._console_fd is not None:
-            parts.append("")  # each line ends in a newline
             with suppress(OSError):  # a closed terminal must not stop the log
-                _write_all(self._console_fd, "\n".join(parts).encode("utf-8", "replace"))
+                for chunk in console_chunks(parts):
+                    _write_all(self._console_fd, chunk)
 
     def close(self) -> None:
         """Write everything held; what the log still refuses goes to the fallback, with

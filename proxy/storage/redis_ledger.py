@@ -149,7 +149,9 @@ class RedisLedger(BudgetLedger):
         self.refreshed_at: float | None = None  # the proxy's clock at the last copy of Redis's counters
         self._client: aredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._pending: collections.deque[tuple[SharedHold, int, float]] = collections.deque()
+        # (hold, cost, when queued, token): the token makes a settle sent twice (its answer
+        # lost to a timeout, so sent again) count once.
+        self._pending: collections.deque[tuple[SharedHold, int, float, str]] = collections.deque()
         self._drainer: asyncio.Task[None] | None = None
         self._mirror: asyncio.Task[None] | None = None
         self._rebuilding: asyncio.Task[None] | None = None
@@ -328,7 +330,7 @@ class RedisLedger(BudgetLedger):
                     self._dropped,
                     self.address,
                 )
-        self._pending.append((hold, real, self.clock()))
+        self._pending.append((hold, real, self.clock(), f"{self.prefix}:settled:{os.urandom(9).hex()}"))
         self._kick()
 
     def count(self, subject: Subject, units: int | None) -> None:
@@ -347,11 +349,12 @@ class RedisLedger(BudgetLedger):
     async def _drain(self) -> None:
         delay, answered = 0.05, 0
         while self._pending:
-            hold, real, queued = self._pending[0]
+            hold, real, queued, token = self._pending[0]
             now = self.clock()
             args: list[Any] = [hold.id, real, _ms(now), _WINDOW_MS, _ms(queued), REBUILT_MARGIN_MS]
             for value, end, dim in zip(hold.values, hold.ends, hold.dims):
                 args += [value, _ttl_ms(end, now), int(end == math.inf), dim]
+            args += [token, _ms(self.hold_seconds)]
             try:
                 await self._script("settle", [self.holds_key, self.info_key, self.built_key, *hold.keys], args)
             except LedgerUnreachable as e:

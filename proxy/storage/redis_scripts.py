@@ -163,7 +163,8 @@ return out
 # KEYS: holds, hold info, built, then the hold's counter hashes.
 # ARGV: hold id ('' when nothing was reserved), actual cost (units), now (ms), session
 #   window (ms), when the settle was queued (ms), margin (ms); per counter: value, ttl
-#   (ms; 0: its period is over, the cost is not added), idle (0/1), dimension name.
+#   (ms; 0: its period is over, the cost is not added), idle (0/1), dimension name;
+#   last, the settle's token key and how long to keep it (ms).
 # A hold already released (expired, or Redis emptied since) only adds the cost. The
 # cost is not added to a dimension rebuilt from the log after the call ended (its
 # record was in the log by then: a settle held back while Redis was down).
@@ -172,6 +173,9 @@ SETTLE = (
     + """
 local now, window = tonumber(ARGV[3]), tonumber(ARGV[4])
 local queued, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
+-- The last two: this settle's token and how long to remember it. A settle whose answer
+-- was lost is sent again; the second one finds its token and changes nothing.
+if not redis.call('SET', ARGV[#ARGV - 1], '1', 'NX', 'PX', ARGV[#ARGV]) then return 0 end
 if ARGV[1] ~= '' then release(KEYS[1], KEYS[2], ARGV[1]) end
 if ARGV[2] ~= '0' then
   for i = 4, #KEYS do

@@ -42,7 +42,7 @@ _BUDGET_HEADERS: Any = _RequestKey("lcp_budget_headers", dict) if _RequestKey el
 _BAD_KEY = "Invalid or missing proxy key. Send a key from `python -m proxy keys create` in this API's usual key header."
 
 
-def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) -> None:
+def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float], until: tuple[int, int, int] | None = None) -> None:
     """Budget ledger, rebuilt from the log's current periods (in Redis: when Redis
     lacks them). ``state.keys``, with auth:, is made first, by ``create_app``."""
     config = state.config
@@ -70,7 +70,7 @@ def setup_access(state: ProxyState, log_path: Path, clock: Callable[[], float]) 
             log.info("budgets: ledger at %s", shared.address)
         return
     state.budgets = ledger
-    read, counted = replay_log(ledger, log_path)
+    read, counted = replay_log(ledger, log_path, until=until)  # with workers, the follower reads on
     if config.budgets is not None or read:
         log.info("budgets: rebuilt from %d records of the current periods in %.2fs", counted, time.perf_counter() - t0)
 

@@ -91,7 +91,7 @@ def create_app(
             load_window(path, window, time.time(), follower.position)
     state = ProxyState(config, pricebook_for(config), writer, window, warned_unpriced=set(), keys=keys)
     app[APP_STATE] = state
-    setup_access(state, path, clock)
+    setup_access(state, path, clock, follower.position if follower is not None else None)
     setup_email(app, state, path, clock, summary=role is None or role.index == 0)
     if role is None or role.index == 0:  # one worker keeps the index: the others would find it locked
         setup_index_upkeep(app, state, path)  # the roll-up index kept current (web/index_upkeep.py)

@@ -74,7 +74,7 @@ def follow_log(app: web.Application, state: ProxyState, follower: LogFollower, r
             if window:
                 state.window.add(window_record(rec))
             state.publish(rec, line)
-        if ledger is not None and ledger.dims:
+        if window and ledger is not None and ledger.dims:  # the start-up replay (not window) is in it already
             # In-process ledgers are one per worker; other workers' settled spend is added
             # as it appears (their calls in flight are not seen: budgets.backend does that).
             replay_records(ledger, [rec for rec, _ in batch], ledger.clock())

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+import redis
 import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
@@ -276,6 +277,35 @@ async def test_period_keys_expire_at_the_period_end_and_the_next_period_starts_f
         await red.close()
 
 
+async def test_a_settle_whose_answer_was_lost_is_counted_once(redis_server, tmp_path):
+    # A settle that Redis ran but whose answer came after the timeout is sent again: the
+    # second one must change nothing (it used to add the cost twice).
+    log = tmp_path / "cost.jsonl"
+    log.touch()
+    clock = Clock(time.time())
+    cfg = BudgetsConfig(limits=(Limit("global", "monthly", 1000),), backend=redis_server.url, backend_timeout=0.3, redis_prefix="lost")
+    led = RedisLedger(ledger_for(cfg, per_key=False, clock=clock), cfg, log)
+    busy = redis.Redis(host=HOST, port=redis_server.port, socket_timeout=10)
+    try:
+        warm = await led.reserve_shared(Subject(), 1)
+        led.settle(warm.hold, 0)
+        assert await led.flush()
+        d = await led.reserve_shared(Subject(), 100)
+        # A script on another connection keeps Redis busy for 1.5 s: our settle queues
+        # behind it, runs when it ends, and its answer is long past our 0.3 s timeout.
+        stall = "local t0 = redis.call('TIME') while true do local t = redis.call('TIME') if (t[1]-t0[1])*1000000 + (t[2]-t0[2]) > 1500000 then break end end return 1"
+        stalled = asyncio.get_running_loop().run_in_executor(None, busy.eval, stall, 0)
+        await asyncio.sleep(0.1)
+        led.settle(d.hold, 40)
+        assert await led.flush(6.0)
+        await stalled
+        await led.refresh()
+        assert [(s.spent, s.reserved) for s in led.states()] == [(40, 0)]
+    finally:
+        busy.close()
+        await led.close()
+
+
 async def test_a_dead_workers_hold_is_released_after_its_deadline_and_a_late_settle_only_adds(shared_redis, tmp_path):
     clock = Clock(ts(2026, 8, 3, 9))
     log = tmp_path / "cost.jsonl"
@@ -314,6 +344,9 @@ def test_backend_config_is_checked_and_a_password_never_shows():
     assert "budgets.backend_timeout" in err({"backend_timeout": 120})
     assert "budgets.redis_prefix" in err({"redis_prefix": "has space"})
     assert "budgets.backend" in err({"backend": "${LCP_TEST_UNSET_REDIS_URL}"})
+    # Options the client cannot read are a config error, not a traceback at start-up.
+    bad = err({"backend": "redis://:hunter2@127.0.0.1:6379/0?socket_timeout=abc"})
+    assert "budgets.backend" in bad and "socket_timeout" in bad and "hunter2" not in bad
     os.environ["LCP_TEST_REDIS_URL"] = "rediss://:hunter2@127.0.0.1:6380/1"
     try:
         cfg = parse_config({"providers": {"openai": {"base_url": "http://127.0.0.1:1"}}, "budgets": {"backend": "${LCP_TEST_REDIS_URL}"}})

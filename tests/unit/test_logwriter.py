@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.storage import logwriter
-from proxy.storage.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter, console_chunks
 from tests.support import ROOT
 from tests.support.fs_faults import fill, remount, tmpfs_fixture, umount  # noqa: F401  (tmpfs_fixture provides the `tmpfs` fixture)
 
@@ -222,7 +222,7 @@ async def test_failed_reopen_never_touches_a_descriptor_it_no_longer_owns(tmp_pa
 _SHUTDOWN = """
 import asyncio, json, sys
 from proxy.storage import logwriter
-from proxy.storage.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter, console_chunks
 log, n, fallback = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 async def main():
     w = JsonlWriter(log, console_fd=None, **({"fallback": fallback} if fallback else {}))
@@ -286,7 +286,7 @@ def test_shutdown_when_the_fallback_fails_too_says_how_many_were_lost(tmp_path, 
 _APPENDER = """
 import asyncio, json, sys
 from proxy.storage import logwriter
-from proxy.storage.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter, console_chunks
 log, who = sys.argv[1], sys.argv[2]
 async def main():
     w = JsonlWriter(log, console_fd=None)
@@ -314,7 +314,7 @@ def test_two_processes_appending_never_tear_or_merge_a_line(tmp_path):
 _REPLIER = """
 import asyncio, json, os, sys
 from proxy.storage import logwriter
-from proxy.storage.logwriter import JsonlWriter
+from proxy.storage.logwriter import JsonlWriter, console_chunks
 async def main():
     w = JsonlWriter(sys.argv[1], console_fd=None)
     i = 0
@@ -522,3 +522,13 @@ def test_console_lines_of_a_loop_that_closed_before_its_timer_still_go_out(tmp_p
     writer.close()
     os.close(r)
     os.close(w)
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n"), max_size=3000), max_size=40))
+def test_console_chunks_are_whole_lines_no_bigger_than_an_atomic_pipe_write(lines: list[str]) -> None:
+    chunks = console_chunks(lines)
+    assert b"".join(chunks) == "".join(f"{line}\n" for line in lines).encode()
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")
+        # Over PIPE_BUF only when one line alone is that long.
+        assert len(chunk) <= 4096 or chunk.count(b"\n") == 1
