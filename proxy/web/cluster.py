@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from proxy.budgets import BudgetLedger
 from proxy.core.records import record_id_prefix
 from proxy.engine.replay import replay_records
 from proxy.storage.follow import LogFollower, Record
+from proxy.storage.redis_ledger import RedisLedger
 from proxy.web.calls import UNKNOWN_PROVIDER
 from proxy.web.state import ProxyState
 
@@ -67,7 +67,7 @@ def follow_log(app: web.Application, state: ProxyState, follower: LogFollower, r
     """Feed the window, the record sinks, the change feed and (in-process budgets) the
     ledger from the log, at start-up from ``role.log_start`` and then as it grows."""
     # Only an in-process ledger: a shared one (budgets.backend) sees every worker's calls.
-    ledger = state.budgets if type(state.budgets) is BudgetLedger else None
+    ledger = None if isinstance(state.budgets, RedisLedger) else state.budgets
 
     def take(batch: list[Record], window: bool) -> None:
         for rec, line in batch:
