@@ -174,7 +174,7 @@ def _builds(info: dict[str, Any], key: str, start: int, size: int, jobs: int) ->
             info["tail"] = (s, e)
         else:
             ranges.append((s, e))
-    run = max(1, min(_RUN, len(ranges) // (4 * jobs)))
+    run = max(1, min(_RUN, len(ranges) // (4 * max(1, jobs))))  # --jobs 0 or less: one process
     return [("run", key, ranges[i : i + run]) for i in range(0, len(ranges), run)]
 
 

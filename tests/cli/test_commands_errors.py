@@ -231,6 +231,15 @@ def test_any_argv_exits_0_1_or_2_without_a_traceback(files: Path, monkeypatch: p
         assert_one_error_line(code, err)
 
 
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_jobs_of_zero_or_less_read_in_this_process(files: Path, jobs: str) -> None:
+    """`report --jobs 0` once divided by zero while planning the index's segments."""
+    code, out, err = run_main(["report", "--log-file", "log.jsonl", "--since", "100000", "--jobs", jobs])
+    assert (code, "Traceback" in err) == (0, False), err
+    assert code == run_main(["report", "--log-file", "log.jsonl", "--since", "100000"])[0] == 0
+    assert out == run_main(["report", "--log-file", "log.jsonl", "--since", "100000", "--jobs", "1"])[1]
+
+
 @pytest.mark.parametrize("keys_file", [".", "sub/"])
 @pytest.mark.parametrize("command", [["revoke", "000000000000"], ["create", "--user", "alice"], ["list"]])
 def test_a_keys_file_that_is_a_directory_is_one_error_line(files: Path, keys_file: str, command: list[str]) -> None:
